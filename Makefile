@@ -1,0 +1,43 @@
+# Two commands set up everything on a fresh machine that has only Python 3.11:
+#   make demo   builds the package and runs the end-to-end demo
+#   make test   installs what the tests need and runs lint + the CUDA compile check + pytest
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# NOTE: the venv sees system site-packages, so a user's existing CUDA torch is kept, never replaced.
+RUNTIME_DEPS := "transformers>=5.17,<6" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
+BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
+TEST_DEPS := pytest scipy ruff clang-format
+
+.PHONY: demo test install lint cuda-check pytest clean
+
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
+	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m s2d_ext demo
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu')
+
+cuda-check: install
+	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then \
+		PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/dev_build.py --cuda-check; \
+	else echo "nvcc not found: CUDA compile check skipped"; fi
+
+pytest: install
+	$(PY) -m pytest -q python_tests
+
+test: lint cuda-check pytest
+
+clean:
+	rm -rf build $(VENV) s2d_ext/*.so

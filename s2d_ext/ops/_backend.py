@@ -1,0 +1,106 @@
+"""Backend choice and argument checks shared by every op wrapper."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from s2d_ext import _native
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if not _native.has_triton():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(op: str, device: torch.device) -> list[str]:
+    """Backends that can run ``op`` on tensors of ``device``, fastest first, reference last."""
+    found = []
+    if device.type == "cuda" and _native.has_native_cuda(op):
+        found.append("cuda")
+    if device.type == "cpu" and _native.has_native(op):
+        found.append("cpu")
+    if triton_usable(device):
+        found.append("triton")
+    found.append("reference")
+    return found
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    usable = available_backends(op, device)
+    if backend == "auto":
+        # NOTE: under TRITON_INTERPRET=1 Triton runs on the CPU, but only to test it; never pick
+        # the interpreter automatically over the C++ kernel or the reference.
+        if device.type == "cpu":
+            return "cpu" if "cpu" in usable else "reference"
+        return usable[0]
+    if backend not in usable:
+        raise RuntimeError(
+            f"backend {backend!r} is not available for {op} on {device.type} tensors "
+            f"(available: {usable})"
+        )
+    return backend
+
+
+def is_tracing() -> bool:
+    """True under torch.compile tracing or CUDA-graph capture, where value checks would sync."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}, got {str(value.dtype).replace('torch.', '')}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but must be on {device} like the other inputs")
+    return value
+
+
+def per_row(
+    name: str,
+    value: object,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A Python scalar or a [B] tensor, returned as a contiguous [B] tensor of ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(batch)
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(f"{name} must be a scalar or a [B={batch}] tensor, got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but must be on {device} like the other inputs")
+        if dtype.is_floating_point and not (value.dtype.is_floating_point or not value.dtype.is_complex):
+            raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
+        if not dtype.is_floating_point and value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        return value.to(dtype).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
+    if not dtype.is_floating_point and isinstance(value, float):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return torch.full((batch,), value, dtype=dtype, device=device)

@@ -1,0 +1,162 @@
+"""``verify``: fused verification / rejection sampling of a batch of draft chains.
+
+The public wrapper validates and normalises its arguments, then runs one backend:
+``"reference"`` (:mod:`s2d_ext.ops.verify_reference`, the spec), ``"cpu"`` (C++),
+``"cuda"`` (both ``torch.ops.s2d.verify``) or ``"triton"`` (``torch.ops.s2d.verify_triton``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from s2d_ext import _native
+from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
+from s2d_ext.ops.verify_reference import logit_threshold, verify_reference
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def verify(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
+    num_draft: torch.Tensor | int | None = None,
+    temperature: torch.Tensor | float = 0.0,
+    top_k: torch.Tensor | int = 0,
+    top_p: torch.Tensor | float = 1.0,
+    seeds: torch.Tensor | int | None = None,
+    offsets: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide, for each row, how many draft tokens to keep and which token to emit next.
+
+    Parameters
+    ----------
+    target_logits : torch.Tensor
+        [B, K+1, V] float32, bfloat16 or float16: target logits at the K draft positions and
+        the bonus position.
+    draft_tokens : torch.Tensor
+        [B, K] int64.
+    draft_probs : torch.Tensor, optional
+        [B, K, V] float32, the processed draft distribution q each token was sampled from.
+        None means argmax drafting (q is a point mass on the draft token).
+    num_draft : torch.Tensor or int, optional
+        [B] integer, valid drafts per row in 0..K; None means K.
+    temperature, top_k, top_p : scalar or [B] tensor
+        Target processing per row, in transformers' order. ``temperature == 0`` is greedy.
+    seeds, offsets : int or [B] int64 tensor, optional
+        Philox key and counter offset per row. Without seeds, they are drawn from
+        ``generator`` (or torch's default generator); pass them explicitly under CUDA graphs.
+    backend : str
+        "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns
+    -------
+    out_tokens : torch.Tensor
+        [B, K+1] int64: ``num_accepted[b]`` accepted drafts, the emitted token, then -1.
+    num_accepted : torch.Tensor
+        [B] int32.
+    """
+    args = _normalise(
+        target_logits, draft_tokens, draft_probs, num_draft, temperature, top_k, top_p, seeds, offsets,
+        generator,
+    )
+    chosen = resolve_backend("verify", backend, target_logits.device)
+    if target_logits.shape[0] == 0:
+        k_plus_1 = target_logits.shape[1]
+        return (
+            torch.empty((0, k_plus_1), dtype=torch.int64, device=target_logits.device),
+            torch.empty((0,), dtype=torch.int32, device=target_logits.device),
+        )
+    if chosen == "reference":
+        return verify_reference(*args)
+    if chosen == "triton":
+        from s2d_ext.triton.verify import verify_triton  # noqa: F401  (registers the op)
+
+        return torch.ops.s2d.verify_triton(*args)
+    return torch.ops.s2d.verify(*args)
+
+
+def _normalise(
+    target_logits, draft_tokens, draft_probs, num_draft, temperature, top_k, top_p, seeds, offsets, generator
+) -> tuple:
+    logits = check_tensor("target_logits", target_logits, ndim=3, dtypes=LOGIT_DTYPES)
+    device = logits.device
+    batch, k_plus_1, vocab = logits.shape
+    if k_plus_1 < 1:
+        raise ValueError("target_logits must have K+1 >= 1 positions (dim 1)")
+    if vocab < 1:
+        raise ValueError("target_logits must have a vocabulary of at least one token (dim 2)")
+    tokens = check_tensor("draft_tokens", draft_tokens, ndim=2, dtypes=(torch.int64,), device=device)
+    if tokens.shape[0] != batch:
+        raise ValueError(f"draft_tokens has batch {tokens.shape[0]} but target_logits has batch {batch}")
+    num_spec = tokens.shape[1]
+    if num_spec + 1 != k_plus_1:
+        raise ValueError(
+            f"K mismatch: draft_tokens has K={num_spec} so target_logits needs K+1={num_spec + 1} "
+            f"positions (dim 1), got {k_plus_1}"
+        )
+    if draft_probs is not None:
+        check_tensor("draft_probs", draft_probs, ndim=3, dtypes=(torch.float32,), device=device)
+        if tuple(draft_probs.shape) != (batch, num_spec, vocab):
+            raise ValueError(
+                f"draft_probs must have shape [B, K, V] = {[batch, num_spec, vocab]}, got {list(draft_probs.shape)}"
+            )
+        draft_probs = draft_probs.contiguous()
+    if num_draft is None:
+        num_draft = num_spec
+    num_draft = per_row("num_draft", num_draft, batch, device, torch.int64)
+    temperature = per_row("temperature", temperature, batch, device, torch.float32)
+    top_k_t = per_row("top_k", top_k, batch, device, torch.int64)
+    top_p_t = per_row("top_p", top_p, batch, device, torch.float32)
+
+    if seeds is None:
+        seeds = torch.randint(_INT64_MIN, _INT64_MAX, (batch,), generator=generator, dtype=torch.int64)
+        seeds = seeds.to(device)
+    seeds = per_row("seeds", seeds, batch, device, torch.int64)
+    offsets = per_row("offsets", 0 if offsets is None else offsets, batch, device, torch.int64)
+
+    if batch and not is_tracing():
+        _check_values(tokens, num_draft, temperature, top_k_t, top_p_t, vocab, num_spec)
+
+    scalar_filters = not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor)
+    if scalar_filters:
+        needs_threshold = top_k > 0 or top_p < 1.0
+    elif is_tracing():
+        needs_threshold = True
+    else:
+        needs_threshold = bool(((top_k_t > 0) | (top_p_t < 1.0)).any())
+    min_logit = logit_threshold(logits, temperature, top_k_t, top_p_t) if needs_threshold and batch else None
+    return (
+        logits.contiguous(), tokens.contiguous(), draft_probs, num_draft, temperature, min_logit, seeds, offsets,
+    )
+
+
+def _check_values(tokens, num_draft, temperature, top_k, top_p, vocab, num_spec) -> None:
+    """Value checks; they synchronise with the device, so they are skipped while tracing.
+
+    NOTE: the kernels stay safe without them: an out-of-range draft token is rejected, never read.
+    """
+    if tokens.numel() and (bool((tokens < 0).any()) or bool((tokens >= vocab).any())):
+        raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab})")
+    if bool((num_draft < 0).any()) or bool((num_draft > num_spec).any()):
+        raise ValueError(f"num_draft must be in [0, K={num_spec}]")
+    if not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()):
+        raise ValueError("temperature must be finite and >= 0")
+    if bool((top_k < 0).any()):
+        raise ValueError("top_k must be >= 0 (0 disables it)")
+    if bool(torch.isnan(top_p).any()) or bool((top_p <= 0).any()) or bool((top_p > 1).any()):
+        raise ValueError("top_p must be in (0, 1]")
+
+
+def _fake_verify(target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets):
+    batch, k_plus_1, _ = target_logits.shape
+    out_tokens = target_logits.new_empty((batch, k_plus_1), dtype=torch.int64)
+    num_accepted = target_logits.new_empty((batch,), dtype=torch.int32)
+    return out_tokens, num_accepted
+
+
+if _native.has_native("verify"):
+    torch.library.register_fake("s2d::verify")(_fake_verify)

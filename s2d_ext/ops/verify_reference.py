@@ -1,0 +1,176 @@
+"""Verification by speculative sampling, in plain PyTorch: the spec every backend must match.
+
+Vocabulary (as in vLLM's rejection sampler)
+-------------------------------------------
+accepted
+    A draft token kept by the test. Greedy rows accept a draft token iff it equals the target's
+    argmax; sampled rows accept draft token ``x`` with probability ``min(1, p(x) / q(x))``
+    (Leviathan et al. 2023; Chen et al. 2023), implemented as ``u * q(x) < p(x)`` so it never
+    divides and never accepts a token with ``p(x) = 0``.
+recovered
+    The token emitted at the first rejected position: the target argmax (greedy) or a sample
+    from ``norm(max(0, p - q))`` (sampled). With ``draft_probs=None`` the draft is a point mass,
+    so the residual is ``p`` with the draft token removed.
+bonus
+    The token emitted when every valid draft was accepted: the argmax of (greedy) or a sample
+    from (sampled) the target distribution at position ``num_draft``.
+
+Each row emits ``num_accepted`` drafts, then exactly one recovered or bonus token.
+
+Target processing (transformers' order): ``scores = logits / temperature``; top-k keeps scores
+``>=`` the k-th largest; top-p then keeps the tokens whose more-probable tokens hold less than
+``top_p`` of the (top-k renormalised) mass, ties kept together. Both are expressed as one
+per-position threshold ``min_logit`` on the scaled scores, computed by :func:`logit_threshold`.
+
+Non-finite logits (a defined behaviour, identical on every backend)
+    NaN counts as ``-inf``; ``+inf`` counts as the largest finite float32. A position whose scores
+    are all ``-inf`` is treated as uniform. Greedy ties go to the smallest token id.
+
+Randomness: Philox (see :mod:`s2d_ext.ops.philox`). The accept uniform of position ``j`` is
+``philox_uniform(seed, offset, STREAM_ACCEPT, j, 0)``. Sampling uses the exponential race
+``argmax_v r_v / E_v`` with ``E_v = -log(philox_uniform(seed, offset, STREAM_SAMPLE, j, v))``,
+which draws from ``r / sum(r)`` without normalising ``r`` and without a prefix scan. When the
+residual is all zero (``p == q`` up to rounding) the race runs on ``p`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from s2d_ext.ops.philox import STREAM_ACCEPT, STREAM_SAMPLE, philox_uniform
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def sanitize(scores: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, +inf -> float32 max; all-(-inf) rows of the last dim become all zeros."""
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=FLOAT32_MAX, neginf=float("-inf"))
+    dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))
+    return torch.where(dead, torch.zeros_like(scores), scores)
+
+
+def scaled_scores(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``logits / temperature`` per row, sanitised.
+
+    logits: [B, P, V] (any float dtype); temperature: [B] float32, 0 rows are scaled by 1.
+    """
+    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
+    return sanitize(logits.float() / safe_t[:, None, None])
+
+
+def logit_threshold(
+    target_logits: torch.Tensor,  # [B, P, V]
+    temperature: torch.Tensor,  # [B] float32
+    top_k: torch.Tensor,  # [B] int64, 0 = off
+    top_p: torch.Tensor,  # [B] float32, 1 = off
+) -> torch.Tensor:
+    """The per-position ``min_logit`` [B, P] float32 that implements top-k then top-p.
+
+    Scaled scores below it are removed. ``-inf`` where the row is greedy or has neither filter.
+    """
+    batch, positions, vocab = target_logits.shape
+    scores = scaled_scores(target_logits, temperature)
+    ordered = scores.sort(dim=-1, descending=True).values  # [B, P, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = ordered.gather(-1, (k - 1)[:, None, None].expand(batch, positions, 1)).squeeze(-1)
+    rank = torch.arange(vocab, device=scores.device)
+    in_top_k = rank[None, None, :] < k[:, None, None]
+    probs = torch.softmax(ordered.masked_fill(~in_top_k, float("-inf")), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly earlier (larger) tokens
+    kept = (mass_before < top_p[:, None, None].float()) & in_top_k
+    kept[..., 0] = True  # the most likely token is always kept
+    last_kept = kept.sum(dim=-1, keepdim=True) - 1
+    top_p_min = ordered.gather(-1, last_kept).squeeze(-1)
+    threshold = torch.maximum(kth, top_p_min)
+    active = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    return torch.where(active[:, None], threshold, torch.full_like(threshold, float("-inf")))
+
+
+def processed_probs(
+    logits: torch.Tensor,  # [B, P, V]
+    temperature: torch.Tensor,  # [B]
+    min_logit: torch.Tensor | None,  # [B, P] or None
+) -> torch.Tensor:
+    """The target distribution p [B, P, V] float32 after temperature, top-k and top-p."""
+    scores = scaled_scores(logits, temperature)
+    if min_logit is not None:
+        scores = scores.masked_fill(scores < min_logit[..., None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def exponential_race(
+    weights: torch.Tensor,  # [B, V] float32, unnormalised, >= 0
+    seeds: torch.Tensor,  # [B] int64
+    offsets: torch.Tensor,  # [B] int64
+    positions: torch.Tensor,  # [B] int64, the draft position being decided
+    stream: int = STREAM_SAMPLE,
+) -> torch.Tensor:
+    """Sample one index per row from ``weights / weights.sum()``: ``argmax_v w_v / E_v``."""
+    vocab = weights.shape[-1]
+    index = torch.arange(vocab, device=weights.device)[None, :]
+    u = philox_uniform(seeds[:, None], offsets[:, None], stream, positions[:, None], index)
+    race = weights / -torch.log(u)
+    return race.argmax(dim=-1)
+
+
+def verify_reference(
+    target_logits: torch.Tensor,  # [B, K+1, V] float32 / bfloat16 / float16
+    draft_tokens: torch.Tensor,  # [B, K] int64
+    draft_probs: torch.Tensor | None,  # [B, K, V] float32, or None for argmax drafts
+    num_draft: torch.Tensor,  # [B] int64, 0..K
+    temperature: torch.Tensor,  # [B] float32, 0 = greedy row
+    min_logit: torch.Tensor | None,  # [B, K+1] float32 (top-k/top-p threshold), or None
+    seeds: torch.Tensor,  # [B] int64
+    offsets: torch.Tensor,  # [B] int64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``out_tokens`` [B, K+1] int64 (accepted drafts, one emitted token, then -1) and
+    ``num_accepted`` [B] int32. Arguments are already validated and normalised."""
+    batch, k_plus_1, vocab = target_logits.shape
+    num_spec = k_plus_1 - 1
+    device = target_logits.device
+    rows = torch.arange(batch, device=device)
+    greedy = temperature <= 0  # [B]
+
+    target_argmax = sanitize(target_logits).argmax(dim=-1)  # [B, K+1]
+    p = processed_probs(target_logits, temperature, min_logit)  # [B, K+1, V]
+
+    valid_token = (draft_tokens >= 0) & (draft_tokens < vocab)  # [B, K]
+    safe_tokens = torch.where(valid_token, draft_tokens, torch.zeros_like(draft_tokens))
+    p_draft = p[:, :num_spec].gather(-1, safe_tokens[..., None]).squeeze(-1)  # [B, K]
+    if draft_probs is None:
+        q_draft = torch.ones_like(p_draft)
+    else:
+        q_draft = draft_probs.float().gather(-1, safe_tokens[..., None]).squeeze(-1)
+    position = torch.arange(num_spec, device=device)
+    u = philox_uniform(seeds[:, None], offsets[:, None], STREAM_ACCEPT, position[None, :], 0)  # [B, K]
+    accept_sampled = valid_token & (u * q_draft < p_draft)
+    accept_greedy = draft_tokens == target_argmax[:, :num_spec]
+    accept = torch.where(greedy[:, None], accept_greedy, accept_sampled)
+    accept &= position[None, :] < num_draft[:, None]
+    num_accepted = accept.to(torch.int64).cumprod(dim=-1).sum(dim=-1)  # [B]
+
+    # The emitted token: recovered (num_accepted < num_draft) or bonus (== num_draft).
+    p_emit = p[rows, num_accepted]  # [B, V]
+    recovered = num_accepted < num_draft
+    draft_pos = num_accepted.clamp(max=max(num_spec - 1, 0))  # only read where recovered
+    if num_spec == 0:
+        residual = p_emit
+    elif draft_probs is None:
+        # q is a point mass on the draft token: the residual is p with that token removed.
+        x = safe_tokens[rows, draft_pos]
+        drop = valid_token[rows, draft_pos]
+        residual = p_emit.clone()
+        residual[rows, x] = torch.where(drop, torch.zeros_like(p_emit[rows, x]), p_emit[rows, x])
+    else:
+        diff = p_emit - draft_probs.float()[rows, draft_pos]
+        residual = torch.where(diff > 0, diff, torch.zeros_like(diff))
+    weights = torch.where(recovered[:, None], residual, p_emit)
+    weights = torch.where(weights.amax(dim=-1, keepdim=True) > 0, weights, p_emit)
+    sampled_token = exponential_race(weights, seeds, offsets, num_accepted)
+    emitted = torch.where(greedy, target_argmax[rows, num_accepted], sampled_token)
+
+    out_tokens = torch.full((batch, k_plus_1), -1, dtype=torch.int64, device=device)
+    keep = position[None, :] < num_accepted[:, None]
+    out_tokens[:, :num_spec] = torch.where(keep, draft_tokens, out_tokens[:, :num_spec])
+    out_tokens[rows, num_accepted] = emitted
+    return out_tokens, num_accepted.to(torch.int32)
