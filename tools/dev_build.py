@@ -26,14 +26,30 @@ def build_op(op: str) -> Path:
     build_dir = ROOT / "build" / f"dev-{op}"
     subprocess.check_call(
         [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DS2D_WITH_CUDA={'ON' if torch.version.cuda and shutil.which('nvcc') else 'OFF'}",
         ],
         stdout=subprocess.DEVNULL,
     )
-    subprocess.check_call(["cmake", "--build", str(build_dir), "--target", f"_{op}_C", "-j", str(os.cpu_count())])
+    subprocess.check_call(
+        [
+            "cmake",
+            "--build",
+            str(build_dir),
+            "--target",
+            f"_{op}_C",
+            "-j",
+            os.environ.get("MAX_JOBS", str(os.cpu_count())),
+        ]
+    )
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     destination = ROOT / "s2d_ext" / f"_{op}_C{suffix}"
     shutil.copyfile(build_dir / f"_{op}_C.so", destination)
@@ -46,15 +62,27 @@ def cuda_compile_check(archs: str) -> None:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     subprocess.check_call(
         [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
-            "-DS2D_CUDA_COMPILE_CHECK=ON", f"-DS2D_CUDA_ARCHS={archs}", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
+            "-DS2D_CUDA_COMPILE_CHECK=ON",
+            f"-DS2D_CUDA_ARCHS={archs}",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
         ]
     )
-    subprocess.check_call(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count())])
+    subprocess.check_call(
+        ["cmake", "--build", str(build_dir), "-j", os.environ.get("MAX_JOBS", str(os.cpu_count()))]
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("ops", nargs="*", help="ops to build (verify, exit_head, kv_compact)")
     parser.add_argument("--cuda-check", action="store_true", help="compile every .cu file with nvcc")
     parser.add_argument("--archs", default="80;90a")

@@ -46,8 +46,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         return usable[0]
     if backend not in usable:
         raise RuntimeError(
-            f"backend {backend!r} is not available for {op} on {device.type} tensors "
-            f"(available: {usable})"
+            f"backend {backend!r} is not available for {op} on {device.type} tensors (available: {usable})"
         )
     return backend
 
@@ -91,7 +90,9 @@ def per_row(
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
         if value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be a scalar or a [B={batch}] tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a scalar or a [B={batch}] tensor, got shape {tuple(value.shape)}"
+            )
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but must be on {device} like the other inputs")
         if dtype.is_floating_point and not (value.dtype.is_floating_point or not value.dtype.is_complex):
