@@ -58,6 +58,8 @@ def build_op(op: str) -> Path:
 
 def cuda_compile_check(archs: str) -> None:
     """Compile every csrc/*/*.cu with nvcc for ``archs`` (CMake syntax, e.g. "80;90a")."""
+    import torch
+
     build_dir = ROOT / "build" / "cuda-check"
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     subprocess.check_call(
@@ -70,6 +72,7 @@ def cuda_compile_check(archs: str) -> None:
             "-G",
             "Ninja",
             "-DS2D_CUDA_COMPILE_CHECK=ON",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DS2D_CUDA_ARCHS={archs}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
         ]

@@ -1,0 +1,431 @@
+"""Spec-Bench style end-to-end benchmark: speedup and MAT per category, every method in one run.
+
+    python -m s2d_ext bench --family bench --limit 2           # the local nested family
+    python -m s2d_ext bench --targets PATH [PATH ...] --draft PATH --exits 6,9,12   # real checkpoints
+
+For every target and every setting (greedy / temperature 1, batch 1 / batch 8) it runs:
+
+``generate``            plain ``target.generate`` (the baseline of every speedup);
+``assisted``            transformers' assisted generation with the draft at full depth (batch 1 only:
+                        transformers refuses larger batches);
+``sd-exit<e>``          vanilla speculative decoding with the draft cut at exit ``e``;
+``s2d-paper``           S2D with adaptive exits at the paper's thresholds (0.5, ..., 0.5, 0);
+``s2d-calibrated``      S2D with the thresholds and draft length ``Speculator.calibrate`` picked on
+                        held-out prompts (prompts that are not in the evaluated subset).
+
+Speedup is tokens/s over plain decoding of the same target, setting and category, measured in the same
+run. Results: ``<out>/spec_bench.json``, ``<out>/spec_bench.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT / "bench" / "data" / "spec_bench_question.jsonl"
+PAPER_THRESHOLD = 0.5
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_questions(path: Path, per_category: int | None, skip: int = 0) -> list[dict]:
+    """Spec-Bench rows (question_id, category, turns), the first ``per_category`` of each category."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} holds no questions")
+    taken: dict[str, int] = defaultdict(int)
+    seen: dict[str, int] = defaultdict(int)
+    chosen = []
+    for row in rows:
+        category = row["category"]
+        seen[category] += 1
+        if seen[category] <= skip:
+            continue
+        if per_category is None or taken[category] < per_category:
+            taken[category] += 1
+            chosen.append(row)
+    return chosen
+
+
+def encode_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
+    """Chat template when the tokenizer has one (real chat checkpoints), plain text otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(text)["input_ids"]
+    # NOTE: keep the prompt's end: that is where generation continues.
+    return list(ids)[-max_prompt_tokens:]
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+# ---------------------------------------------------------------------------------------- memory
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: writing 5 resets the process's peak resident set size (VmHWM).
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------- methods
+@dataclass
+class RunResult:
+    """One method on one batch of prompts."""
+
+    new_tokens: int
+    seconds: float
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    exit_histogram: dict[int, int] = field(default_factory=dict)
+    time_split: dict[str, float] = field(default_factory=dict)
+    sequences: list[list[int]] = field(default_factory=list)
+
+
+def _new_token_lists(sequences: torch.Tensor, prompt_width: int, pad_id: int | None) -> list[list[int]]:
+    rows = []
+    for row in sequences[:, prompt_width:].tolist():
+        if pad_id is not None:
+            while row and row[-1] == pad_id:
+                row.pop()
+        rows.append(row)
+    return rows
+
+
+def run_generate(target, input_ids, mask, settings, assistant=None) -> RunResult:
+    kwargs = dict(max_new_tokens=settings["max_new_tokens"], pad_token_id=settings["pad_id"])
+    if settings["ignore_eos"]:
+        kwargs["eos_token_id"] = None
+        kwargs["min_new_tokens"] = settings["max_new_tokens"]
+    if settings["temperature"] > 0:
+        kwargs.update(do_sample=True, temperature=settings["temperature"], top_k=0, top_p=1.0)
+    else:
+        kwargs.update(do_sample=False)
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+    device = target.get_input_embeddings().weight.device
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = target.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    rows = _new_token_lists(out.cpu(), input_ids.shape[1], settings["pad_id"])
+    return RunResult(new_tokens=sum(len(r) for r in rows), seconds=seconds, steps=0, sequences=rows)
+
+
+def run_speculate(
+    target, draft, input_ids, mask, settings, thresholds=None, num_draft_tokens=5, draft_length="heuristic"
+) -> RunResult:
+    import s2d_ext
+
+    device = target.get_input_embeddings().weight.device
+    _sync(device)
+    start = time.perf_counter()
+    out = s2d_ext.speculate(
+        target,
+        draft,
+        input_ids.to(device),
+        mask.to(device),
+        max_new_tokens=settings["max_new_tokens"],
+        num_draft_tokens=num_draft_tokens,
+        draft_length=draft_length,
+        thresholds=thresholds,
+        temperature=settings["temperature"],
+        seed=settings["seed"],
+        eos_token_id=None if settings["ignore_eos"] else settings["eos_id"],
+        pad_token_id=settings["pad_id"],
+    )
+    _sync(device)
+    seconds = time.perf_counter() - start
+    stats = out.stats
+    rows = _new_token_lists(out.sequences.cpu(), input_ids.shape[1], settings["pad_id"])
+    new_tokens = sum(stats.new_tokens)
+    drafted = int(getattr(stats, "drafted_tokens", 0) or 0)
+    accepted = int(getattr(stats, "accepted_tokens", 0) or 0)
+    return RunResult(
+        new_tokens=new_tokens,
+        seconds=seconds,
+        steps=int(stats.steps),
+        drafted=drafted,
+        accepted=accepted,
+        exit_histogram={int(k): int(v) for k, v in dict(stats.exit_histogram).items()},
+        time_split={
+            "draft": float(stats.time_draft),
+            "target": float(stats.time_target),
+            "verify": float(stats.time_verify),
+            "other": float(stats.time_other),
+        },
+        sequences=rows,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------- models
+def load_models(args) -> tuple:
+    """(tokenizer, {target name: model}, SortedDraft)."""
+    from s2d_ext import SortedDraft
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.targets:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.targets[0])
+        targets = {}
+        for path in args.targets:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=args.device_map)
+            targets[Path(path).name] = model.eval()
+        exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
+        draft = SortedDraft.from_pretrained(args.draft, exits=exits, torch_dtype=dtype)
+        return tokenizer, targets, draft
+    from s2d_ext.family import load_family
+
+    tokenizer, targets, draft = load_family(args.family)
+    if not isinstance(draft, SortedDraft):
+        draft = SortedDraft.from_pretrained(draft)
+    return tokenizer, {name: model.eval() for name, model in targets.items()}, draft
+
+
+def methods_for(draft, batch_size: int) -> list[str]:
+    names = ["generate"]
+    if batch_size == 1:
+        names.append("assisted")
+    names += [f"sd-exit{e}" for e in draft.exits]
+    if len(draft.exits) > 1:
+        names += ["s2d-paper", "s2d-calibrated"]
+    return names
+
+
+def paper_thresholds(draft) -> tuple[float, ...]:
+    return (PAPER_THRESHOLD,) * (len(draft.exits) - 1) + (0.0,)
+
+
+# ------------------------------------------------------------------------------------------- main
+def run(args) -> dict:
+    from s2d_ext import SortedDraft, Speculator
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    tokenizer, targets, draft = load_models(args)
+    questions = load_questions(args.data, args.limit)
+    calibration = load_questions(args.data, args.calibration_prompts, skip=args.limit or 0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        pad_id = 0
+    encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in questions]
+    calib_encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in calibration]
+    fixed_exit_drafts = {e: SortedDraft.truncate(draft.hf_model, e, exits=(e,)) for e in draft.exits}
+
+    from tqdm.auto import tqdm
+
+    records = []  # one per (target, setting, method, batch)
+    calibrated = {}
+    for target_name, target in targets.items():
+        device = target.get_input_embeddings().weight.device
+        if len(draft.exits) > 1:
+            spec = Speculator(draft, targets={target_name: target})
+            calib_ids, calib_mask = left_pad(calib_encoded, pad_id)
+            calibrated[target_name] = spec.calibrate(target_name, (calib_ids, calib_mask))
+        for temperature in args.temperatures:
+            for batch_size in args.batch_sizes:
+                settings = dict(
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=temperature,
+                    seed=args.seed,
+                    pad_id=pad_id,
+                    eos_id=tokenizer.eos_token_id,
+                    ignore_eos=args.ignore_eos,
+                )
+                method_names = methods_for(draft, batch_size)
+                if args.methods:
+                    method_names = [m for m in method_names if m in args.methods or m == "generate"]
+                batches = [
+                    list(range(i, min(i + batch_size, len(encoded))))
+                    for i in range(0, len(encoded), batch_size)
+                ]
+                label = f"{target_name} T={temperature} B={batch_size}"
+                _warm_up(target, draft, encoded[0], pad_id, settings)
+                for method in tqdm(method_names, desc=label, leave=False):
+                    reset_peak_memory(device)
+                    for rows in tqdm(batches, desc=method, leave=False):
+                        input_ids, mask = left_pad([encoded[r] for r in rows], pad_id)
+                        result = _run_method(
+                            method,
+                            target,
+                            draft,
+                            fixed_exit_drafts,
+                            input_ids,
+                            mask,
+                            settings,
+                            calibrated.get(target_name),
+                        )
+                        records.append(
+                            dict(
+                                target=target_name,
+                                temperature=temperature,
+                                batch_size=batch_size,
+                                method=method,
+                                categories=[questions[r]["category"] for r in rows],
+                                **{k: v for k, v in asdict(result).items() if k != "sequences"},
+                                sequences=result.sequences if temperature == 0 else [],
+                            )
+                        )
+                    records[-1]["peak_memory_mib"] = peak_memory_mib(device)
+    return dict(
+        machine=machine_description(targets),
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        calibrated=calibrated,
+        records=records,
+    )
+
+
+def _warm_up(target, draft, prompt, pad_id, settings) -> None:
+    """One short run of each path, so one-time costs (allocations, kernel loads) stay out of timings."""
+    input_ids, mask = left_pad([prompt], pad_id)
+    short = dict(settings, max_new_tokens=4)
+    run_generate(target, input_ids, mask, short)
+    run_speculate(target, draft, input_ids, mask, short)
+
+
+def _run_method(method, target, draft, fixed_exit_drafts, input_ids, mask, settings, calibrated) -> RunResult:
+    if method == "generate":
+        return run_generate(target, input_ids, mask, settings)
+    if method == "assisted":
+        return run_generate(target, input_ids, mask, settings, assistant=draft.hf_model)
+    if method.startswith("sd-exit"):
+        return run_speculate(
+            target, fixed_exit_drafts[int(method[len("sd-exit") :])], input_ids, mask, settings
+        )
+    if method == "s2d-paper":
+        return run_speculate(target, draft, input_ids, mask, settings, thresholds=paper_thresholds(draft))
+    if method == "s2d-calibrated":
+        calibrated = calibrated or {}
+        return run_speculate(
+            target,
+            draft,
+            input_ids,
+            mask,
+            settings,
+            thresholds=calibrated.get("thresholds"),
+            num_draft_tokens=calibrated.get("num_draft_tokens", 5),
+            draft_length=calibrated.get("draft_length", "heuristic"),
+        )
+    raise ValueError(f"unknown method {method!r}")
+
+
+def machine_description(targets) -> dict:
+    device = next(iter(targets.values())).get_input_embeddings().weight.device
+    described = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        platform=platform.platform(),
+        cpu=_cpu_model(),
+        threads=torch.get_num_threads(),
+        device=str(device),
+    )
+    if device.type == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(device)
+    import transformers
+
+    described["transformers"] = transformers.__version__
+    return described
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", default="bench", choices=["tiny", "bench"], help="local model family")
+    parser.add_argument("--targets", nargs="*", help="target checkpoints (instead of the family)")
+    parser.add_argument("--draft", help="sorted draft checkpoint (with --targets)")
+    parser.add_argument("--exits", help="draft exits, e.g. 6,9,12 (default: from the draft's config)")
+    parser.add_argument("--dtype", default=None, help="torch dtype for checkpoints, e.g. bfloat16")
+    parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Spec-Bench question.jsonl")
+    parser.add_argument("--limit", type=int, default=2, help="questions per category (quick run: 1)")
+    parser.add_argument("--calibration-prompts", type=int, default=1, help="held-out prompts per category")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--methods", nargs="*", help="subset of methods (generate always runs)")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ablation", action="store_true", help="also run the threshold x draft-length grid")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--tag", default=None, help="results file stem (default: spec_bench_<device>)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.spec_bench_report import write_reports
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    run_and_report(args, write_reports)
+
+
+def run_and_report(args, write_reports) -> None:
+    result = run(args)
+    if args.ablation:
+        from bench.ablation import run_ablation
+
+        result["ablation"] = run_ablation(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.tag or ("spec_bench_gpu" if "gpu" in result["machine"] else "spec_bench_cpu")
+    paths = write_reports(result, args.out, stem)
+    for path in paths:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,248 @@
+"""Turns the records of ``bench/spec_bench.py`` into JSON, a markdown table and PNG plots.
+
+Speedups divide a method's tokens/s by plain ``generate``'s tokens/s for the same target, setting and
+category, all taken in the same run. At batch 1 every record is one prompt, so results are given per
+Spec-Bench category; larger batches mix categories and are reported overall only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+OVERALL = "overall"
+
+
+def aggregate(records: list[dict]) -> dict:
+    """{(target, temperature, batch, method): {category: metrics}} with tokens/s, MAT, acceptance, ..."""
+    sums: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
+    exits: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    peaks: dict = defaultdict(float)
+    for rec in records:
+        key = (rec["target"], rec["temperature"], rec["batch_size"], rec["method"])
+        categories = [OVERALL]
+        if rec["batch_size"] == 1:
+            categories.append(rec["categories"][0])
+        for category in categories:
+            bucket = sums[key][category]
+            for field in ("new_tokens", "seconds", "steps", "drafted", "accepted"):
+                bucket[field] += rec.get(field, 0) or 0
+            for part, seconds in (rec.get("time_split") or {}).items():
+                bucket[f"time_{part}"] += seconds
+            for layer, count in (rec.get("exit_histogram") or {}).items():
+                exits[key][category][int(layer)] += count
+        if rec.get("peak_memory_mib"):
+            peaks[key] = max(peaks[key], rec["peak_memory_mib"])
+    table: dict = {}
+    for key, by_category in sums.items():
+        table[key] = {}
+        for category, s in by_category.items():
+            split_total = sum(s[f"time_{p}"] for p in ("draft", "target", "verify", "other"))
+            table[key][category] = dict(
+                new_tokens=int(s["new_tokens"]),
+                seconds=s["seconds"],
+                tokens_per_s=s["new_tokens"] / s["seconds"] if s["seconds"] else 0.0,
+                mat=s["new_tokens"] / s["steps"] if s["steps"] else None,
+                acceptance=s["accepted"] / s["drafted"] if s["drafted"] else None,
+                exit_histogram=dict(sorted(exits[key][category].items())),
+                time_split=(
+                    {p: s[f"time_{p}"] / split_total for p in ("draft", "target", "verify", "other")}
+                    if split_total
+                    else None
+                ),
+                peak_memory_mib=peaks.get(key),
+            )
+    for (target, temperature, batch, _method), by_category in table.items():
+        baseline = table.get((target, temperature, batch, "generate"), {})
+        for category, metrics in by_category.items():
+            base = baseline.get(category, {}).get("tokens_per_s")
+            metrics["speedup"] = metrics["tokens_per_s"] / base if base else None
+    return table
+
+
+def greedy_matches(records: list[dict]) -> dict:
+    """Fraction of greedy rows whose tokens equal plain generate's (a lossless sanity check)."""
+    counts: dict = defaultdict(lambda: [0, 0])
+    by_setting = defaultdict(list)
+    for rec in records:
+        if rec["temperature"] == 0:
+            by_setting[(rec["target"], rec["batch_size"], rec["method"])].append(rec)
+    for (target, batch, method), recs in by_setting.items():
+        if method == "generate":
+            continue
+        base = by_setting.get((target, batch, "generate"), [])
+        for rec, ref in zip(recs, base):
+            for mine, theirs in zip(rec["sequences"], ref["sequences"]):
+                counts[(target, batch, method)][0] += int(mine == theirs)
+                counts[(target, batch, method)][1] += 1
+    return {f"{t} B={b} {m}": (ok / n if n else None) for (t, b, m), (ok, n) in counts.items()}
+
+
+def _fmt(value, digits=2, suffix="") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def markdown(result: dict, table: dict, matches: dict) -> str:
+    machine = result["machine"]
+    where = f"{machine.get('gpu') or machine.get('cpu')} ({machine['device']}, {machine['threads']} threads)"
+    lines = [
+        "# Spec-Bench results",
+        "",
+        f"Machine: {where},",
+        f"torch {machine['torch']}, transformers {machine['transformers']}.",
+        "Run: "
+        + json.dumps({k: result["args"][k] for k in ("family", "targets", "limit", "max_new_tokens")}),
+        "",
+        "Speedup = tokens/s over plain `generate` of the same target and setting, same run. "
+        "MAT = emitted tokens per target forward. "
+        "Split = draft/target/verify/other share of speculate's time.",
+        "",
+    ]
+    settings = sorted({(t, temp, b) for (t, temp, b, _) in table})
+    for target, temperature, batch in settings:
+        lines += [f"## {target}, temperature {temperature:g}, batch {batch}", ""]
+        lines += [
+            "| method | tokens/s | speedup | MAT | acceptance | exits | split d/t/v/o | peak MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        methods = [m for (t, temp, b, m) in table if (t, temp, b) == (target, temperature, batch)]
+        for method in methods:
+            m = table[(target, temperature, batch, method)][OVERALL]
+            split = m["time_split"]
+            split_text = (
+                "/".join(f"{100 * split[p]:.0f}" for p in ("draft", "target", "verify", "other"))
+                if split
+                else "n/a"
+            )
+            exits = ", ".join(f"{k}:{v}" for k, v in m["exit_histogram"].items()) or "n/a"
+            lines.append(
+                f"| {method} | {_fmt(m['tokens_per_s'], 1)} | {_fmt(m['speedup'], 2, 'x')} | "
+                f"{_fmt(m['mat'])} | {_fmt(m['acceptance'])} | {exits} | {split_text} | "
+                + f"{_fmt(m['peak_memory_mib'], 0)} |"
+            )
+        lines.append("")
+        if batch == 1:
+            categories = sorted(
+                {
+                    c
+                    for (t, temp, b, _), cats in table.items()
+                    if (t, temp, b) == (target, temperature, batch)
+                    for c in cats
+                    if c != OVERALL
+                }
+            )
+            lines += [
+                "Speedup (MAT) per category:",
+                "",
+                "| method | " + " | ".join(categories) + " |",
+                "|---|" + "---|" * len(categories),
+            ]
+            for method in methods:
+                by_cat = table[(target, temperature, batch, method)]
+                cells = [
+                    f"{_fmt(by_cat[c]['speedup'], 2, 'x')} ({_fmt(by_cat[c]['mat'], 2)})"
+                    if c in by_cat
+                    else "n/a"
+                    for c in categories
+                ]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if matches:
+        lines += ["Greedy outputs equal to `generate` (fraction of rows):", ""]
+        lines += [f"- {k}: {_fmt(v, 3)}" for k, v in sorted(matches.items())]
+        lines.append("")
+    if result.get("calibrated"):
+        lines += ["Calibrated settings per target:", ""]
+        lines += [f"- {k}: {json.dumps(v)}" for k, v in result["calibrated"].items()]
+        lines.append("")
+    if result.get("ablation"):
+        lines += [
+            "## Threshold x draft-length ablation (greedy, batch 1)",
+            "",
+            "| target | threshold | draft tokens | MAT | speedup |",
+            "|---|---|---|---|---|",
+        ]
+        for row in result["ablation"]:
+            lines.append(
+                f"| {row['target']} | {row['threshold']:.2f} | {row['num_draft_tokens']} | "
+                f"{_fmt(row['mat'])} | {_fmt(row['speedup'], 2, 'x')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(table: dict, result: dict, out: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    settings = sorted({(t, temp, b) for (t, temp, b, _) in table if b == 1})
+    for target, temperature, batch in settings:
+        methods = [
+            m for (t, temp, b, m) in table if (t, temp, b) == (target, temperature, batch) and m != "generate"
+        ]
+        categories = sorted(
+            {
+                c
+                for (t, temp, b, _), cats in table.items()
+                if (t, temp, b) == (target, temperature, batch)
+                for c in cats
+            }
+        )
+        fig, ax = plt.subplots(figsize=(max(8, len(categories) * 0.9), 4))
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            by_cat = table[(target, temperature, batch, method)]
+            values = [by_cat.get(c, {}).get("speedup") or 0 for c in categories]
+            ax.bar([x + i * width for x in range(len(categories))], values, width, label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(categories))])
+        ax.set_xticklabels(categories, rotation=30, ha="right")
+        ax.set_ylabel("speedup over generate")
+        ax.set_title(f"{target}, T={temperature:g}, batch {batch}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{stem}_speedup_{target}_T{temperature:g}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    if result.get("ablation"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_target = defaultdict(lambda: defaultdict(list))
+        for row in result["ablation"]:
+            by_target[row["target"]][row["num_draft_tokens"]].append((row["threshold"], row["mat"]))
+        for target, by_k in by_target.items():
+            for k, points in sorted(by_k.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{target} k={k}")
+        ax.set_xlabel("exit threshold (all early exits)")
+        ax.set_ylabel("MAT")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{stem}_mat_vs_threshold.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_reports(result: dict, out: Path, stem: str) -> list[Path]:
+    table = aggregate(result["records"])
+    matches = greedy_matches(result["records"])
+    serialisable = dict(
+        result,
+        summary={f"{t}|T={temp:g}|B={b}|{m}": cats for (t, temp, b, m), cats in table.items()},
+        greedy_matches=matches,
+    )
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(serialisable, indent=1, default=str))
+    md_path = out / f"{stem}.md"
+    md_path.write_text(markdown(result, table, matches))
+    return [json_path, md_path, *plots(table, result, out, stem)]
