@@ -1,0 +1,184 @@
+"""``exit_head``: fused final RMSNorm + lm_head + argmax / top probability / log-sum-exp.
+
+The fused op streams over the vocabulary and never writes the [N, V] logits; it serves greedy
+drafting and the early-exit confidence test. ``exit_head_probs`` returns the processed draft
+distribution q [N, V] for sampled drafting (materialising it is its purpose, so it is the torch
+composition on every backend).
+
+Backends of ``exit_head``: ``"reference"`` (:mod:`s2d_ext.ops.exit_head_reference`, the spec),
+``"cpu"`` (C++), ``"cuda"`` (both ``torch.ops.s2d.exit_head``) and ``"triton"``
+(``torch.ops.s2d.exit_head_triton``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from s2d_ext import _native
+from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
+from s2d_ext.ops.exit_head_reference import exit_head_probs_reference, exit_head_reference
+
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def exit_head(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    eps: float,
+    temperature: torch.Tensor | float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy token, top probability and log-sum-exp of each row's exit-head distribution.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        [N, d] float32, bfloat16 or float16: hidden states before the final norm.
+    norm_weight : torch.Tensor
+        [d], same dtype and device as ``hidden``: the RMSNorm weight.
+    lm_head_weight : torch.Tensor
+        [V, d], same dtype and device as ``hidden``: the head projection.
+    eps : float
+        RMSNorm epsilon, >= 0.
+    temperature : float or torch.Tensor
+        Scalar or [N]; >= 0. Scales the logits for ``confidence`` and ``logsumexp`` (0 = unscaled).
+    backend : str
+        "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns
+    -------
+    tokens : torch.Tensor
+        [N] int64, argmax of the raw logits (smallest id on ties).
+    confidence : torch.Tensor
+        [N] float32, ``max softmax(logits / T)`` (``T == 0``: unscaled).
+    logsumexp : torch.Tensor
+        [N] float32, ``logsumexp(logits / T)`` (``T == 0``: unscaled).
+    """
+    hidden, norm_weight, lm_head_weight, eps, temperature = _normalise(
+        hidden, norm_weight, lm_head_weight, eps, temperature
+    )
+    chosen = resolve_backend("exit_head", backend, hidden.device)
+    if hidden.shape[0] == 0:
+        return (
+            torch.empty((0,), dtype=torch.int64, device=hidden.device),
+            torch.empty((0,), dtype=torch.float32, device=hidden.device),
+            torch.empty((0,), dtype=torch.float32, device=hidden.device),
+        )
+    if chosen == "reference":
+        return exit_head_reference(hidden, norm_weight, lm_head_weight, eps, temperature)
+    if chosen == "triton":
+        from s2d_ext.triton.exit_head import exit_head_triton  # noqa: F401  (registers the op)
+
+        return torch.ops.s2d.exit_head_triton(hidden, norm_weight, lm_head_weight, eps, temperature)
+    return torch.ops.s2d.exit_head(hidden, norm_weight, lm_head_weight, eps, temperature)
+
+
+def exit_head_probs(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    eps: float,
+    temperature: torch.Tensor | float,
+    top_k: torch.Tensor | int = 0,
+    top_p: torch.Tensor | float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The processed draft distribution q of each row, for sampled drafting.
+
+    Temperature, then top-k, then top-p, exactly as :func:`s2d_ext.ops.verify_reference.logit_threshold`
+    and :func:`~s2d_ext.ops.verify_reference.processed_probs` define them (so a draft sampled from q
+    is verified against the same processing); rows with ``temperature == 0`` get a one-hot of the
+    argmax.
+
+    Parameters
+    ----------
+    hidden, norm_weight, lm_head_weight, eps : as in :func:`exit_head`
+        hidden [N, d]; norm_weight [d]; lm_head_weight [V, d].
+    temperature : float or torch.Tensor
+        Scalar or [N], >= 0.
+    top_k : int or torch.Tensor
+        Scalar or [N] int, >= 0 (0 = off).
+    top_p : float or torch.Tensor
+        Scalar or [N], in (0, 1] (1 = off).
+    backend : str
+        Validated like :func:`exit_head`'s; every backend runs the torch composition.
+
+    Returns
+    -------
+    probs : torch.Tensor
+        [N, V] float32, rows summing to 1.
+    confidence : torch.Tensor
+        [N] float32, ``probs.max(-1)``.
+    """
+    hidden, norm_weight, lm_head_weight, eps, temperature = _normalise(
+        hidden, norm_weight, lm_head_weight, eps, temperature
+    )
+    resolve_backend("exit_head", backend, hidden.device)
+    batch = hidden.shape[0]
+    top_k_t = per_row("top_k", top_k, batch, hidden.device, torch.int64)
+    top_p_t = per_row("top_p", top_p, batch, hidden.device, torch.float32)
+    if batch and not is_tracing():
+        if bool((top_k_t < 0).any()):
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if bool(torch.isnan(top_p_t).any()) or bool((top_p_t <= 0).any()) or bool((top_p_t > 1).any()):
+            raise ValueError("top_p must be in (0, 1]")
+    if batch == 0:
+        vocab = lm_head_weight.shape[0]
+        return (
+            torch.empty((0, vocab), dtype=torch.float32, device=hidden.device),
+            torch.empty((0,), dtype=torch.float32, device=hidden.device),
+        )
+    if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor):
+        apply_filters = top_k > 0 or top_p < 1.0
+    else:
+        apply_filters = True
+    return exit_head_probs_reference(
+        hidden, norm_weight, lm_head_weight, eps, temperature, top_k_t, top_p_t, apply_filters
+    )
+
+
+def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature) -> tuple:
+    hidden = check_tensor("hidden", hidden, ndim=2, dtypes=HIDDEN_DTYPES)
+    device, dtype = hidden.device, hidden.dtype
+    batch, dim = hidden.shape
+    if dim < 1:
+        raise ValueError("hidden must have a hidden size d >= 1 (dim 1)")
+    norm_weight = check_tensor("norm_weight", norm_weight, ndim=1, device=device)
+    lm_head_weight = check_tensor("lm_head_weight", lm_head_weight, ndim=2, device=device)
+    for name, value in (("norm_weight", norm_weight), ("lm_head_weight", lm_head_weight)):
+        if value.dtype != dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({dtype}), got {value.dtype}")
+    if norm_weight.shape[0] != dim:
+        raise ValueError(f"norm_weight must have shape [d={dim}], got {list(norm_weight.shape)}")
+    if lm_head_weight.shape[1] != dim:
+        raise ValueError(f"lm_head_weight must have shape [V, d={dim}], got {list(lm_head_weight.shape)}")
+    if lm_head_weight.shape[0] < 1:
+        raise ValueError("lm_head_weight must have a vocabulary of at least one token (dim 0)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    temperature = per_row("temperature", temperature, batch, device, torch.float32)
+    if (
+        batch
+        and not is_tracing()
+        and (not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()))
+    ):
+        raise ValueError("temperature must be finite and >= 0")
+    return hidden.contiguous(), norm_weight.contiguous(), lm_head_weight.contiguous(), eps, temperature
+
+
+def _fake_exit_head(hidden, norm_weight, lm_head_weight, eps, temperature):
+    batch = hidden.shape[0]
+    tokens = hidden.new_empty((batch,), dtype=torch.int64)
+    confidence = hidden.new_empty((batch,), dtype=torch.float32)
+    logsumexp = hidden.new_empty((batch,), dtype=torch.float32)
+    return tokens, confidence, logsumexp
+
+
+if _native.has_native("exit_head"):
+    torch.library.register_fake("s2d::exit_head")(_fake_exit_head)
