@@ -1,0 +1,675 @@
+"""``SortedDraft``: a nested ("sorted") early-exit draft model for speculative decoding (S2D).
+
+A Llama-family decoder of ``N`` layers with exits after e.g. layers ``(6, 9, 12)``: every exit reads
+the hidden state through the shared final norm and ``lm_head``. Each draft token runs the layers up
+to the first exit, and stops there if that exit's confidence (its top softmax probability; for
+sampled rows, the top of the processed q) reaches the exit's threshold; otherwise it continues from
+that hidden state to the next exit. The last exit always fires.
+
+The draft runs its own lean forward (:mod:`s2d_ext.draft.lean_llama`) over static per-layer caches
+(:mod:`s2d_ext.draft.static_cache`), with deferred KV fill for the layers an early exit skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2d_ext.draft.lean_llama import (
+    LeanLayers,
+    attention_bias,
+    check_architecture,
+    head_dim_of,
+    max_context,
+    rope_cos_sin,
+    rope_inv_freq,
+    sliding_window_of,
+)
+from s2d_ext.draft.protocol import Proposal
+from s2d_ext.draft.static_cache import SortedDraftState
+from s2d_ext.ops.exit_head import exit_head, exit_head_probs
+from s2d_ext.ops.philox import STREAM_DRAFT
+from s2d_ext.ops.verify_reference import exponential_race
+
+DEFAULT_MAX_DEFERRED = 16
+
+
+def _validate_exits(exits: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    try:
+        exits = tuple(int(e) for e in exits)
+    except TypeError as err:
+        raise ValueError(f"exits must be a sequence of layer counts, got {exits!r}") from err
+    if not exits:
+        raise ValueError("exits must name at least one exit (the final one, num_layers)")
+    if any(e < 1 for e in exits):
+        raise ValueError(f"exits must be layer counts >= 1, got {exits}")
+    if any(b <= a for a, b in zip(exits, exits[1:], strict=False)):
+        raise ValueError(f"exits must be strictly increasing, got {exits}")
+    if exits[-1] > num_layers:
+        raise ValueError(f"exit {exits[-1]} is beyond the model's {num_layers} layers (exits={exits})")
+    if exits[-1] != num_layers:
+        raise ValueError(
+            f"exits must end with the final exit {num_layers} (the model's num_hidden_layers), got {exits}; "
+            f"use SortedDraft.truncate to drop layers"
+        )
+    return exits
+
+
+def _validate_thresholds(thresholds: Sequence[float], exits: tuple[int, ...]) -> tuple[float, ...]:
+    try:
+        thresholds = tuple(float(t) for t in thresholds)
+    except TypeError as err:
+        raise ValueError(f"thresholds must be a sequence of floats, got {thresholds!r}") from err
+    if len(thresholds) != len(exits):
+        raise ValueError(
+            f"thresholds must have one value per exit ({len(exits)} exits {exits}), got {len(thresholds)}"
+        )
+    if any(not (0.0 <= t <= 1.0) for t in thresholds):
+        raise ValueError(f"thresholds must be in [0, 1], got {thresholds}")
+    return thresholds
+
+
+def _per_row(name: str, value: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar or a [B] tensor as a [B] tensor of ``dtype`` on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(batch)
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(
+                f"{name} must be a scalar or a [B={batch}] tensor, got shape {tuple(value.shape)}"
+            )
+        return value.to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+class SortedDraft:
+    """A sorted (nested early-exit) draft over a Llama / Mistral / Qwen2 HF causal LM.
+
+    Parameters
+    ----------
+    hf_model : transformers.PreTrainedModel
+        The draft's HF causal LM (``LlamaForCausalLM`` ...); used in place, not copied.
+    exits : sequence of int
+        Strictly increasing layer counts, the last equal to ``num_hidden_layers``.
+    thresholds : sequence of float
+        One per exit, in [0, 1]; the last exit always fires whatever its value.
+    compile : bool
+        Wrap each exit group's layer step in ``torch.compile`` (``compile_backend``); the attention then
+        always spans the whole static cache so shapes depend only on (batch, window).
+    compile_backend : str
+        ``torch.compile`` backend ("inductor", "aot_eager", "eager", ...).
+    compile_mode : str or None
+        ``torch.compile`` mode (e.g. "reduce-overhead" for CUDA graphs; not exercised by the CPU tests).
+    max_deferred : int
+        Cap on the positions an exit group may lag behind the one before it (deferred KV fill).
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        exits: Sequence[int],
+        thresholds: Sequence[float],
+        *,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
+        max_deferred: int = DEFAULT_MAX_DEFERRED,
+    ) -> None:
+        config = hf_model.config
+        check_architecture(config)
+        self.hf_model = hf_model
+        self.config = config
+        self.exits = _validate_exits(exits, config.num_hidden_layers)
+        self.thresholds = _validate_thresholds(thresholds, self.exits)
+        if int(max_deferred) < 0:
+            raise ValueError(f"max_deferred must be >= 0, got {max_deferred}")
+        self.max_deferred = int(max_deferred)
+        self.compiled = bool(compile)
+        self.compile_backend = compile_backend
+        layers = list(hf_model.model.layers)
+        starts = (0, *self.exits[:-1])
+        self._groups = [LeanLayers(layers[lo:hi], config) for lo, hi in zip(starts, self.exits, strict=True)]
+        self._group_fns = [
+            torch.compile(group, backend=compile_backend, mode=compile_mode) if compile else group
+            for group in self._groups
+        ]
+        self.hf_model.eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: nn.Module | str | os.PathLike,
+        exits: Sequence[int] | None = None,
+        thresholds: Sequence[float] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
+        max_deferred: int = DEFAULT_MAX_DEFERRED,
+        **hf_kwargs: Any,
+    ) -> SortedDraft:
+        """A draft from an HF model object or a checkpoint path.
+
+        ``exits`` / ``thresholds`` default to the config's ``s2d_exits`` / ``s2d_thresholds``, else to
+        ``(num_hidden_layers,)`` / ``(0.0,)`` (thresholds default to ``0.5`` for every early exit and
+        ``0.0`` for the last when only ``exits`` is given). ``hf_kwargs`` go to
+        ``AutoModelForCausalLM.from_pretrained``. A model object is used in place: ``dtype`` / ``device``
+        cast and move it (``nn.Module.to``), and it is put in eval mode.
+        """
+        if isinstance(model_or_path, (str, os.PathLike)):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            check_architecture(AutoConfig.from_pretrained(model_or_path))
+            if dtype is not None:
+                hf_kwargs["dtype"] = dtype
+            hf_model = AutoModelForCausalLM.from_pretrained(model_or_path, **hf_kwargs)
+        elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
+            hf_model = model_or_path
+            if dtype is not None:
+                hf_model = hf_model.to(dtype)
+        else:
+            raise TypeError(
+                "model_or_path must be an HF causal LM or a checkpoint path, got "
+                f"{type(model_or_path).__name__}"
+            )
+        if device is not None:
+            hf_model = hf_model.to(device)
+        config = hf_model.config
+        check_architecture(config)
+        if exits is None:
+            exits = getattr(config, "s2d_exits", None) or (config.num_hidden_layers,)
+            if thresholds is None:
+                thresholds = getattr(config, "s2d_thresholds", None)
+        if thresholds is None:
+            saved = getattr(config, "s2d_thresholds", None)
+            saved_exits = getattr(config, "s2d_exits", None)
+            if saved is not None and saved_exits is not None and tuple(saved_exits) == tuple(exits):
+                thresholds = saved
+            else:
+                thresholds = (0.5,) * (len(exits) - 1) + (0.0,)
+        return cls(
+            hf_model,
+            exits,
+            thresholds,
+            compile=compile,
+            compile_backend=compile_backend,
+            compile_mode=compile_mode,
+            max_deferred=max_deferred,
+        )
+
+    @classmethod
+    def truncate(
+        cls,
+        hf_model: nn.Module,
+        n_layers: int,
+        exits: Sequence[int] | None = None,
+        thresholds: Sequence[float] | None = None,
+        *,
+        share_embeddings: bool = False,
+        **kwargs: Any,
+    ) -> SortedDraft:
+        """A draft made of the first ``n_layers`` layers of a bigger HF model.
+
+        The kept layers are deep-copied; the embedding, final norm and ``lm_head`` are copied too, or
+        shared with ``hf_model`` when ``share_embeddings=True``. ``kwargs`` go to the constructor.
+        """
+        check_architecture(hf_model.config)
+        total = hf_model.config.num_hidden_layers
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 1 <= n_layers <= total:
+            raise ValueError(f"n_layers must be an int in 1..{total} (the model's layers), got {n_layers!r}")
+        exits = tuple(exits) if exits is not None else (n_layers,)
+        _validate_exits(exits, n_layers)
+        if thresholds is None:
+            thresholds = (0.5,) * (len(exits) - 1) + (0.0,)
+        draft_model = truncated_hf_model(hf_model, n_layers, share_embeddings=share_embeddings)
+        return cls(draft_model, exits, thresholds, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
+        """Save an ordinary HF checkpoint whose config carries ``s2d_exits`` and ``s2d_thresholds``."""
+        self.config.s2d_exits = list(self.exits)
+        self.config.s2d_thresholds = list(self.thresholds)
+        self.hf_model.save_pretrained(path, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_model.lm_head.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf_model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf_model.lm_head.weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def to(self, *args: Any, **kwargs: Any) -> SortedDraft:
+        """Move / cast the HF model (states made before must be recreated)."""
+        self.hf_model.to(*args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"SortedDraft({self.config.model_type}, layers={self.num_layers}, exits={self.exits}, "
+            f"thresholds={self.thresholds}, dtype={self.dtype}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ state
+    def begin(
+        self,
+        input_ids: torch.Tensor,  # [B, L] int64, left-padded
+        attention_mask: torch.Tensor | None,  # [B, L], 1 = token
+        max_length: int,
+    ) -> SortedDraftState:
+        """Prefill ``input_ids[:, :-1]`` through every layer; the last token becomes the pending input.
+
+        ``max_length`` is the number of tokens (prompt + generated + one step of drafts) a row may
+        reach, padding excluded; the caches hold ``max_length + max(pad)`` slots.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be a [B, L] tensor, got {getattr(input_ids, 'shape', input_ids)}"
+            )
+        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        batch, prompt_len = input_ids.shape
+        if batch < 1 or prompt_len < 1:
+            raise ValueError(
+                f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}"
+            )
+        device = self.device
+        input_ids = input_ids.to(device=device, dtype=torch.int64)
+        if bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
+            raise ValueError(f"input_ids must be token ids in [0, {self.vocab_size})")
+        if attention_mask is None:
+            pad = torch.zeros((batch,), dtype=torch.int64, device=device)
+        else:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (
+                batch,
+                prompt_len,
+            ):
+                raise ValueError(
+                    f"attention_mask must be a [B={batch}, L={prompt_len}] tensor, got "
+                    f"{getattr(attention_mask, 'shape', attention_mask)}"
+                )
+            mask = attention_mask.to(device) != 0
+            pad = (~mask).sum(dim=1)
+            expected = torch.arange(prompt_len, device=device)[None, :] >= pad[:, None]
+            if not bool((mask == expected).all()):
+                raise ValueError("attention_mask must be left-padded (zeros, then ones, on every row)")
+            if bool((pad >= prompt_len).any()):
+                raise ValueError("attention_mask has a row without any token")
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+        longest = int((prompt_len - pad).max())
+        if max_length < longest:
+            raise ValueError(f"max_length={max_length} is shorter than the longest prompt ({longest} tokens)")
+        context = max_context(self.config)
+        if max_length > context:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's context (max_position_embeddings={context})"
+            )
+        window = sliding_window_of(self.config)
+        if window is not None and max_length > window:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's sliding_window={window}; SortedDraft "
+                "implements full attention only, so sequences must fit in the window"
+            )
+        capacity = max_length + int(pad.max())
+        config = self.config
+        state = SortedDraftState.allocate(
+            batch_size=batch,
+            capacity=capacity,
+            max_length=max_length,
+            num_layers=self.num_layers,
+            num_groups=len(self.exits),
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim_of(config),
+            hidden_size=config.hidden_size,
+            dtype=self.dtype,
+            device=device,
+        )
+        state.tokens[:, :prompt_len] = input_ids
+        state.pad.copy_(pad)
+        state.length.fill_(prompt_len)
+        self._inv_freq, self._rope_scaling = rope_inv_freq(config, device)
+        for group in self._groups:
+            group.refresh()
+        with torch.no_grad():
+            if prompt_len > 1:
+                self._flush(
+                    state, stop=torch.full((batch,), prompt_len - 1, dtype=torch.int64, device=device)
+                )
+        return state
+
+    def flush(self, state: SortedDraftState) -> None:
+        """Run every deferred position through the deeper groups (all caches then hold every fed slot)."""
+        with torch.no_grad():
+            self._flush(state, stop=state.filled[0].clone())
+
+    def _flush(self, state: SortedDraftState, stop: torch.Tensor) -> None:
+        for group in range(len(self.exits)):
+            self._run_group(state, group, stop if group == 0 else state.filled[group - 1])
+
+    # ------------------------------------------------------------------ the layer step
+    def _run_group(
+        self,
+        state: SortedDraftState,
+        group: int,
+        stop: torch.Tensor,  # [B] int64: process slots [filled[group], stop)
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Feed each row's slots ``[filled[group], stop)`` through exit group ``group``.
+
+        Returns the output hidden states [B, W, d] (None when no row has work) and the window
+        lengths [B] int64; the last valid entry of row b is ``out[b, n[b] - 1]``.
+        """
+        start = state.filled[group]
+        n = (stop - start).clamp(min=0)
+        window = int(n.max())
+        if window == 0:
+            return None, n
+        device = start.device
+        offsets = torch.arange(window, device=device)
+        slots = start[:, None] + offsets[None, :]  # [B, W]
+        valid = offsets[None, :] < n[:, None]
+        write_slots = torch.where(valid, slots, torch.full_like(slots, state.trash_slot))
+        if group == 0:
+            hidden = F.embedding(state.tokens.gather(1, write_slots), self.hf_model.model.embed_tokens.weight)
+        else:
+            buf = state.hidden[group]
+            hidden = buf.gather(1, write_slots[:, :, None].expand(-1, -1, buf.shape[-1]))
+        positions = (slots - state.pad[:, None]).clamp(min=0)
+        cos, sin = rope_cos_sin(self._inv_freq, positions, self._rope_scaling, hidden.dtype)
+        # NOTE: the compiled step sees static shapes (whole cache as keys) and small windows only;
+        # prefill and other long windows run eagerly instead of compiling one graph per length.
+        use_compiled = self.compiled and window <= self.max_deferred + 2
+        keys = state.capacity + 1 if use_compiled else int(stop.max())
+        bias = attention_bias(slots, state.pad, keys, hidden.dtype)
+        lo = self.exits[group - 1] if group > 0 else 0
+        hi = self.exits[group]
+        step = self._group_fns[group] if use_compiled else self._groups[group]
+        out = step(hidden, cos, sin, write_slots, bias, state.k_cache[lo:hi], state.v_cache[lo:hi])
+        if group + 1 < len(self.exits):
+            nxt = state.hidden[group + 1]
+            nxt.scatter_(1, write_slots[:, :, None].expand(-1, -1, nxt.shape[-1]), out)
+        state.filled[group] = torch.maximum(start, stop)
+        return out, n
+
+    def _exit_stats(
+        self,
+        hidden: torch.Tensor,  # [R, d]
+        temperature: torch.Tensor,  # [R]
+        top_k: torch.Tensor,  # [R]
+        top_p: torch.Tensor,  # [R]
+        sampled: torch.Tensor,  # [R] bool
+        any_sampled: bool,
+        all_sampled: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """tokens [R] (argmax; samples replace it later), confidence [R], q [R, V] (None: no sampled row)."""
+        norm = self.hf_model.model.norm
+        head = self.hf_model.lm_head.weight
+        eps = float(norm.variance_epsilon)
+        if not any_sampled:
+            tokens, confidence, _ = exit_head(hidden, norm.weight, head, eps, 0.0)
+            return tokens, confidence, None
+        if all_sampled:
+            q, confidence = exit_head_probs(hidden, norm.weight, head, eps, temperature, top_k, top_p)
+            return q.argmax(dim=-1), confidence, q
+        # NOTE: mixed batch. Greedy rows' confidence is the raw softmax top (exit_head with T=0);
+        # exit_head_probs would give them a one-hot (confidence 1). Their q is that one-hot.
+        tokens, confidence, _ = exit_head(hidden, norm.weight, head, eps, 0.0)
+        q, q_conf = exit_head_probs(hidden, norm.weight, head, eps, temperature, top_k, top_p)
+        confidence = torch.where(sampled, q_conf, confidence)
+        return tokens, confidence, q
+
+    # ------------------------------------------------------------------ protocol
+    def propose(
+        self,
+        state: SortedDraftState,
+        num_tokens: int,
+        num_draft: torch.Tensor | int | None = None,
+        *,
+        temperature: torch.Tensor | float = 0.0,
+        top_k: torch.Tensor | int = 0,
+        top_p: torch.Tensor | float = 1.0,
+        seeds: torch.Tensor | int | None = None,
+        offsets: torch.Tensor | int | None = None,
+        thresholds: torch.Tensor | Sequence[float] | None = None,
+        stop_threshold: torch.Tensor | float | None = None,
+    ) -> Proposal:
+        """Propose up to ``num_tokens`` tokens per row (see :class:`~s2d_ext.draft.protocol.DraftModel`).
+
+        Parameters
+        ----------
+        state : SortedDraftState
+            From :meth:`begin`.
+        num_tokens : int
+            k, the step's maximum.
+        num_draft : torch.Tensor, int or None
+            [B] int64 in 0..k (None = k for every row).
+        temperature, top_k, top_p : scalar or [B]
+            Draft sampling per row (temperature 0 = argmax drafting).
+        seeds, offsets : scalar or [B] int64
+            Philox key / counter offset (stream ``STREAM_DRAFT``, position = j in the step); required when
+            a row samples.
+        thresholds : [B, n_exits] float32, sequence of floats or None
+            Per-row exit thresholds (None = the draft's own).
+        stop_threshold : [B] float32, scalar or None
+            A row stops after a token whose chosen-exit confidence is below it.
+
+        Returns
+        -------
+        Proposal
+            tokens [B, k] int64, probs [B, k, V] float32 or None, num_draft [B] int64, exits [B, k] int64,
+            confidence [B, k] float32.
+        """
+        if not isinstance(state, SortedDraftState):
+            raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        batch, device = state.batch_size, state.length.device
+        k = num_tokens
+        if num_draft is None:
+            num_draft = k
+        num_draft = _per_row("num_draft", num_draft, batch, device, torch.int64)
+        if bool(((num_draft < 0) | (num_draft > k)).any()):
+            raise ValueError(f"num_draft must be in 0..num_tokens={k}, got {num_draft.tolist()}")
+        too_long = state.num_tokens + num_draft > state.max_length
+        if bool(too_long.any()):
+            row = int(too_long.nonzero()[0, 0])
+            raise ValueError(
+                f"row {row} would exceed max_length={state.max_length}: it holds "
+                f"{int(state.num_tokens[row])} tokens and asks for {int(num_draft[row])} drafts "
+                "(the draft is longer than the cache)"
+            )
+        temperature = _per_row("temperature", temperature, batch, device, torch.float32)
+        top_k = _per_row("top_k", top_k, batch, device, torch.int64)
+        top_p = _per_row("top_p", top_p, batch, device, torch.float32)
+        if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
+            raise ValueError("temperature must be finite and >= 0")
+        sampled = temperature > 0
+        any_sampled = bool(sampled.any())
+        all_sampled = bool(sampled.all())
+        if any_sampled:
+            if seeds is None:
+                raise ValueError("seeds are required when a row samples (temperature > 0)")
+            seeds = _per_row("seeds", seeds, batch, device, torch.int64)
+            offsets = _per_row("offsets", 0 if offsets is None else offsets, batch, device, torch.int64)
+        n_exits = len(self.exits)
+        if thresholds is None:
+            tau = torch.tensor(self.thresholds, dtype=torch.float32, device=device).expand(batch, n_exits)
+        else:
+            tau = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+            if tau.dim() == 1:
+                tau = tau.expand(batch, -1)
+            if tuple(tau.shape) != (batch, n_exits):
+                raise ValueError(
+                    f"thresholds must be [B={batch}, n_exits={n_exits}] (or [n_exits]), "
+                    f"got {tuple(tau.shape)}"
+                )
+            if bool(((tau < 0) | (tau > 1) | torch.isnan(tau)).any()):
+                raise ValueError("thresholds must be in [0, 1]")
+        if stop_threshold is not None:
+            stop_threshold = _per_row("stop_threshold", stop_threshold, batch, device, torch.float32)
+
+        vocab = self.vocab_size
+        tokens = torch.zeros((batch, k), dtype=torch.int64, device=device)
+        exits_out = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+        confidence = torch.zeros((batch, k), dtype=torch.float32, device=device)
+        probs = torch.zeros((batch, k, vocab), dtype=torch.float32, device=device) if any_sampled else None
+        proposed = torch.zeros((batch,), dtype=torch.int64, device=device)
+        stopped = torch.zeros((batch,), dtype=torch.bool, device=device)
+        exit_layers = torch.tensor(self.exits, dtype=torch.int64, device=device)
+        rows_all = torch.arange(batch, device=device)
+        # NOTE: a proposal not followed by advance() (a repeated propose) left drafts in the caches;
+        # forget them so every row restarts from its pending token.
+        state.filled.copy_(torch.minimum(state.filled, (state.length - 1)[None, :]))
+        # end[b]: slots fed (or to feed) through group 0 by the current step.
+        end = state.filled[0].clone()
+        with torch.no_grad():
+            for j in range(k):
+                active = (num_draft > j) & ~stopped
+                if not bool(active.any()):
+                    break
+                end = torch.where(active, state.length + j, end)
+                step_token = torch.zeros((batch,), dtype=torch.int64, device=device)
+                step_conf = torch.zeros((batch,), dtype=torch.float32, device=device)
+                step_exit = torch.full((batch,), -1, dtype=torch.int64, device=device)
+                need = active.clone()
+                for group in range(n_exits):
+                    stop = end if group == 0 else state.filled[group - 1]
+                    if group > 0:
+                        lag = state.filled[group - 1] - state.filled[group]
+                        if not bool(need.any()) and not bool((lag > self.max_deferred).any()):
+                            continue
+                    out, n = self._run_group(state, group, stop)
+                    if not bool(need.any()):
+                        continue
+                    rows = rows_all[need]
+                    hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
+                    r_tokens, r_conf, r_q = self._exit_stats(
+                        hidden,
+                        temperature[rows],
+                        top_k[rows],
+                        top_p[rows],
+                        sampled[rows],
+                        any_sampled,
+                        all_sampled,
+                    )
+                    if r_q is not None:
+                        race = exponential_race(
+                            r_q, seeds[rows], offsets[rows], torch.full_like(rows, j), stream=STREAM_DRAFT
+                        )
+                        r_tokens = torch.where(sampled[rows], race, r_tokens)
+                    if group == n_exits - 1:
+                        fire = torch.ones_like(r_conf, dtype=torch.bool)
+                    else:
+                        fire = r_conf >= tau[rows, group]
+                    fired = rows[fire]
+                    step_token[fired] = r_tokens[fire]
+                    step_conf[fired] = r_conf[fire]
+                    step_exit[fired] = exit_layers[group]
+                    if r_q is not None:
+                        fired_q = r_q[fire]
+                        greedy_fired = ~sampled[fired]
+                        one_hot = torch.zeros_like(fired_q).scatter_(1, r_tokens[fire][:, None], 1.0)
+                        probs[fired, j] = torch.where(greedy_fired[:, None], one_hot, fired_q)
+                    need[fired] = False
+                tokens[:, j] = torch.where(active, step_token, tokens[:, j])
+                confidence[:, j] = torch.where(active, step_conf, confidence[:, j])
+                exits_out[:, j] = torch.where(active, step_exit, exits_out[:, j])
+                proposed += active.to(torch.int64)
+                # The draft token becomes the input of the next step, at slot length + j.
+                slot = torch.where(active, state.length + j, torch.full_like(end, state.trash_slot))
+                state.tokens.scatter_(1, slot[:, None], step_token[:, None])
+                if stop_threshold is not None:
+                    stopped |= active & (step_conf < stop_threshold)
+        state.last_num_draft = proposed
+        state.steps += 1
+        return Proposal(
+            tokens=tokens, probs=probs, num_draft=proposed, exits=exits_out, confidence=confidence
+        )
+
+    def advance(
+        self,
+        state: SortedDraftState,
+        num_accepted: torch.Tensor,  # [B] int
+        emitted: torch.Tensor,  # [B] int64
+        active: torch.Tensor | None = None,  # [B] bool
+    ) -> None:
+        """Row b's context += its first ``num_accepted[b]`` drafts + ``emitted[b]``; caches roll back."""
+        if not isinstance(state, SortedDraftState):
+            raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
+        batch, device = state.batch_size, state.length.device
+        num_accepted = _per_row("num_accepted", num_accepted, batch, device, torch.int64)
+        emitted = _per_row("emitted", emitted, batch, device, torch.int64)
+        if active is None:
+            active = torch.ones((batch,), dtype=torch.bool, device=device)
+        else:
+            active = _per_row("active", active, batch, device, torch.bool)
+        bad = active & ((num_accepted < 0) | (num_accepted > state.last_num_draft))
+        if bool(bad.any()):
+            raise ValueError(
+                "num_accepted must be in 0..num_draft of the last proposal "
+                f"({state.last_num_draft.tolist()}), "
+                f"got {num_accepted.tolist()}"
+            )
+        if bool((active & ((emitted < 0) | (emitted >= self.vocab_size))).any()):
+            raise ValueError(f"emitted must be token ids in [0, {self.vocab_size}), got {emitted.tolist()}")
+        new_length = torch.where(active, state.length + num_accepted + 1, state.length)
+        if bool((new_length - state.pad > state.max_length).any()):
+            raise ValueError(f"a row would exceed max_length={state.max_length} tokens")
+        slot = torch.where(active, new_length - 1, torch.full_like(new_length, state.trash_slot))
+        state.tokens.scatter_(1, slot[:, None], emitted[:, None])
+        # Slots >= new_length - 1 hold rejected drafts (or nothing): forget their KV / hidden states.
+        state.filled.copy_(torch.minimum(state.filled, (new_length - 1)[None, :]))
+        state.length.copy_(new_length)
+        state.last_num_draft = torch.zeros_like(state.last_num_draft)
+
+
+def truncated_hf_model(hf_model: nn.Module, n_layers: int, *, share_embeddings: bool = False) -> nn.Module:
+    """A new HF causal LM with the first ``n_layers`` decoder layers of ``hf_model`` (deep copies).
+
+    The embedding, final norm, rotary buffers and ``lm_head`` are deep-copied as well, unless
+    ``share_embeddings`` (then the new model uses ``hf_model``'s modules).
+    """
+    base = hf_model.model
+    all_layers = base.layers
+    new_config = copy.deepcopy(hf_model.config)
+    new_config.num_hidden_layers = n_layers
+    if getattr(new_config, "layer_types", None) is not None:
+        new_config.layer_types = list(new_config.layer_types[:n_layers])
+    for attr in ("s2d_exits", "s2d_thresholds"):
+        if hasattr(new_config, attr):
+            delattr(new_config, attr)
+    # NOTE: deep-copy the model without its layers (cheap), then only the kept layers; the memo maps
+    # the old config to the new one so every copied module points at the truncated config.
+    base.layers = nn.ModuleList()
+    try:
+        memo = {id(hf_model.config): new_config}
+        if share_embeddings:
+            for module in (base.embed_tokens, base.norm, hf_model.lm_head):
+                memo[id(module)] = module
+        new_model = copy.deepcopy(hf_model, memo)
+    finally:
+        base.layers = all_layers
+    layer_memo = {id(hf_model.config): new_config}
+    new_model.model.layers = nn.ModuleList(copy.deepcopy(all_layers[i], layer_memo) for i in range(n_layers))
+    new_model.config = new_config
+    new_model.model.config = new_config
+    return new_model
