@@ -2,6 +2,9 @@
 
 from s2d_ext import ops
 from s2d_ext.draft.sorted_draft import SortedDraft
+from s2d_ext.generate import generate
+from s2d_ext.speculate import SpeculateOutput, speculate
+from s2d_ext.speculator import Speculator
 
 __version__ = "0.1.0"
-__all__ = ["SortedDraft", "ops"]
+__all__ = ["SortedDraft", "SpeculateOutput", "Speculator", "generate", "ops", "speculate"]

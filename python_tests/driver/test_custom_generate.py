@@ -1,0 +1,70 @@
+"""generate(..., custom_generate=s2d_ext.generate, draft=...): generate() users switch in one argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import s2d_ext
+from s2d_ext.draft.hf_draft import HFDraft
+
+from .tiny_models import left_padded, make_draft_model, make_target
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = make_target("qwen2", seed=1)
+    return target, make_draft_model(target)
+
+
+@pytest.mark.parametrize("draft_kind", ["plain", "hf"])
+def test_greedy_equals_plain_generate(pair, draft_kind):
+    target, draft_model = pair
+    draft = draft_model if draft_kind == "plain" else HFDraft(draft_model)
+    ids, mask = left_padded([7, 2, 10])
+    kwargs = dict(attention_mask=mask, max_new_tokens=18, do_sample=False, pad_token_id=0)
+    ref = target.generate(ids, **kwargs)
+    out = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft, num_draft_tokens=3)
+    assert torch.equal(out, ref)
+
+
+def test_eos_from_generation_config_and_return_dict(pair):
+    target, draft_model = pair
+    ids, mask = left_padded([6, 9])
+    free = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    eos = int(free[1, ids.shape[1] + 4])
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=1)
+    ref = target.generate(ids, **kwargs)
+    out = target.generate(
+        ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, ref)
+
+
+def test_sampling_settings_and_seed_pass_through(pair):
+    target, draft_model = pair
+    ids, mask = left_padded([5, 8])
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=10, top_p=0.9
+    )
+    a = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model, seed=3)
+    b = s2d_ext.speculate(
+        target, draft_model, ids, mask, max_new_tokens=12, temperature=0.7, top_k=10, top_p=0.9, seed=3
+    )
+    assert torch.equal(a, b.sequences)
+
+
+def test_unsupported_settings_and_missing_draft_raise(pair):
+    target, draft_model = pair
+    ids, mask = left_padded([4])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        target.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            repetition_penalty=1.3,
+            custom_generate=s2d_ext.generate,
+            draft=draft_model,
+        )
+    with pytest.raises(ValueError, match="draft"):
+        target.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=s2d_ext.generate)

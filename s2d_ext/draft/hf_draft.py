@@ -1,0 +1,178 @@
+"""A plain Hugging Face causal LM as a draft model: the draft protocol with one exit (vanilla speculation).
+
+Any ``AutoModelForCausalLM`` works (it runs through :class:`s2d_ext.target.CachedLM`, the same hole-aware
+cache runner as the target). Llama, Mistral and Qwen2 drafts are faster as
+``SortedDraft.from_pretrained(model, exits=(n_layers,))``; :func:`s2d_ext.speculate` picks that when it can.
+
+Per row the state holds a *pending* block of up to two tokens not yet in the draft's cache: the token
+emitted by the last verification, preceded by the last accepted draft when the draft never ran it (all
+drafts accepted). ``propose`` runs the pending block, then one token at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from s2d_ext.draft.protocol import Proposal
+from s2d_ext.ops.philox import STREAM_DRAFT
+from s2d_ext.ops.verify_reference import exponential_race, logit_threshold, processed_probs, sanitize
+from s2d_ext.target import CachedLM, context_length, input_device, output_vocab_size
+
+
+@dataclass
+class HFDraftState:
+    runner: CachedLM
+    pending: torch.Tensor  # [B, 2] int64, right-aligned
+    pending_live: torch.Tensor  # [B, 2] bool
+    max_length: int
+    last_tokens: torch.Tensor | None = None  # [B, k] int64 drafts of the last proposal
+    fed: torch.Tensor | None = None  # [B] int64 drafts of the last proposal that went through the model
+
+
+class HFDraft:
+    """Wrap a causal LM so it drafts through the :class:`~s2d_ext.draft.protocol.DraftModel` protocol.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        Any causal LM with the target's vocabulary.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.vocab_size = output_vocab_size(model)
+        self.exits = (int(model.config.get_text_config().num_hidden_layers),)
+        self.device = input_device(model)
+
+    def begin(
+        self,
+        input_ids: torch.Tensor,  # [B, L] int64, left-padded
+        attention_mask: torch.Tensor | None,  # [B, L], 1 = token
+        max_length: int,
+    ) -> HFDraftState:
+        context = context_length(self.model)
+        if context is not None and max_length > context:
+            raise ValueError(f"max_length={max_length} exceeds the draft's context of {context} tokens")
+        batch, length = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        live = attention_mask.to(self.device).bool()
+        runner = CachedLM(self.model, batch)
+        window = runner.sliding_window()
+        if window is not None and max_length >= window:
+            raise ValueError(
+                f"max_length={max_length} must stay below the draft's sliding window of {window}"
+            )
+        if length > 1:
+            runner.forward(input_ids[:, :-1], live[:, :-1], logits_to_keep=1)
+            runner.commit(live[:, :-1].sum(-1))
+        pending = torch.zeros((batch, 2), dtype=torch.int64, device=self.device)
+        pending[:, 1] = input_ids[:, -1]
+        pending_live = torch.zeros((batch, 2), dtype=torch.bool, device=self.device)
+        pending_live[:, 1] = True
+        return HFDraftState(runner, pending, pending_live, max_length)
+
+    @torch.no_grad()
+    def propose(
+        self,
+        state: HFDraftState,
+        num_tokens: int,
+        num_draft: torch.Tensor,  # [B] int64 in 0..num_tokens
+        *,
+        temperature: torch.Tensor,  # [B] float32
+        top_k: torch.Tensor,  # [B] int64
+        top_p: torch.Tensor,  # [B] float32
+        seeds: torch.Tensor,  # [B] int64
+        offsets: torch.Tensor,  # [B] int64
+        thresholds: torch.Tensor | None = None,  # [B, 1]; ignored: one exit
+        stop_threshold: torch.Tensor | None = None,  # [B] float32
+    ) -> Proposal:
+        runner, batch = state.runner, state.pending.shape[0]
+        n_draft = num_draft.to(self.device, torch.int64).clone()
+        longest = int((runner.next_pos + state.pending_live.sum(-1) + n_draft).max()) if batch else 0
+        if longest > state.max_length:
+            raise ValueError(f"a row would reach {longest} tokens, over max_length={state.max_length}")
+        tokens = torch.zeros((batch, num_tokens), dtype=torch.int64, device=self.device)
+        confidence = torch.zeros((batch, num_tokens), dtype=torch.float32, device=self.device)
+        sampled = bool((temperature > 0).any())
+        probs = torch.zeros((batch, num_tokens, self.vocab_size), device=self.device) if sampled else None
+        fed = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        # NOTE: the pending block always runs (even for num_tokens == 0) so it never grows past two tokens.
+        logits = runner.forward(state.pending, state.pending_live, logits_to_keep=1)
+        steps = (
+            num_tokens if stop_threshold is not None else min(num_tokens, int(n_draft.max()) if batch else 0)
+        )
+        for j in range(steps):
+            token, q, conf = self._choose(
+                logits[:, -1:].float(), sampled, temperature, top_k, top_p, seeds, offsets, j
+            )
+            drafting = j < n_draft
+            tokens[:, j] = torch.where(drafting, token, 0)
+            confidence[:, j] = torch.where(drafting, conf, 0)
+            if probs is not None:
+                probs[:, j] = q * drafting[:, None]
+            if stop_threshold is not None:
+                stop = drafting & (conf < stop_threshold)
+                n_draft = torch.where(stop, torch.full_like(n_draft, j + 1), n_draft)
+                if not bool((n_draft > j + 1).any()):
+                    break
+            if j + 1 == steps:
+                break
+            live = (j + 1 < n_draft)[:, None]
+            fed += live[:, 0]
+            logits = runner.forward(token[:, None], live, logits_to_keep=1)
+        state.last_tokens, state.fed = tokens, fed
+        exits = torch.where(
+            torch.arange(num_tokens, device=self.device) < n_draft[:, None], self.exits[0], -1
+        )
+        return Proposal(tokens, probs, n_draft, exits, confidence)
+
+    def _choose(self, logits, sampled, temperature, top_k, top_p, seeds, offsets, position):
+        """Draft token [B], processed distribution q [B, V] and confidence [B] from logits [B, 1, V]."""
+        argmax = sanitize(logits[:, 0]).argmax(-1)
+        if not sampled:
+            return argmax, None, torch.softmax(sanitize(logits[:, 0]), -1).amax(-1)
+        greedy = temperature <= 0
+        min_logit = None
+        if bool(((top_k > 0) | (top_p < 1)).any()):
+            min_logit = logit_threshold(logits, temperature, top_k, top_p)
+        q = processed_probs(logits, temperature, min_logit)[:, 0]  # [B, V]
+        race = exponential_race(q, seeds, offsets, torch.full_like(seeds, position), stream=STREAM_DRAFT)
+        token = torch.where(greedy, argmax, race)
+        one_hot = torch.nn.functional.one_hot(token, q.shape[-1]).to(q.dtype)
+        q = torch.where(greedy[:, None], one_hot, q)
+        conf = torch.where(greedy, torch.softmax(sanitize(logits[:, 0]), -1).amax(-1), q.amax(-1))
+        return token, q, conf
+
+    def advance(
+        self,
+        state: HFDraftState,
+        num_accepted: torch.Tensor,  # [B] int
+        emitted: torch.Tensor,  # [B] int64
+        active: torch.Tensor | None = None,  # [B] bool
+    ) -> None:
+        runner, batch = state.runner, state.pending.shape[0]
+        n_acc = num_accepted.to(self.device, torch.int64)
+        emitted = emitted.to(self.device, torch.int64)
+        active = (
+            torch.ones(batch, dtype=torch.bool, device=self.device)
+            if active is None
+            else active.to(self.device)
+        )
+        rows = torch.arange(batch, device=self.device)
+        pending_count = state.pending_live.sum(-1)
+        kept_drafts = torch.minimum(n_acc, state.fed)
+        runner.commit(torch.where(active, pending_count + kept_drafts, 0))
+        unfed = n_acc > state.fed  # the last accepted draft never went through the model
+        last_draft = emitted
+        if state.last_tokens.shape[1]:
+            last_draft = state.last_tokens[rows, (n_acc - 1).clamp(min=0)]
+        new_pending = torch.stack([torch.where(unfed, last_draft, 0), emitted], dim=1)
+        new_live = torch.stack([unfed, torch.ones_like(unfed)], dim=1)
+        runner.maybe_compact()
+        state.pending = torch.where(active[:, None], new_pending, state.pending)
+        state.pending_live = torch.where(active[:, None], new_live, state.pending_live)
+        state.last_tokens, state.fed = None, None

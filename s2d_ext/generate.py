@@ -1,0 +1,151 @@
+"""``custom_generate`` hook: ``model.generate(..., custom_generate=s2d_ext.generate, draft=draft)``.
+
+transformers (5.17 - 5.24) calls a callable ``custom_generate`` after it has prepared the generation
+config, the attention mask and ``max_length``, as
+``custom_generate(model, input_ids, logits_processor=..., stopping_criteria=..., generation_config=...,
+**extra, **model_kwargs)``; ``extra`` holds the keyword arguments of ``generate()`` whose names appear in
+this function's signature and not in ``GenerationMixin._sample``'s (here: ``draft``, ``num_draft_tokens``,
+``draft_length``, ``thresholds``, ``seed``, ``stop_token_ids``).
+
+What carries over from ``generate()``: ``max_new_tokens`` / ``max_length``, ``do_sample``, ``temperature``,
+``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, the attention mask, ``return_dict_in_generate``
+(sequences only). Settings speculative sampling cannot honour losslessly (beam search, repetition
+penalties, custom logits processors, ...) raise a ValueError. Note: transformers does not hand a
+callable ``custom_generate`` the ``streamer`` (it only sends it the prompt); stream with
+:func:`s2d_ext.speculate` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# generation_config fields whose non-default values change the distribution in ways we do not implement.
+_UNSUPPORTED = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "guidance_scale": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "stop_strings": None,
+    "max_time": None,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+}
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: Any = None,
+    stopping_criteria: Any = None,
+    generation_config: Any = None,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    draft: Any = None,
+    num_draft_tokens: int = 5,
+    draft_length: str = "heuristic",
+    thresholds: Sequence[float] | None = None,
+    seed: int | Sequence[int] | torch.Tensor | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    **model_kwargs: Any,
+) -> Any:
+    """Speculative decoding as a ``generate()`` decoding method (see the module docstring).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The target (``generate()``'s ``self``).
+    input_ids : torch.Tensor
+        [B, L] int64 prompts prepared by ``generate()``.
+    draft : SortedDraft, DraftModel or transformers.PreTrainedModel
+        Required, passed as ``generate(..., draft=...)``.
+
+    Returns
+    -------
+    torch.Tensor or GenerateDecoderOnlyOutput
+        [B, L + new] sequences, like ``generate()``.
+    """
+    from s2d_ext.speculate import speculate
+
+    if draft is None:
+        raise ValueError(
+            "custom_generate=s2d_ext.generate needs a draft: model.generate(..., draft=my_draft)"
+        )
+    if synced_gpus:
+        raise ValueError("synced_gpus is not supported by s2d_ext.generate")
+    config = generation_config
+    for name, default in _UNSUPPORTED.items():
+        value = getattr(config, name, default)
+        if value is not None and value != default and not (value == 0 and default is None):
+            raise ValueError(f"generation_config.{name}={value!r} is not supported by s2d_ext.generate")
+    past = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+        raise ValueError(
+            "s2d_ext.generate cannot continue from a filled cache; pass the whole prompt instead"
+        )
+    sampling = bool(getattr(config, "do_sample", False))
+    temperature = float(config.temperature if config.temperature is not None else 1.0) if sampling else 0.0
+    top_k = int(config.top_k or 0) if sampling else 0
+    top_p = float(config.top_p if config.top_p is not None else 1.0) if sampling else 1.0
+    if sampling and temperature == 0.0:
+        raise ValueError(
+            "generation_config.temperature=0 with do_sample=True; use do_sample=False for greedy"
+        )
+    out = speculate(
+        model,
+        draft,
+        input_ids,
+        model_kwargs.get("attention_mask"),
+        max_new_tokens=max(int(config.max_length) - input_ids.shape[1], 0),
+        num_draft_tokens=num_draft_tokens,
+        draft_length=draft_length,
+        thresholds=thresholds,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=_ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id),
+        pad_token_id=_first(getattr(config, "_pad_token_tensor", None), config.pad_token_id),
+        stop_token_ids=stop_token_ids,
+    )
+    if getattr(config, "return_dict_in_generate", False):
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(sequences=out.sequences)
+    return out.sequences
+
+
+def _ids(tensor: torch.Tensor | None, fallback: Any) -> list[int] | None:
+    if tensor is not None:
+        return [int(t) for t in tensor.flatten().tolist()]
+    if fallback is None:
+        return None
+    return [int(fallback)] if isinstance(fallback, int) else [int(t) for t in fallback]
+
+
+def _first(tensor: torch.Tensor | None, fallback: Any) -> int | None:
+    ids = _ids(tensor, fallback)
+    return ids[0] if ids else None
