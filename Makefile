@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # NOTE: the venv sees system site-packages, so a user's existing CUDA torch is kept, never replaced.
-RUNTIME_DEPS := "transformers>=5.17,<6" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
+RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
 TEST_DEPS := pytest scipy ruff clang-format
 
