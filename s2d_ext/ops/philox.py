@@ -66,7 +66,11 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def uniform_open01(bits: torch.Tensor) -> torch.Tensor:
-    """Map uint32 values (in int64) to float32 in (0, 1): ``((bits >> 8) + 0.5) * 2**-24``."""
+    """Map uint32 values (in int64) to float32 in (0, 1]: ``((bits >> 8) + 0.5) * 2**-24``.
+
+    NOTE: the largest value rounds to exactly 1.0 in float32 (probability 2**-24); samplers that
+    divide by ``-log(u)`` clamp it first (see ``verify_reference.exponential_race``).
+    """
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
 
 
@@ -77,7 +81,7 @@ def philox_uniform(
     position: torch.Tensor | int,
     index: torch.Tensor | int,
 ) -> torch.Tensor:
-    """Uniforms in (0, 1) for the given counters; all arguments broadcast together.
+    """Uniforms in (0, 1] for the given counters; all arguments broadcast together.
 
     Parameters
     ----------

@@ -60,7 +60,15 @@ def verify(
         [B] int32.
     """
     args = _normalise(
-        target_logits, draft_tokens, draft_probs, num_draft, temperature, top_k, top_p, seeds, offsets,
+        target_logits,
+        draft_tokens,
+        draft_probs,
+        num_draft,
+        temperature,
+        top_k,
+        top_p,
+        seeds,
+        offsets,
         generator,
     )
     chosen = resolve_backend("verify", backend, target_logits.device)
@@ -85,10 +93,13 @@ def _normalise(
     logits = check_tensor("target_logits", target_logits, ndim=3, dtypes=LOGIT_DTYPES)
     device = logits.device
     batch, k_plus_1, vocab = logits.shape
-    if k_plus_1 < 1:
-        raise ValueError("target_logits must have K+1 >= 1 positions (dim 1)")
-    if vocab < 1:
-        raise ValueError("target_logits must have a vocabulary of at least one token (dim 2)")
+    if not 1 <= k_plus_1 <= 2**16:
+        # NOTE: Philox counters hold the position in 16 bits.
+        raise ValueError(f"target_logits must have 1 <= K+1 <= 65536 positions (dim 1), got {k_plus_1}")
+    if not 1 <= vocab < 2**31:
+        raise ValueError(
+            f"target_logits must have a vocabulary of 1 to 2**31 - 1 tokens (dim 2), got {vocab}"
+        )
     tokens = check_tensor("draft_tokens", draft_tokens, ndim=2, dtypes=(torch.int64,), device=device)
     if tokens.shape[0] != batch:
         raise ValueError(f"draft_tokens has batch {tokens.shape[0]} but target_logits has batch {batch}")
@@ -102,7 +113,8 @@ def _normalise(
         check_tensor("draft_probs", draft_probs, ndim=3, dtypes=(torch.float32,), device=device)
         if tuple(draft_probs.shape) != (batch, num_spec, vocab):
             raise ValueError(
-                f"draft_probs must have shape [B, K, V] = {[batch, num_spec, vocab]}, got {list(draft_probs.shape)}"
+                f"draft_probs must have shape [B, K, V] = {[batch, num_spec, vocab]}, "
+                f"got {list(draft_probs.shape)}"
             )
         draft_probs = draft_probs.contiguous()
     if num_draft is None:
@@ -130,7 +142,14 @@ def _normalise(
         needs_threshold = bool(((top_k_t > 0) | (top_p_t < 1.0)).any())
     min_logit = logit_threshold(logits, temperature, top_k_t, top_p_t) if needs_threshold and batch else None
     return (
-        logits.contiguous(), tokens.contiguous(), draft_probs, num_draft, temperature, min_logit, seeds, offsets,
+        logits.contiguous(),
+        tokens.contiguous(),
+        draft_probs,
+        num_draft,
+        temperature,
+        min_logit,
+        seeds,
+        offsets,
     )
 
 
@@ -139,10 +158,13 @@ def _check_values(tokens, num_draft, temperature, top_k, top_p, vocab, num_spec)
 
     NOTE: the kernels stay safe without them: an out-of-range draft token is rejected, never read.
     """
-    if tokens.numel() and (bool((tokens < 0).any()) or bool((tokens >= vocab).any())):
-        raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab})")
     if bool((num_draft < 0).any()) or bool((num_draft > num_spec).any()):
         raise ValueError(f"num_draft must be in [0, K={num_spec}]")
+    # NOTE: entries j >= num_draft[b] are padding (the draft protocol fills them with 0) and are
+    # never read, so only the valid drafts must be token ids.
+    valid = torch.arange(num_spec, device=tokens.device)[None, :] < num_draft[:, None]
+    if tokens.numel() and bool((valid & ((tokens < 0) | (tokens >= vocab))).any()):
+        raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
     if not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()):
         raise ValueError("temperature must be finite and >= 0")
     if bool((top_k < 0).any()):

@@ -29,8 +29,12 @@ Non-finite logits (a defined behaviour, identical on every backend)
 Randomness: Philox (see :mod:`s2d_ext.ops.philox`). The accept uniform of position ``j`` is
 ``philox_uniform(seed, offset, STREAM_ACCEPT, j, 0)``. Sampling uses the exponential race
 ``argmax_v r_v / E_v`` with ``E_v = -log(philox_uniform(seed, offset, STREAM_SAMPLE, j, v))``,
-which draws from ``r / sum(r)`` without normalising ``r`` and without a prefix scan. When the
-residual is all zero (``p == q`` up to rounding) the race runs on ``p`` instead.
+which draws from ``r / sum(r)`` without normalising ``r`` and without a prefix scan (the uniform is
+clamped below 1 first, see :func:`exponential_race`). When the residual is all zero (``p == q`` up
+to rounding) the race runs on ``p`` instead.
+
+Out-of-contract values reaching the op directly (``torch.ops.s2d.verify``) stay safe: ``num_draft``
+is clamped to ``0..K`` and a draft token outside ``[0, V)`` is rejected, never used as an index.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from s2d_ext.ops.philox import STREAM_ACCEPT, STREAM_SAMPLE, philox_uniform
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
+RACE_MAX_UNIFORM = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def sanitize(scores: torch.Tensor) -> torch.Tensor:
@@ -77,7 +82,10 @@ def logit_threshold(
     in_top_k = rank[None, None, :] < k[:, None, None]
     probs = torch.softmax(ordered.masked_fill(~in_top_k, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly earlier (larger) tokens
-    kept = (mass_before < top_p[:, None, None].float()) & in_top_k
+    # NOTE: top_p == 1 disables top-p even where float rounding makes the cumulative mass reach 1
+    # before the last token (it would otherwise drop tail tokens of a top-k-only row).
+    top_p_off = (top_p >= 1)[:, None, None]
+    kept = ((mass_before < top_p[:, None, None].float()) | top_p_off) & in_top_k
     kept[..., 0] = True  # the most likely token is always kept
     last_kept = kept.sum(dim=-1, keepdim=True) - 1
     top_p_min = ordered.gather(-1, last_kept).squeeze(-1)
@@ -105,11 +113,17 @@ def exponential_race(
     positions: torch.Tensor,  # [B] int64, the draft position being decided
     stream: int = STREAM_SAMPLE,
 ) -> torch.Tensor:
-    """Sample one index per row from ``weights / weights.sum()``: ``argmax_v w_v / E_v``."""
+    """Sample one index per row from ``weights / weights.sum()``: ``argmax_v w_v / E_v``.
+
+    ``E_v = -log(min(u_v, RACE_MAX_UNIFORM))``: ``philox_uniform`` returns exactly 1.0 with
+    probability 2**-24 (``(2**24 - 1) + 0.5`` rounds up in float32), and ``E = 0`` would give that
+    entry an infinite key, or NaN (which wins ``argmax``) where its weight is 0. Clamping to the
+    largest float below 1 keeps ``E > 0`` and is statistically exact (``P(E < 2**-24) ~ 2**-24``).
+    """
     vocab = weights.shape[-1]
     index = torch.arange(vocab, device=weights.device)[None, :]
     u = philox_uniform(seeds[:, None], offsets[:, None], stream, positions[:, None], index)
-    race = weights / -torch.log(u)
+    race = weights / -torch.log(u.clamp(max=RACE_MAX_UNIFORM))
     return race.argmax(dim=-1)
 
 
@@ -130,6 +144,7 @@ def verify_reference(
     device = target_logits.device
     rows = torch.arange(batch, device=device)
     greedy = temperature <= 0  # [B]
+    num_draft = num_draft.clamp(0, num_spec)
 
     target_argmax = sanitize(target_logits).argmax(dim=-1)  # [B, K+1]
     p = processed_probs(target_logits, temperature, min_logit)  # [B, K+1, V]

@@ -62,8 +62,9 @@ S2D_HOST_DEVICE PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, u
   return PhiloxOut{{c0, c1, c2, c3}};
 }
 
-// Maps 32 random bits to a float in the open interval (0, 1): ((x >> 8) + 0.5) * 2^-24.
-// Exact in float32 on every backend; never 0 (so -log(u) is finite) and never 1.
+// Maps 32 random bits to a float in (0, 1]: ((x >> 8) + 0.5) * 2^-24, identical on every backend.
+// Never 0. NOTE: the top value (2^24 - 0.5) * 2^-24 rounds to exactly 1.0 in float32 (probability
+// 2^-24), so a sampler that divides by -log(u) clamps u below 1 first (kRaceMaxUniform, verify).
 S2D_HOST_DEVICE float uniform_open01(uint32_t bits) {
   return (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
 }
@@ -71,11 +72,10 @@ S2D_HOST_DEVICE float uniform_open01(uint32_t bits) {
 // The uniform for (seed, offset, stream, position, index), per the layout above.
 S2D_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset, uint32_t stream,
                                      uint32_t position, uint32_t index) {
-  const PhiloxOut out = philox4x32_10(index >> 2, (stream << 16) | position,
-                                      static_cast<uint32_t>(offset),
-                                      static_cast<uint32_t>(offset >> 32),
-                                      static_cast<uint32_t>(seed),
-                                      static_cast<uint32_t>(seed >> 32));
+  const PhiloxOut out =
+      philox4x32_10(index >> 2, (stream << 16) | position, static_cast<uint32_t>(offset),
+                    static_cast<uint32_t>(offset >> 32), static_cast<uint32_t>(seed),
+                    static_cast<uint32_t>(seed >> 32));
   return uniform_open01(out.x[index & 3]);
 }
 

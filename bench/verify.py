@@ -1,0 +1,293 @@
+"""verify: time, effective read bandwidth, and the C++ kernel vs the plain PyTorch composition.
+
+    python bench/verify.py                  # CPU: C++ kernel + reference, writes bench/results/verify_cpu.*
+    python bench/verify.py --device cuda    # CUDA kernel + Triton + reference, writes verify_cuda.*
+    python bench/verify.py --quick          # a reduced sweep
+
+Bytes counted (effective bandwidth = bytes / time): what the kernels actually read, from each row's
+outcome. Pass 1 reads the logits of positions 0..e (e = num_accepted, the emitting position); greedy
+rows stop there. Sampled rows read position e's logits once more (pass 2, the race) and, when the
+token is recovered with draft_probs, the float32 q row at e. Per-row scalars and the K gathered
+q(x) values are ignored. The same byte count is used for every backend (the reference and the
+composition read far more). Memory bandwidth is measured in the same run: a large torch sum (256 MiB,
+larger than the last-level cache) on all threads. Inputs are rotated over several copies (>= 64 MiB in
+all) so that small cases are not served from the cache. q is close to p (noise 0.5 on the logits),
+so acceptance is non-trivial.
+
+The comparison asked by the issue: B=16, K=5, V=32000, sampled, float32 logits, C++ kernel vs the
+plain PyTorch composition (softmax, gather, compare, cumprod, residual, normalise, multinomial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from s2d_ext.ops import available_backends, verify
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, repeats: int, budget_s: float = 2.0) -> float:
+    """Median wall time of ``fn()`` in ms (fn is called with a rotating input index)."""
+    fn(0)
+    sync(device)
+    samples = []
+    start_all = time.perf_counter()
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i + 1)
+        sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() - start_all > budget_s and len(samples) >= 3:
+            break
+    return statistics.median(samples)
+
+
+def memory_bandwidth_gbs(device: str) -> float:
+    x = torch.ones(64 * 2**20, dtype=torch.float32, device=device)  # 256 MiB
+    ms = time_ms(lambda i: x.sum(), device, repeats=10)
+    return x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def make_case(batch, num_spec, vocab, dtype, device, sampled, copies, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for c in range(copies):
+        logits = torch.randn(batch, num_spec + 1, vocab, generator=generator) * 2.0
+        draft_logits = logits[:, :num_spec] + torch.randn(batch, num_spec, vocab, generator=generator) * 0.5
+        q = torch.softmax(draft_logits, dim=-1)
+        if sampled:
+            tokens = torch.multinomial(q.reshape(-1, vocab), 1, generator=generator).reshape(batch, num_spec)
+        else:
+            tokens = draft_logits.argmax(-1)
+        cases.append(
+            {
+                "target_logits": logits.to(dtype).to(device),
+                "draft_tokens": tokens.to(device),
+                "draft_probs": q.to(device) if sampled else None,
+                "temperature": 1.0 if sampled else 0.0,
+                "seeds": torch.arange(batch, device=device) + 1000 * c,
+            }
+        )
+    return cases
+
+
+def bytes_read(case, num_accepted: torch.Tensor, sampled: bool) -> int:
+    logits = case["target_logits"]
+    _, positions, vocab = logits.shape
+    row_bytes = vocab * logits.element_size()
+    e = num_accepted.long().cpu()
+    total = int((e + 1).sum()) * row_bytes
+    if sampled:
+        total += e.numel() * row_bytes
+        if case["draft_probs"] is not None:
+            num_draft = positions - 1
+            total += int((e < num_draft).sum()) * vocab * 4
+    return total
+
+
+def torch_composition(logits, tokens, q, temperature, generator):
+    """The same verification step as a plain PyTorch composition (what the op replaces)."""
+    batch, positions, vocab = logits.shape
+    num_spec = positions - 1
+    p = torch.softmax(logits.float() / temperature, dim=-1)  # [B, K+1, V]
+    p_draft = p[:, :num_spec].gather(-1, tokens[..., None]).squeeze(-1)
+    q_draft = q.gather(-1, tokens[..., None]).squeeze(-1)
+    u = torch.rand(batch, num_spec, generator=generator)
+    accept = u * q_draft < p_draft
+    num_accepted = accept.to(torch.int64).cumprod(dim=-1).sum(dim=-1)
+    residual = (p[:, :num_spec] - q).clamp_min(0)
+    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
+    recovered = torch.multinomial(residual.reshape(-1, vocab), 1, generator=generator).reshape(
+        batch, num_spec
+    )
+    bonus = torch.multinomial(p[:, num_spec], 1, generator=generator).squeeze(-1)
+    rows = torch.arange(batch)
+    emitted = torch.where(
+        num_accepted < num_spec, recovered[rows, num_accepted.clamp(max=num_spec - 1)], bonus
+    )
+    out = torch.full((batch, positions), -1, dtype=torch.int64)
+    keep = torch.arange(num_spec)[None, :] < num_accepted[:, None]
+    out[:, :num_spec] = torch.where(keep, tokens, out[:, :num_spec])
+    out[rows, num_accepted] = emitted
+    return out, num_accepted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    backends = [b for b in available_backends("verify", torch.device(device))]
+    if device == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is not a perf path
+    bandwidth = memory_bandwidth_gbs(device)
+    print(f"measured read bandwidth: {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
+    batches = [1, 8] if args.quick else [1, 8, 64]
+    spec_lengths = [4] if args.quick else [4, 8]
+    vocabs = [32000] if args.quick else [32000, 128256]
+    rows = []
+    for batch in batches:
+        for num_spec in spec_lengths:
+            for vocab in vocabs:
+                for sampled in (False, True):
+                    size = batch * (num_spec + 1) * vocab * (2 + (4 if sampled else 0))
+                    copies = max(1, min(8, (64 * 2**20) // max(size, 1)))
+                    cases = make_case(batch, num_spec, vocab, dtype, device, sampled, copies)
+                    for backend in backends:
+                        # NOTE: the reference materialises [B, K+1, V] float32 tensors and a sort;
+                        # its biggest cases would dominate the run time, so they are skipped.
+                        if backend == "reference" and batch * (num_spec + 1) * vocab > 10_000_000:
+                            continue
+                        outs = {}
+
+                        def run(i, backend=backend, outs=outs, cases=cases):
+                            outs["last"] = verify(**cases[i % len(cases)], backend=backend)
+
+                        ms = time_ms(run, device, repeats=20 if backend != "reference" else 3)
+                        _, accepted = verify(**cases[0], backend=backend)
+                        nbytes = bytes_read(cases[0], accepted, sampled)
+                        gbs = nbytes / (ms * 1e-3) / 1e9
+                        row = {
+                            "backend": backend,
+                            "B": batch,
+                            "K": num_spec,
+                            "V": vocab,
+                            "mode": "sampled" if sampled else "greedy",
+                            "dtype": args.dtype,
+                            "ms": round(ms, 4),
+                            "bytes": nbytes,
+                            "GB/s": round(gbs, 2),
+                            "bw_fraction": round(gbs / bandwidth, 3),
+                            "mean_accepted": round(float(accepted.float().mean()), 2),
+                        }
+                        rows.append(row)
+                        print(row)
+    comparison = None
+    if device == "cpu" and "cpu" in backends:
+        batch, num_spec, vocab = 16, 5, 32000
+        cases = make_case(batch, num_spec, vocab, torch.float32, device, True, 6, seed=1)
+        generator = torch.Generator().manual_seed(0)
+        composition_ms = time_ms(
+            lambda i: torch_composition(
+                cases[i % 6]["target_logits"],
+                cases[i % 6]["draft_tokens"],
+                cases[i % 6]["draft_probs"],
+                1.0,
+                generator,
+            ),
+            device,
+            repeats=10,
+            budget_s=4.0,
+        )
+        kernel_ms = time_ms(lambda i: verify(**cases[i % 6], backend="cpu"), device, repeats=30, budget_s=4.0)
+        _, accepted = verify(**cases[0], backend="cpu")
+        nbytes = bytes_read(cases[0], accepted, True)
+        gbs = nbytes / (kernel_ms * 1e-3) / 1e9
+        comparison = {
+            "B": batch,
+            "K": num_spec,
+            "V": vocab,
+            "dtype": "float32",
+            "mode": "sampled",
+            "composition_ms": round(composition_ms, 3),
+            "cpp_ms": round(kernel_ms, 3),
+            "speedup": round(composition_ms / kernel_ms, 1),
+            "cpp_GB/s": round(gbs, 2),
+            "bw_fraction": round(gbs / bandwidth, 3),
+            "mean_accepted": round(float(accepted.float().mean()), 2),
+            "target": "speedup >= 30, bw_fraction >= 0.5",
+        }
+        print(comparison)
+    load = os.getloadavg()
+    result = {
+        "machine": {
+            "device": device,
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "torch": torch.__version__,
+            "loadavg_at_end": [round(x, 2) for x in load],
+            "note": "shared machine: other engineers were running builds/tests on the same cores"
+            if device == "cpu"
+            else "",
+        },
+        "measured_bandwidth_GBs": round(bandwidth, 2),
+        "rows": rows,
+        "comparison": comparison,
+    }
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"verify_{device}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# verify benchmark ({device})",
+        "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"{result['machine']['threads']} torch threads; torch {torch.__version__}; "
+        f"load average at end {load[0]:.1f}. {result['machine']['note']}",
+        "",
+        f"Measured read bandwidth (torch sum of 256 MiB, same run): **{bandwidth:.1f} GB/s**.",
+        "",
+        "Bytes = logits of positions 0..e (+ position e again and the q row at e for sampled rows, "
+        "pass 2); see bench/verify.py.",
+        "",
+    ]
+    if comparison:
+        lines += [
+            "## C++ kernel vs plain PyTorch composition (B=16, K=5, V=32000, sampled, float32)",
+            "",
+            "| composition ms | C++ ms | speedup | C++ GB/s | fraction of measured bandwidth |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {comparison['composition_ms']} | {comparison['cpp_ms']} | {comparison['speedup']}x | "
+            f"{comparison['cpp_GB/s']} | {comparison['bw_fraction']:.0%} |",
+            "",
+            "Targets: >= 30x and >= 50% of measured bandwidth.",
+            "",
+        ]
+    lines += [
+        f"## Sweep ({args.dtype} logits)",
+        "",
+        "| backend | B | K | V | mode | ms | GB/s | fraction of bw | mean accepted |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['B']} | {r['K']} | {r['V']} | {r['mode']} | {r['ms']} | {r['GB/s']} | "
+            f"{r['bw_fraction']:.0%} | {r['mean_accepted']} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,616 @@
+// CPU kernel of the verify op (speculative-sampling verification), framework-free.
+//
+// Spec: s2d_ext/ops/verify_reference.py. One row at a time (the binding parallelises over rows):
+//   pass 1, position j = 0, 1, ...: one read of the logits at j gives the online max / sum-exp of
+//           the processed scores (greedy rows: max + argmax only) and p(x_j); the accept test
+//           u * q(x_j) < p(x_j) decides whether to go on. Stops at the first rejection or at the
+//           bonus position num_draft.
+//   pass 2, sampled rows only, at the emitting position: one more read of that position's logits
+//           (and q row) runs the exponential race argmax_v w_v / -log(u_v) on the residual
+//           max(0, p - q) (or p minus the point-mass draft token, or p for the bonus token).
+// Probabilities are never materialised; everything is reduced in float32.
+//
+// Speed: the hot loops use explicit 8-wide vectors (GCC/Clang vector extensions) with two
+// independent accumulators, exp/log are polynomials (Cephes), Philox runs on 8 counters at once.
+// The binding picks an AVX2+FMA build of the same code at run time where the CPU has it (see the
+// NOTE below); the default build stays portable.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "s2d/philox.h"
+#include "s2d/verify_common.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define S2D_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define S2D_CPU_INLINE inline
+#endif
+
+// NOTE: this header is compiled twice: as s2d::verify_cpu (portable flags) and, by
+// csrc/verify/verify_avx2_cpu.cpp, as s2d::verify_cpu_avx2 under `#pragma GCC target("avx2,fma")`
+// with S2D_VERIFY_AVX2_INTRINSICS; distinct namespaces keep the two builds' symbols apart.
+#ifndef S2D_VERIFY_CPU_NS
+#define S2D_VERIFY_CPU_NS verify_cpu
+#endif
+
+namespace s2d {
+namespace S2D_VERIFY_CPU_NS {
+
+constexpr int kChunk = 2048;    // scores buffered per pass-1 chunk (8 KiB, stays in L1)
+constexpr int kRaceBlock = 64;  // vocab entries per race step = 16 Philox counters x 4 words
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kFloatMax = std::numeric_limits<float>::max();
+
+S2D_CPU_INLINE float from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+S2D_CPU_INLINE uint32_t to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// 8-wide vectors (GCC/Clang vector extensions): AVX2 registers in the AVX2 build, SSE pairs in
+// the portable one. NOTE: explicit vectors, because the auto-vectoriser gave up on these loops.
+typedef float VecF __attribute__((vector_size(32)));
+typedef int32_t VecI __attribute__((vector_size(32)));
+typedef uint32_t VecU __attribute__((vector_size(32)));
+typedef uint64_t VecU64 __attribute__((vector_size(32)));
+typedef uint16_t VecH __attribute__((vector_size(16)));
+constexpr int kVec = 8;
+
+S2D_CPU_INLINE VecF splat(float x) { return VecF{} + x; }
+S2D_CPU_INLINE VecI splat_int(int32_t x) { return VecI{} + x; }
+S2D_CPU_INLINE VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+S2D_CPU_INLINE void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
+S2D_CPU_INLINE VecF vmax(VecF a, VecF b) { return a > b ? a : b; }
+S2D_CPU_INLINE VecU widen_u16(const uint16_t* p) {
+  VecH h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, VecU);
+}
+
+// Logit loaders: storage type -> float32, branch-free so that they vectorise.
+struct Float32Logits {
+  using Storage = float;
+  static S2D_CPU_INLINE float load(float x) { return x; }
+  static S2D_CPU_INLINE VecF load8(const float* p) { return load_vec(p); }
+};
+
+struct BFloat16Logits {
+  using Storage = uint16_t;
+  static S2D_CPU_INLINE float load(uint16_t x) { return from_bits(static_cast<uint32_t>(x) << 16); }
+  static S2D_CPU_INLINE VecF load8(const uint16_t* p) { return (VecF)(widen_u16(p) << 16); }
+};
+
+struct Float16Logits {
+  using Storage = uint16_t;
+  static S2D_CPU_INLINE float load(uint16_t x) {
+    const uint32_t h = x;
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t exp_mantissa = h & 0x7fffu;
+    // NOTE: shifting exponent+mantissa into float position and scaling by 2^(127-15) handles
+    // normal and subnormal halves alike; inf/NaN keep an all-ones exponent.
+    float magnitude = from_bits(exp_mantissa << 13) * 5.192296858534828e+33f;  // 2^112
+    magnitude = exp_mantissa >= 0x7c00u ? from_bits((exp_mantissa << 13) | 0x7f800000u) : magnitude;
+    return from_bits(to_bits(magnitude) | sign);
+  }
+  static S2D_CPU_INLINE VecF load8(const uint16_t* p) {
+    const VecU h = widen_u16(p);
+    const VecU sign = (h & 0x8000u) << 16;
+    const VecU exp_mantissa = h & 0x7fffu;
+    VecF magnitude = (VecF)(exp_mantissa << 13) * 5.192296858534828e+33f;
+    const VecF special = (VecF)((exp_mantissa << 13) | 0x7f800000u);
+    magnitude = exp_mantissa >= 0x7c00u ? special : magnitude;
+    return (VecF)((VecU)magnitude | sign);
+  }
+};
+
+// NaN -> -inf, +inf -> float32 max (the reference's sanitize, per element).
+S2D_CPU_INLINE float sanitize(float s) {
+  s = s != s ? -kInf : s;
+  return s == kInf ? kFloatMax : s;
+}
+
+// exp(x), meant for x <= 0; exactly 0 below -87 (and for -inf). Cephes expf polynomial.
+S2D_CPU_INLINE float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  const float xc = underflow ? -87.0f : x;
+  const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // round to nearest integer
+  const float n = shifted - 12582912.0f;
+  const int32_t exponent = static_cast<int32_t>(n);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const float result = y * from_bits(static_cast<uint32_t>(exponent + 127) << 23);
+  return underflow ? 0.0f : result;
+}
+
+// log(u) for a normal float u in (0, 1]. Cephes logf polynomial.
+S2D_CPU_INLINE float log_unit(float u) {
+  const uint32_t bits = to_bits(u);
+  const int32_t exponent = static_cast<int32_t>(bits >> 23) - 126;  // u = m * 2^e, m in [0.5, 1)
+  const float m = from_bits((bits & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.707106781186547524f;
+  const float x = small ? m + m - 1.0f : m - 1.0f;
+  const float e = static_cast<float>(small ? exponent - 1 : exponent);
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return x + y + e * 0.693359375f;
+}
+
+S2D_CPU_INLINE VecF sanitize(VecF s) {
+  s = s != s ? splat(-kInf) : s;
+  return s == kInf ? splat(kFloatMax) : s;
+}
+
+S2D_CPU_INLINE VecF exp_nonpositive(VecF x) {
+  const VecI underflow = x < -87.0f;
+  const VecF xc = underflow ? splat(-87.0f) : x;
+  const VecF shifted = xc * 1.44269504088896341f + 12582912.0f;
+  const VecF n = shifted - 12582912.0f;
+  const VecI exponent = __builtin_convertvector(n, VecI);
+  VecF r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const VecF z = r * r;
+  VecF y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const VecF result = y * (VecF)((exponent + 127) << 23);
+  return underflow ? splat(0.0f) : result;
+}
+
+S2D_CPU_INLINE VecF log_unit(VecF u) {
+  const VecU bits = (VecU)u;
+  const VecI exponent = (VecI)(bits >> 23) - 126;
+  const VecF m = (VecF)((bits & 0x007fffffu) | 0x3f000000u);
+  const VecI small = m < 0.707106781186547524f;
+  const VecF x = small ? m + m - 1.0f : m - 1.0f;
+  const VecF e = __builtin_convertvector(exponent + small, VecF);  // small is -1 where true
+  const VecF z = x * x;
+  VecF y = splat(7.0376836292e-2f);
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return x + y + e * 0.693359375f;
+}
+
+// (hi, lo) of the 32x32 -> 64-bit products m * a, per lane.
+S2D_CPU_INLINE void mulhilo(uint32_t m, VecU a, VecU& hi, VecU& lo) {
+#if defined(S2D_VERIFY_AVX2_INTRINSICS)
+  const __m256i wide_m = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i even = _mm256_mul_epu32((__m256i)a, wide_m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64((__m256i)a, 32), wide_m);
+  lo = (VecU)_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = (VecU)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+#else
+  const VecU64 wide_m = VecU64{} + m;
+  const VecU64 even = ((VecU64)a & 0xffffffffull) * wide_m;
+  const VecU64 odd = ((VecU64)a >> 32) * wide_m;
+  lo = (VecU)((even & 0xffffffffull) | (odd << 32));
+  hi = (VecU)((even >> 32) | (odd & 0xffffffff00000000ull));
+#endif
+}
+
+// Philox4x32-10 on 2 x 8 counters (c0 per lane; c1..c3 and the key shared). NOTE: two
+// independent groups per round, because one group alone is bound by the multiply latency.
+S2D_CPU_INLINE void philox_vec(const VecU (&c0_init)[2], uint32_t c1_init, uint32_t c2_init,
+                               uint32_t c3_init, uint32_t k0, uint32_t k1, VecU (&out)[2][4]) {
+  VecU c0[2], c1[2], c2[2], c3[2];
+  for (int g = 0; g < 2; ++g) {
+    c0[g] = c0_init[g];
+    c1[g] = VecU{} + c1_init;
+    c2[g] = VecU{} + c2_init;
+    c3[g] = VecU{} + c3_init;
+  }
+  for (int round = 0; round < 10; ++round) {
+    for (int g = 0; g < 2; ++g) {
+      VecU hi0, lo0, hi1, lo1;
+      mulhilo(0xD2511F53u, c0[g], hi0, lo0);
+      mulhilo(0xCD9E8D57u, c2[g], hi1, lo1);
+      const VecU n0 = hi1 ^ c1[g] ^ k0;
+      const VecU n2 = hi0 ^ c3[g] ^ k1;
+      c0[g] = n0;
+      c1[g] = lo1;
+      c2[g] = n2;
+      c3[g] = lo0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int g = 0; g < 2; ++g) {
+    out[g][0] = c0[g];
+    out[g][1] = c1[g];
+    out[g][2] = c2[g];
+    out[g][3] = c3[g];
+  }
+}
+
+// Words w0..w3 of counters l = 0..7 -> bits of vocab entries 4 l + w in order (4 vectors of 8).
+S2D_CPU_INLINE void words_to_entries(const VecU (&w)[4], VecU (&entries)[4]) {
+  const VecU a = __builtin_shufflevector(w[0], w[1], 0, 8, 1, 9, 2, 10, 3, 11);
+  const VecU b = __builtin_shufflevector(w[2], w[3], 0, 8, 1, 9, 2, 10, 3, 11);
+  const VecU c = __builtin_shufflevector(w[0], w[1], 4, 12, 5, 13, 6, 14, 7, 15);
+  const VecU d = __builtin_shufflevector(w[2], w[3], 4, 12, 5, 13, 6, 14, 7, 15);
+  entries[0] = __builtin_shufflevector(a, b, 0, 1, 8, 9, 2, 3, 10, 11);
+  entries[1] = __builtin_shufflevector(a, b, 4, 5, 12, 13, 6, 7, 14, 15);
+  entries[2] = __builtin_shufflevector(c, d, 0, 1, 8, 9, 2, 3, 10, 11);
+  entries[3] = __builtin_shufflevector(c, d, 4, 5, 12, 13, 6, 7, 14, 15);
+}
+
+// Processed (scaled, sanitised, top-k/top-p masked) score of one logit.
+template <bool kDivide>
+S2D_CPU_INLINE float processed_score(float logit, float temperature, float min_logit) {
+  // NOTE: a true division, as in the reference, so that the threshold token compares equal.
+  const float s = sanitize(kDivide ? logit / temperature : logit);
+  return s < min_logit ? -kInf : s;
+}
+
+template <bool kDivide>
+S2D_CPU_INLINE VecF processed_score(VecF logit, float temperature, float min_logit) {
+  const VecF s = sanitize(kDivide ? logit / temperature : logit);
+  return s < min_logit ? splat(-kInf) : s;
+}
+
+S2D_CPU_INLINE float horizontal_max(VecF v) {
+  float top = v[0];
+  for (int l = 1; l < kVec; ++l) top = v[l] > top ? v[l] : top;
+  return top;
+}
+
+S2D_CPU_INLINE float horizontal_sum(VecF v) {
+  float total = 0.0f;
+  for (int l = 0; l < kVec; ++l) total += v[l];
+  return total;
+}
+
+struct PositionStats {
+  float max;  // max processed score
+  float sum;  // sum of exp(score - max)
+  bool dead;  // every score -inf: the position is uniform
+};
+
+// Pass 1 of a sampled row at one position: online max and sum-exp over the vocabulary, one
+// chunk of kChunk scores at a time (scored into `buffer`, then max, then sum from L1).
+template <class Logits, bool kDivide>
+S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logits, int64_t vocab,
+                                           float temperature, float min_logit, float* buffer) {
+  float running_max = -kInf;
+  float running_sum = 0.0f;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t count = vocab - start < kChunk ? vocab - start : kChunk;
+    const int64_t full = count & ~static_cast<int64_t>(2 * kVec - 1);
+    const typename Logits::Storage* chunk = logits + start;
+    VecF max0 = splat(-kInf), max1 = splat(-kInf);
+    for (int64_t i = 0; i < full; i += 2 * kVec) {
+      const VecF s0 = processed_score<kDivide>(Logits::load8(chunk + i), temperature, min_logit);
+      const VecF s1 =
+          processed_score<kDivide>(Logits::load8(chunk + i + kVec), temperature, min_logit);
+      store_vec(buffer + i, s0);
+      store_vec(buffer + i + kVec, s1);
+      max0 = vmax(max0, s0);
+      max1 = vmax(max1, s1);
+    }
+    const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
+    float chunk_max = horizontal_max(vmax(max0, max1));
+    for (int64_t i = full; i < padded; ++i) {
+      const float s = i < count
+                          ? processed_score<kDivide>(Logits::load(chunk[i]), temperature, min_logit)
+                          : -kInf;
+      buffer[i] = s;
+      chunk_max = s > chunk_max ? s : chunk_max;
+    }
+    if (chunk_max == -kInf) continue;
+    if (chunk_max > running_max) {
+      running_sum *= exp_nonpositive(running_max - chunk_max);
+      running_max = chunk_max;
+    }
+    VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
+    for (int64_t i = 0; i < padded; i += 2 * kVec) {
+      sum0 += exp_nonpositive(load_vec(buffer + i) - running_max);
+      sum1 += exp_nonpositive(load_vec(buffer + i + kVec) - running_max);
+    }
+    running_sum += horizontal_sum(sum0 + sum1);
+  }
+  PositionStats stats;
+  stats.dead = running_max == -kInf;
+  stats.max = stats.dead ? 0.0f : running_max;
+  stats.sum = stats.dead ? static_cast<float>(vocab) : running_sum;
+  return stats;
+}
+
+S2D_CPU_INLINE VecI lane_iota(int32_t first) { return VecI{0, 1, 2, 3, 4, 5, 6, 7} + first; }
+
+// Lane-wise (key, index) argmax update; a lane keeps its first maximum (strict >).
+S2D_CPU_INLINE void argmax_update(VecF key, VecI index, VecF& best, VecI& best_index) {
+  const VecI better = key > best;
+  best = better ? key : best;
+  best_index = better ? index : best_index;
+}
+
+// Best (key, index) over lanes, ties to the smallest index.
+S2D_CPU_INLINE void argmax_combine(VecF best, VecI best_index, float& top, int64_t& top_index) {
+  for (int l = 0; l < kVec; ++l) {
+    if (best[l] > top || (best[l] == top && best_index[l] < top_index)) {
+      top = best[l];
+      top_index = best_index[l];
+    }
+  }
+}
+
+// Greedy rows: argmax of the sanitised raw logits, ties to the smallest id (0 if all -inf).
+template <class Logits>
+S2D_CPU_INLINE int64_t greedy_argmax(const typename Logits::Storage* logits, int64_t vocab) {
+  VecF best0 = splat(-kInf), best1 = splat(-kInf);
+  VecI index0 = splat_int(0), index1 = splat_int(0);
+  const int64_t full = vocab & ~static_cast<int64_t>(2 * kVec - 1);
+  VecI lanes0 = lane_iota(0), lanes1 = lane_iota(kVec);
+  for (int64_t i = 0; i < full; i += 2 * kVec) {
+    argmax_update(sanitize(Logits::load8(logits + i)), lanes0, best0, index0);
+    argmax_update(sanitize(Logits::load8(logits + i + kVec)), lanes1, best1, index1);
+    lanes0 += 2 * kVec;
+    lanes1 += 2 * kVec;
+  }
+  float top = -kInf;
+  int64_t top_index = 0;
+  argmax_combine(best0, index0, top, top_index);
+  argmax_combine(best1, index1, top, top_index);
+  for (int64_t i = full; i < vocab; ++i) {
+    const float s = sanitize(Logits::load(logits[i]));
+    if (s > top) {
+      top = s;
+      top_index = i;
+    }
+  }
+  return top == -kInf ? 0 : top_index;
+}
+
+// p(token) at a position whose stats are known (token already checked to be in range).
+template <class Logits>
+S2D_CPU_INLINE float token_prob(const typename Logits::Storage* logits, int64_t token,
+                                int64_t vocab, float temperature, float min_logit,
+                                const PositionStats& stats) {
+  if (stats.dead) return 1.0f / static_cast<float>(vocab);
+  const float s = processed_score<true>(Logits::load(logits[token]), temperature, min_logit);
+  if (s == -kInf) return 0.0f;
+  return std::exp(s - stats.max) / stats.sum;
+}
+
+// What the race at the emitting position samples from.
+struct RaceInput {
+  const float* draft_q;  // [V] q row of the rejected draft (residual max(0, p - q)) or nullptr
+  int64_t drop_token;    // point-mass residual: p without this token; -1 = none
+  bool recovered;        // false: bonus token, the race runs on p
+};
+
+// Pass 2: the exponential race at one position. Returns the sampled token id in [0, V).
+template <class Logits, bool kDivide, bool kHasQ>
+S2D_CPU_INLINE int64_t race(const typename Logits::Storage* logits, int64_t vocab,
+                            float temperature, float min_logit, const PositionStats& stats,
+                            const RaceInput& input, uint64_t seed, uint64_t offset,
+                            uint32_t position) {
+  const float inv_sum = 1.0f / stats.sum;
+  const float uniform_p = 1.0f / static_cast<float>(vocab);
+  const uint32_t c1 = (kStreamSample << 16) | position;
+  const uint32_t c2 = static_cast<uint32_t>(offset);
+  const uint32_t c3 = static_cast<uint32_t>(offset >> 32);
+  const uint32_t k0 = static_cast<uint32_t>(seed);
+  const uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  // Two races share the uniforms: A on the residual, B on p (the fallback when the residual is
+  // all zero, and the whole race for the bonus token). Keys are >= 0; padding is -inf.
+  VecF best_a = splat(-kInf), best_b = splat(-kInf);
+  VecI index_a = splat_int(0), index_b = splat_int(0);
+  alignas(32) float probs[kRaceBlock];
+  alignas(32) float residual[kRaceBlock];
+  for (int64_t start = 0; start < vocab; start += kRaceBlock) {
+    const int64_t count = vocab - start < kRaceBlock ? vocab - start : kRaceBlock;
+    const typename Logits::Storage* block = logits + start;
+    if (count == kRaceBlock) {
+      for (int i = 0; i < kRaceBlock; i += kVec) {
+        const VecF s = processed_score<kDivide>(Logits::load8(block + i), temperature, min_logit);
+        const VecF p = stats.dead ? splat(uniform_p) : exp_nonpositive(s - stats.max) * inv_sum;
+        store_vec(probs + i, p);
+        VecF r;
+        if (kHasQ) {
+          const VecF diff = p - load_vec(input.draft_q + start + i);
+          r = diff > 0.0f ? diff : splat(0.0f);
+        } else {
+          r = lane_iota(static_cast<int32_t>(start + i)) == static_cast<int32_t>(input.drop_token)
+                  ? splat(0.0f)
+                  : p;
+        }
+        store_vec(residual + i, r);
+      }
+    } else {
+      for (int i = 0; i < kRaceBlock; ++i) {
+        float p = -kInf, r = -kInf;
+        if (i < count) {
+          const float s = processed_score<kDivide>(Logits::load(block[i]), temperature, min_logit);
+          p = stats.dead ? uniform_p : exp_nonpositive(s - stats.max) * inv_sum;
+          if (kHasQ) {
+            const float diff = p - input.draft_q[start + i];
+            r = diff > 0.0f ? diff : 0.0f;
+          } else {
+            r = start + i == input.drop_token ? 0.0f : p;
+          }
+        }
+        probs[i] = p;
+        residual[i] = r;
+      }
+    }
+    // Entry start + 4 c + w uses word w of counter (start >> 2) + c.
+    VecU entry_bits[8];
+    {
+      const VecU first = (VecU)lane_iota(0) + static_cast<uint32_t>(start >> 2);
+      const VecU counters[2] = {first, first + 8u};
+      VecU words[2][4];
+      philox_vec(counters, c1, c2, c3, k0, k1, words);
+      for (int half = 0; half < 2; ++half) {
+        VecU entries[4];
+        words_to_entries(words[half], entries);
+        for (int k = 0; k < 4; ++k) entry_bits[4 * half + k] = entries[k];
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      const VecF u0 =
+          (__builtin_convertvector((VecI)(entry_bits[k] >> 8), VecF) + 0.5f) * (1.0f / 16777216.0f);
+      const VecF u = u0 < kRaceMaxUniform ? u0 : splat(kRaceMaxUniform);
+      // NOTE: key = w * (1 / E) rather than w / E: one division for both races (ulp-level
+      // difference from the reference, i.e. only float-precision ties can differ).
+      const VecF inv_exponential = splat(-1.0f) / log_unit(u);
+      const VecI index = lane_iota(static_cast<int32_t>(start) + kVec * k);
+      argmax_update(load_vec(probs + kVec * k) * inv_exponential, index, best_b, index_b);
+      if (input.recovered) {
+        argmax_update(load_vec(residual + kVec * k) * inv_exponential, index, best_a, index_a);
+      }
+    }
+  }
+  float top_a = -kInf, top_b = -kInf;
+  int64_t top_index_a = 0, top_index_b = 0;
+  argmax_combine(best_a, index_a, top_a, top_index_a);
+  argmax_combine(best_b, index_b, top_b, top_index_b);
+  return input.recovered && top_a > 0.0f ? top_index_a : top_index_b;
+}
+
+// One row, both passes; writes out_tokens[row, :] and num_accepted[row].
+template <class Logits, bool kDivide>
+S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row, float* buffer,
+                                       int64_t num_draft, int64_t& emit_position,
+                                       int64_t& emitted) {
+  using Storage = typename Logits::Storage;
+  const int64_t num_spec = params.num_spec;
+  const int64_t vocab = params.vocab;
+  const Storage* logits =
+      static_cast<const Storage*>(params.target_logits) + row * (num_spec + 1) * vocab;
+  const int64_t* tokens = params.draft_tokens + row * num_spec;
+  const float temperature = params.temperature[row] > 0.0f ? params.temperature[row] : 1.0f;
+  const uint64_t seed = static_cast<uint64_t>(params.seeds[row]);
+  const uint64_t offset = static_cast<uint64_t>(params.offsets[row]);
+  int64_t j = 0;
+  PositionStats stats;
+  float min_logit = -kInf;
+  for (;; ++j) {
+    min_logit = params.min_logit ? params.min_logit[row * (num_spec + 1) + j] : -kInf;
+    stats =
+        sampled_stats<Logits, kDivide>(logits + j * vocab, vocab, temperature, min_logit, buffer);
+    if (j == num_draft) break;  // every draft accepted: bonus token at j
+    const int64_t token = tokens[j];
+    if (token < 0 || token >= vocab) break;  // out-of-range draft: rejected, never read
+    const float p =
+        token_prob<Logits>(logits + j * vocab, token, vocab, temperature, min_logit, stats);
+    const float q =
+        params.draft_probs ? params.draft_probs[(row * num_spec + j) * vocab + token] : 1.0f;
+    const float u = philox_uniform(seed, offset, kStreamAccept, static_cast<uint32_t>(j), 0);
+    if (!(u * q < p)) break;
+  }
+  RaceInput input;
+  input.recovered = j < num_draft;
+  input.draft_q = nullptr;
+  input.drop_token = -1;
+  const Storage* emit_logits = logits + j * vocab;
+  if (input.recovered && params.draft_probs) {
+    input.draft_q = params.draft_probs + (row * num_spec + j) * vocab;
+    emitted = race<Logits, kDivide, true>(emit_logits, vocab, temperature, min_logit, stats, input,
+                                          seed, offset, static_cast<uint32_t>(j));
+  } else {
+    if (input.recovered && tokens[j] >= 0 && tokens[j] < vocab) input.drop_token = tokens[j];
+    emitted = race<Logits, kDivide, false>(emit_logits, vocab, temperature, min_logit, stats, input,
+                                           seed, offset, static_cast<uint32_t>(j));
+  }
+  emit_position = j;
+}
+
+template <class Logits>
+S2D_CPU_INLINE void verify_row(const VerifyParams& params, int64_t row, float* buffer) {
+  using Storage = typename Logits::Storage;
+  const int64_t num_spec = params.num_spec;
+  const int64_t vocab = params.vocab;
+  int64_t num_draft = params.num_draft[row];
+  num_draft = num_draft < 0 ? 0 : (num_draft > num_spec ? num_spec : num_draft);
+  const int64_t* tokens = params.draft_tokens + row * num_spec;
+  const float temperature = params.temperature[row];
+  int64_t emit_position = 0, emitted = 0;
+  if (!(temperature > 0.0f)) {
+    const Storage* logits =
+        static_cast<const Storage*>(params.target_logits) + row * (num_spec + 1) * vocab;
+    for (emit_position = 0;; ++emit_position) {
+      emitted = greedy_argmax<Logits>(logits + emit_position * vocab, vocab);
+      if (emit_position == num_draft || tokens[emit_position] != emitted) break;
+    }
+  } else if (temperature == 1.0f) {
+    verify_sampled_row<Logits, false>(params, row, buffer, num_draft, emit_position, emitted);
+  } else {
+    verify_sampled_row<Logits, true>(params, row, buffer, num_draft, emit_position, emitted);
+  }
+  int64_t* out = params.out_tokens + row * (num_spec + 1);
+  for (int64_t j = 0; j <= num_spec; ++j) {
+    out[j] = j < emit_position ? tokens[j] : (j == emit_position ? emitted : -1);
+  }
+  params.num_accepted[row] = static_cast<int32_t>(emit_position);
+}
+
+template <class Logits>
+void verify_rows(const VerifyParams& params, int64_t row_begin, int64_t row_end) {
+  alignas(64) float buffer[kChunk];
+  for (int64_t row = row_begin; row < row_end; ++row) verify_row<Logits>(params, row, buffer);
+}
+
+// Verifies rows [row_begin, row_end) of `params` (call from several threads on disjoint ranges).
+inline void rows(const VerifyParams& params, LogitType logit_type, int64_t row_begin,
+                 int64_t row_end) {
+  switch (logit_type) {
+    case LogitType::kFloat32:
+      verify_rows<Float32Logits>(params, row_begin, row_end);
+      break;
+    case LogitType::kBFloat16:
+      verify_rows<BFloat16Logits>(params, row_begin, row_end);
+      break;
+    case LogitType::kFloat16:
+      verify_rows<Float16Logits>(params, row_begin, row_end);
+      break;
+  }
+}
+
+}  // namespace S2D_VERIFY_CPU_NS
+}  // namespace s2d

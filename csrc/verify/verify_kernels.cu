@@ -1,0 +1,66 @@
+// CUDA launchers of the verify op (kernels in csrc/include/s2d/verify_cuda.cuh). No torch headers,
+// so CI compiles this file with nvcc alone.
+#include "s2d/verify_cuda.cuh"
+#include "s2d/verify_cuda.h"
+
+namespace s2d {
+
+void verify_cuda_plan(int64_t batch, int64_t vocab, int num_sms, int* num_chunks,
+                      int64_t* chunk_size) {
+  // NOTE: enough race blocks to fill the GPU about 4 times over, at least 4096 entries each.
+  const int64_t min_chunk = 4096;
+  int64_t chunks = (4 * static_cast<int64_t>(num_sms) + batch - 1) / (batch > 0 ? batch : 1);
+  const int64_t max_chunks = (vocab + min_chunk - 1) / min_chunk;
+  chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
+  chunks = chunks > 64 ? 64 : chunks;
+  int64_t size = (vocab + chunks - 1) / chunks;
+  size = (size + 3) / 4 * 4;  // whole Philox groups per chunk
+  *chunk_size = size;
+  *num_chunks = static_cast<int>((vocab + size - 1) / size);
+}
+
+template <typename T>
+static void launch_typed(const VerifyParams& params, const VerifyCudaWorkspace& workspace,
+                         cudaStream_t stream) {
+  using namespace verify_cuda;
+  const dim3 stats_grid(static_cast<unsigned>(params.num_spec + 1),
+                        static_cast<unsigned>(params.batch));
+  position_stats_kernel<T>
+      <<<stats_grid, kThreads, 0, stream>>>(params, workspace.stats, workspace.argmax);
+  const dim3 race_grid(static_cast<unsigned>(workspace.num_chunks),
+                       static_cast<unsigned>(params.batch));
+  if (params.draft_probs != nullptr) {
+    race_kernel<T, true><<<race_grid, kThreads, 0, stream>>>(
+        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_index,
+        workspace.chunk_size);
+  } else {
+    race_kernel<T, false><<<race_grid, kThreads, 0, stream>>>(
+        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_index,
+        workspace.chunk_size);
+  }
+  const int finish_threads = 128;
+  const unsigned finish_blocks =
+      static_cast<unsigned>((params.batch + finish_threads - 1) / finish_threads);
+  finish_kernel<<<finish_blocks, finish_threads, 0, stream>>>(
+      params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_index,
+      workspace.num_chunks);
+}
+
+cudaError_t verify_cuda_launch(const VerifyParams& params, LogitType logit_type,
+                               const VerifyCudaWorkspace& workspace, cudaStream_t stream) {
+  if (params.batch == 0) return cudaSuccess;
+  switch (logit_type) {
+    case LogitType::kFloat32:
+      launch_typed<float>(params, workspace, stream);
+      break;
+    case LogitType::kBFloat16:
+      launch_typed<__nv_bfloat16>(params, workspace, stream);
+      break;
+    case LogitType::kFloat16:
+      launch_typed<__half>(params, workspace, stream);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace s2d
