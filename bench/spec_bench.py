@@ -261,7 +261,21 @@ def run(args) -> dict:
         if len(draft.exits) > 1:
             spec = Speculator(draft, targets={target_name: target})
             calib_ids, calib_mask = left_pad(calib_encoded, pad_id)
-            calibrated[target_name] = spec.calibrate(target_name, (calib_ids, calib_mask))
+            found = spec.calibrate(
+                target_name,
+                calib_ids,
+                calib_mask,
+                max_new_tokens=min(32, args.max_new_tokens),
+                draft_length="fixed",
+                pad_token_id=pad_id,
+            )
+            calibrated[target_name] = dict(
+                thresholds=found["thresholds"],
+                num_draft_tokens=found["num_draft_tokens"],
+                draft_length="fixed",
+                mat=found.get("mat"),
+                tokens_per_second=found.get("tokens_per_second"),
+            )
         for temperature in args.temperatures:
             for batch_size in args.batch_sizes:
                 settings = dict(
