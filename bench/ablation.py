@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from bench.spec_bench import encode_prompt, left_pad, load_models, load_questions, run_generate, run_speculate
 
-THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
-DRAFT_LENGTHS = (3, 5, 8)
+THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+DRAFT_LENGTHS = (3, 6)
+ABLATION_PROMPTS = 4
 
 
 def run_ablation(
-    args, thresholds=THRESHOLDS, draft_lengths=DRAFT_LENGTHS, prompts_per_category: int = 1
+    args, thresholds=THRESHOLDS, draft_lengths=DRAFT_LENGTHS, num_prompts=ABLATION_PROMPTS
 ) -> list:
     from tqdm.auto import tqdm
 
     tokenizer, targets, draft = load_models(args)
-    questions = load_questions(args.data, prompts_per_category)
+    questions = load_questions(args.data, 1)[:num_prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     prompts = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in questions]
     settings = dict(

@@ -33,6 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "bench" / "data" / "spec_bench_question.jsonl"
 PAPER_THRESHOLD = 0.5
+# A small grid keeps calibration to a few minutes on a CPU; pass a finer one on a GPU.
+CALIBRATION_DRAFT_LENGTHS = (3, 6)
+CALIBRATION_THRESHOLDS = (0.5, 0.8)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -178,7 +181,8 @@ def run_speculate(
     return RunResult(
         new_tokens=new_tokens,
         seconds=seconds,
-        steps=int(stats.steps),
+        # NOTE: MAT is per row: a batched step is one target forward for each of its active rows.
+        steps=round(sum(n / m for n, m in zip(stats.new_tokens, stats.mat_per_row) if m)),
         drafted=drafted,
         accepted=accepted,
         exit_histogram={int(k): int(v) for k, v in dict(stats.exit_histogram).items()},
@@ -244,7 +248,8 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     tokenizer, targets, draft = load_models(args)
     questions = load_questions(args.data, args.limit)
-    calibration = load_questions(args.data, args.calibration_prompts, skip=args.limit or 0)
+    # NOTE: calibration prompts are held out: the next question of each category after the evaluated ones.
+    calibration = load_questions(args.data, 1, skip=args.limit or 0)[: args.calibration_prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         pad_id = 0
@@ -266,6 +271,8 @@ def run(args) -> dict:
                 calib_ids,
                 calib_mask,
                 max_new_tokens=min(32, args.max_new_tokens),
+                num_draft_grid=CALIBRATION_DRAFT_LENGTHS,
+                threshold_grid=CALIBRATION_THRESHOLDS,
                 draft_length="fixed",
                 pad_token_id=pad_id,
             )
@@ -400,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Spec-Bench question.jsonl")
     parser.add_argument("--limit", type=int, default=2, help="questions per category (quick run: 1)")
-    parser.add_argument("--calibration-prompts", type=int, default=1, help="held-out prompts per category")
+    parser.add_argument("--calibration-prompts", type=int, default=4, help="held-out prompts for calibrate()")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
