@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from s2d_ext._machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -85,7 +87,7 @@ def _rows(device: str) -> list[dict]:
 
 def write_kernel_report(out: Path = RESULTS, device: str = "cpu") -> Path:
     measured = measure_read_bandwidth(device)
-    machine = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    machine = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     lines = [
         f"# Kernel report ({device})",
         "",
@@ -107,16 +109,6 @@ def write_kernel_report(out: Path = RESULTS, device: str = "cpu") -> Path:
     path = Path(out) / f"kernels_{device}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:

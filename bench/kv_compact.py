@@ -20,29 +20,21 @@ from pathlib import Path
 
 import torch
 
+from s2d_ext._machine import cpu_name, sync
 from s2d_ext.ops import kv_compact
 from s2d_ext.ops.kv_compact_reference import kv_compact_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def time_ms(fn, device: str, repeats: int) -> float:
     fn()
     samples = []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 

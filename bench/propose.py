@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from s2d_ext import SortedDraft
+from s2d_ext._machine import cpu_name
 from s2d_ext.draft.sorted_draft import truncated_hf_model
 from s2d_ext.ops import exit_head
 
@@ -39,15 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     threads = torch.get_num_threads()
     return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, {threads} threads"
 

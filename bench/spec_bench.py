@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from s2d_ext._machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "bench" / "data" / "spec_bench_question.jsonl"
 PAPER_THRESHOLD = 0.5
@@ -376,7 +378,7 @@ def machine_description(targets) -> dict:
         python=platform.python_version(),
         torch=torch.__version__,
         platform=platform.platform(),
-        cpu=_cpu_model(),
+        cpu=cpu_name(),
         threads=torch.get_num_threads(),
         device=str(device),
     )
@@ -386,16 +388,6 @@ def machine_description(targets) -> dict:
 
     described["transformers"] = transformers.__version__
     return described
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,16 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import s2d_ext  # noqa: E402
+from s2d_ext._machine import cpu_name  # noqa: E402
 from s2d_ext.draft.sorted_draft import SortedDraft, truncated_hf_model  # noqa: E402
 
 
 def machine_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor() or "unknown CPU"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def make_target(args) -> torch.nn.Module:

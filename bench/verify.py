@@ -23,31 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from s2d_ext._machine import cpu_name, sync
 from s2d_ext.ops import available_backends, verify
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_ms(fn, device: str, repeats: int, budget_s: float = 2.0) -> float:
