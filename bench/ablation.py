@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bench.spec_bench import encode_prompt, left_pad, load_models, load_questions, run_generate, run_speculate
 
-THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+THRESHOLDS = (0.05, 0.1, 0.2, 0.5, 0.9)
 DRAFT_LENGTHS = (3, 6)
 ABLATION_PROMPTS = 4
 

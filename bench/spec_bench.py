@@ -37,7 +37,7 @@ DEFAULT_DATA = ROOT / "bench" / "data" / "spec_bench_question.jsonl"
 PAPER_THRESHOLD = 0.5
 # A small grid keeps calibration to a few minutes on a CPU; pass a finer one on a GPU.
 CALIBRATION_DRAFT_LENGTHS = (3, 6)
-CALIBRATION_THRESHOLDS = (0.5, 0.8)
+CALIBRATION_THRESHOLDS = (0.05, 0.2, 0.5)
 
 
 # --------------------------------------------------------------------------------------------- data
