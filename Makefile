@@ -9,6 +9,8 @@ PIP := $(PY) -m pip
 RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
 TEST_DEPS := pytest scipy ruff clang-format
+# NOTE: resolved when a recipe runs (after install): the venv's own copy, else the one already on PATH.
+CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clang-format || command -v clang-format)
 
 .PHONY: demo test install lint cuda-check pytest clean
 
@@ -27,7 +29,7 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(VENV)/bin/clang-format --dry-run -Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu')
+	$(CLANG_FORMAT) --dry-run -Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu')
 
 cuda-check: install
 	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then \
