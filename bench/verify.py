@@ -222,9 +222,10 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "torch": torch.__version__,
             "loadavg_at_end": [round(x, 2) for x in load],
-            "note": "shared machine: other engineers were running builds/tests on the same cores"
-            if device == "cpu"
-            else "",
+            # NOTE: a 1-minute load average above the core count means other jobs shared the cores.
+            "note": "other jobs shared the cores (see the load average)"
+            if load[0] > (os.cpu_count() or 1)
+            else "no other jobs were running",
         },
         "measured_bandwidth_GBs": round(bandwidth, 2),
         "rows": rows,
