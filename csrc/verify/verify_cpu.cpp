@@ -8,6 +8,7 @@
 #include <cstdlib>
 
 #include "s2d/verify_cpu.h"
+#include "verify_binding.h"
 
 namespace {
 
@@ -29,6 +30,8 @@ namespace s2d {
 void verify_cpu_rows_avx2(const VerifyParams& params, LogitType logit_type, int64_t row_begin,
                           int64_t row_end);
 bool verify_cpu_has_avx2();
+
+namespace {
 
 // Shape/dtype/device checks shared by the CPU and CUDA bindings (no device synchronisation).
 void verify_check_inputs(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
@@ -78,6 +81,8 @@ void verify_check_inputs(const at::Tensor& target_logits, const at::Tensor& draf
   }
 }
 
+}  // namespace
+
 LogitType verify_logit_type(const at::Tensor& target_logits) {
   switch (target_logits.scalar_type()) {
     case at::kBFloat16:
@@ -87,6 +92,45 @@ LogitType verify_logit_type(const at::Tensor& target_logits) {
     default:
       return LogitType::kFloat32;
   }
+}
+
+VerifyPrepared verify_prepare(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
+                              const std::optional<at::Tensor>& draft_probs,
+                              const at::Tensor& num_draft, const at::Tensor& temperature,
+                              const std::optional<at::Tensor>& min_logit, const at::Tensor& seeds,
+                              const at::Tensor& offsets) {
+  verify_check_inputs(target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit,
+                      seeds, offsets);
+  const int64_t batch = target_logits.size(0);
+  const int64_t positions = target_logits.size(1);
+  VerifyPrepared prepared;
+  prepared.out_tokens = at::empty({batch, positions}, target_logits.options().dtype(at::kLong));
+  prepared.num_accepted = at::empty({batch}, target_logits.options().dtype(at::kInt));
+  prepared.logits = target_logits.contiguous();
+  prepared.tokens = draft_tokens.contiguous();
+  prepared.q = draft_probs.has_value() ? draft_probs->contiguous() : at::Tensor();
+  prepared.threshold = min_logit.has_value() ? min_logit->contiguous() : at::Tensor();
+  prepared.num_draft = num_draft.contiguous();
+  prepared.temperature = temperature.contiguous();
+  prepared.seeds = seeds.contiguous();
+  prepared.offsets = offsets.contiguous();
+
+  VerifyParams& params = prepared.params;
+  params.target_logits = prepared.logits.data_ptr();
+  params.draft_tokens = prepared.tokens.data_ptr<int64_t>();
+  params.draft_probs = prepared.q.defined() ? prepared.q.data_ptr<float>() : nullptr;
+  params.num_draft = prepared.num_draft.data_ptr<int64_t>();
+  params.temperature = prepared.temperature.data_ptr<float>();
+  params.min_logit = prepared.threshold.defined() ? prepared.threshold.data_ptr<float>() : nullptr;
+  params.seeds = prepared.seeds.data_ptr<int64_t>();
+  params.offsets = prepared.offsets.data_ptr<int64_t>();
+  params.out_tokens = prepared.out_tokens.data_ptr<int64_t>();
+  params.num_accepted = prepared.num_accepted.data_ptr<int32_t>();
+  params.batch = batch;
+  params.num_spec = positions - 1;
+  params.vocab = target_logits.size(2);
+  prepared.logit_type = verify_logit_type(target_logits);
+  return prepared;
 }
 
 }  // namespace s2d
@@ -100,39 +144,13 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits,
                                               const at::Tensor& temperature,
                                               const std::optional<at::Tensor>& min_logit,
                                               const at::Tensor& seeds, const at::Tensor& offsets) {
-  s2d::verify_check_inputs(target_logits, draft_tokens, draft_probs, num_draft, temperature,
-                           min_logit, seeds, offsets);
   TORCH_CHECK(target_logits.device().is_cpu(), "s2d::verify (CPU kernel): tensors must be on CPU");
-  const int64_t batch = target_logits.size(0);
-  const int64_t positions = target_logits.size(1);
-  auto out_tokens = at::empty({batch, positions}, target_logits.options().dtype(at::kLong));
-  auto num_accepted = at::empty({batch}, target_logits.options().dtype(at::kInt));
-  if (batch == 0) return {out_tokens, num_accepted};
-
-  const at::Tensor logits = target_logits.contiguous();
-  const at::Tensor tokens = draft_tokens.contiguous();
-  const at::Tensor q = draft_probs.has_value() ? draft_probs->contiguous() : at::Tensor();
-  const at::Tensor threshold = min_logit.has_value() ? min_logit->contiguous() : at::Tensor();
-  const at::Tensor num_draft_c = num_draft.contiguous();
-  const at::Tensor temperature_c = temperature.contiguous();
-  const at::Tensor seeds_c = seeds.contiguous();
-  const at::Tensor offsets_c = offsets.contiguous();
-
-  s2d::VerifyParams params;
-  params.target_logits = logits.data_ptr();
-  params.draft_tokens = tokens.data_ptr<int64_t>();
-  params.draft_probs = q.defined() ? q.data_ptr<float>() : nullptr;
-  params.num_draft = num_draft_c.data_ptr<int64_t>();
-  params.temperature = temperature_c.data_ptr<float>();
-  params.min_logit = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
-  params.seeds = seeds_c.data_ptr<int64_t>();
-  params.offsets = offsets_c.data_ptr<int64_t>();
-  params.out_tokens = out_tokens.data_ptr<int64_t>();
-  params.num_accepted = num_accepted.data_ptr<int32_t>();
-  params.batch = batch;
-  params.num_spec = positions - 1;
-  params.vocab = target_logits.size(2);
-  const s2d::LogitType logit_type = s2d::verify_logit_type(target_logits);
+  s2d::VerifyPrepared prepared = s2d::verify_prepare(
+      target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets);
+  const int64_t batch = prepared.params.batch;
+  if (batch == 0) return {prepared.out_tokens, prepared.num_accepted};
+  const s2d::VerifyParams& params = prepared.params;
+  const s2d::LogitType logit_type = prepared.logit_type;
   // NOTE: S2D_VERIFY_PORTABLE=1 forces the portable build (tests run it in a subprocess).
   static const bool use_avx2 = s2d::verify_cpu_has_avx2() && !std::getenv("S2D_VERIFY_PORTABLE");
   at::parallel_for(0, batch, 1, [&](int64_t row_begin, int64_t row_end) {
@@ -142,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits,
       s2d::verify_cpu::rows(params, logit_type, row_begin, row_end);
     }
   });
-  return {out_tokens, num_accepted};
+  return {prepared.out_tokens, prepared.num_accepted};
 }
 
 // Raw Philox4x32-10 words of csrc/include/s2d/philox.h, for the bit-equality tests.

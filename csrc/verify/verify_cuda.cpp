@@ -7,15 +7,7 @@
 #include <torch/library.h>
 
 #include "s2d/verify_cuda.h"
-
-namespace s2d {
-// Defined in verify_cpu.cpp (same library).
-void verify_check_inputs(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
-                         const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
-                         const at::Tensor& temperature, const std::optional<at::Tensor>& min_logit,
-                         const at::Tensor& seeds, const at::Tensor& offsets);
-LogitType verify_logit_type(const at::Tensor& target_logits);
-}  // namespace s2d
+#include "verify_binding.h"
 
 namespace {
 
@@ -35,26 +27,15 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
                                                const at::Tensor& temperature,
                                                const std::optional<at::Tensor>& min_logit,
                                                const at::Tensor& seeds, const at::Tensor& offsets) {
-  s2d::verify_check_inputs(target_logits, draft_tokens, draft_probs, num_draft, temperature,
-                           min_logit, seeds, offsets);
   TORCH_CHECK(target_logits.is_cuda(),
               "s2d::verify (CUDA kernel): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard device_guard(target_logits.device());
-  const int64_t batch = target_logits.size(0);
-  const int64_t positions = target_logits.size(1);
-  const int64_t vocab = target_logits.size(2);
-  auto out_tokens = at::empty({batch, positions}, target_logits.options().dtype(at::kLong));
-  auto num_accepted = at::empty({batch}, target_logits.options().dtype(at::kInt));
-  if (batch == 0) return {out_tokens, num_accepted};
-
-  const at::Tensor logits = target_logits.contiguous();
-  const at::Tensor tokens = draft_tokens.contiguous();
-  const at::Tensor q = draft_probs.has_value() ? draft_probs->contiguous() : at::Tensor();
-  const at::Tensor threshold = min_logit.has_value() ? min_logit->contiguous() : at::Tensor();
-  const at::Tensor num_draft_c = num_draft.contiguous();
-  const at::Tensor temperature_c = temperature.contiguous();
-  const at::Tensor seeds_c = seeds.contiguous();
-  const at::Tensor offsets_c = offsets.contiguous();
+  s2d::VerifyPrepared prepared = s2d::verify_prepare(
+      target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets);
+  const int64_t batch = prepared.params.batch;
+  const int64_t positions = prepared.params.num_spec + 1;
+  const int64_t vocab = prepared.params.vocab;
+  if (batch == 0) return {prepared.out_tokens, prepared.num_accepted};
 
   int num_chunks = 1;
   int64_t chunk_size = vocab;
@@ -67,20 +48,6 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
   at::Tensor partial_key = at::empty({batch, num_chunks, 2}, float_options);
   at::Tensor partial_index = at::empty({batch, num_chunks, 2}, int_options);
 
-  s2d::VerifyParams params;
-  params.target_logits = logits.data_ptr();
-  params.draft_tokens = tokens.data_ptr<int64_t>();
-  params.draft_probs = q.defined() ? q.data_ptr<float>() : nullptr;
-  params.num_draft = num_draft_c.data_ptr<int64_t>();
-  params.temperature = temperature_c.data_ptr<float>();
-  params.min_logit = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
-  params.seeds = seeds_c.data_ptr<int64_t>();
-  params.offsets = offsets_c.data_ptr<int64_t>();
-  params.out_tokens = out_tokens.data_ptr<int64_t>();
-  params.num_accepted = num_accepted.data_ptr<int32_t>();
-  params.batch = batch;
-  params.num_spec = positions - 1;
-  params.vocab = vocab;
   s2d::VerifyCudaWorkspace workspace{stats.data_ptr<float>(),
                                      argmax.data_ptr<int32_t>(),
                                      partial_key.data_ptr<float>(),
@@ -89,9 +56,9 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
                                      chunk_size};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cudaError_t error =
-      s2d::verify_cuda_launch(params, s2d::verify_logit_type(target_logits), workspace, stream);
+      s2d::verify_cuda_launch(prepared.params, prepared.logit_type, workspace, stream);
   TORCH_CHECK(error == cudaSuccess, "s2d::verify CUDA launch failed: ", cudaGetErrorString(error));
-  return {out_tokens, num_accepted};
+  return {prepared.out_tokens, prepared.num_accepted};
 }
 
 }  // namespace
