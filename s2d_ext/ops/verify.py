@@ -7,6 +7,8 @@ The public wrapper validates and normalises its arguments, then runs one backend
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from s2d_ext import _native
@@ -117,9 +119,11 @@ def _normalise(
                 f"got {list(draft_probs.shape)}"
             )
         draft_probs = draft_probs.contiguous()
+    num_draft_given = num_draft is not None
     if num_draft is None:
         num_draft = num_spec
     num_draft = per_row("num_draft", num_draft, batch, device, torch.int64)
+    temperature_in = temperature
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
     top_k_t = per_row("top_k", top_k, batch, device, torch.int64)
     top_p_t = per_row("top_p", top_p, batch, device, torch.float32)
@@ -131,7 +135,7 @@ def _normalise(
     offsets = per_row("offsets", 0 if offsets is None else offsets, batch, device, torch.int64)
 
     if batch and not is_tracing():
-        _check_values(tokens, num_draft, temperature, top_k_t, top_p_t, vocab, num_spec)
+        _check_values(tokens, num_draft, num_draft_given, temperature_in, top_k, top_p, vocab, num_spec)
 
     scalar_filters = not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor)
     if scalar_filters:
@@ -153,24 +157,37 @@ def _normalise(
     )
 
 
-def _check_values(tokens, num_draft, temperature, top_k, top_p, vocab, num_spec) -> None:
-    """Value checks; they synchronise with the device, so they are skipped while tracing.
+def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p, vocab, num_spec) -> None:
+    """Value checks. Python scalars are checked in Python, each tensor with one reduction.
 
+    They synchronise with the device, so they are skipped while tracing.
     NOTE: the kernels stay safe without them: an out-of-range draft token is rejected, never read.
     """
-    if bool((num_draft < 0).any()) or bool((num_draft > num_spec).any()):
+    if num_draft_given and not _all((num_draft >= 0) & (num_draft <= num_spec)):
         raise ValueError(f"num_draft must be in [0, K={num_spec}]")
     # NOTE: entries j >= num_draft[b] are padding (the draft protocol fills them with 0) and are
     # never read, so only the valid drafts must be token ids.
-    valid = torch.arange(num_spec, device=tokens.device)[None, :] < num_draft[:, None]
-    if tokens.numel() and bool((valid & ((tokens < 0) | (tokens >= vocab))).any()):
-        raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
-    if not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()):
+    if tokens.numel():
+        in_range = (tokens >= 0) & (tokens < vocab)
+        if num_draft_given:
+            in_range |= torch.arange(num_spec, device=tokens.device)[None, :] >= num_draft[:, None]
+        if not _all(in_range):
+            raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
+    if isinstance(temperature, torch.Tensor):
+        temperature_ok = _all(torch.isfinite(temperature) & (temperature >= 0))
+    else:
+        temperature_ok = math.isfinite(temperature) and temperature >= 0
+    if not temperature_ok:
         raise ValueError("temperature must be finite and >= 0")
-    if bool((top_k < 0).any()):
+    if not (_all(top_k >= 0) if isinstance(top_k, torch.Tensor) else top_k >= 0):
         raise ValueError("top_k must be >= 0 (0 disables it)")
-    if bool(torch.isnan(top_p).any()) or bool((top_p <= 0).any()) or bool((top_p > 1).any()):
+    # NOTE: written as 0 < p <= 1 so that NaN fails too.
+    if not (_all((top_p > 0) & (top_p <= 1)) if isinstance(top_p, torch.Tensor) else 0 < top_p <= 1):
         raise ValueError("top_p must be in (0, 1]")
+
+
+def _all(mask: torch.Tensor) -> bool:
+    return bool(mask.all())
 
 
 def _fake_verify(target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets):
