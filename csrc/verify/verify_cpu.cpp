@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 
 #include "s2d/verify_cpu.h"
@@ -153,11 +154,16 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits,
   const s2d::LogitType logit_type = prepared.logit_type;
   // NOTE: S2D_VERIFY_PORTABLE=1 forces the portable build (tests run it in a subprocess).
   static const bool use_avx2 = s2d::verify_cpu_has_avx2() && !std::getenv("S2D_VERIFY_PORTABLE");
-  at::parallel_for(0, batch, 1, [&](int64_t row_begin, int64_t row_end) {
-    if (use_avx2) {
-      s2d::verify_cpu_rows_avx2(params, logit_type, row_begin, row_end);
-    } else {
-      s2d::verify_cpu::rows(params, logit_type, row_begin, row_end);
+  // NOTE: rows are handed out one at a time, not in fixed ranges: a row's cost grows with its
+  // number of accepted drafts (one pass over V per position), so fixed ranges leave a thread idle.
+  std::atomic<int64_t> next_row{0};
+  at::parallel_for(0, batch, 1, [&](int64_t, int64_t) {
+    for (int64_t row = next_row.fetch_add(1); row < batch; row = next_row.fetch_add(1)) {
+      if (use_avx2) {
+        s2d::verify_cpu_rows_avx2(params, logit_type, row, row + 1);
+      } else {
+        s2d::verify_cpu::rows(params, logit_type, row, row + 1);
+      }
     }
   });
   return {prepared.out_tokens, prepared.num_accepted};

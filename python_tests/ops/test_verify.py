@@ -137,6 +137,25 @@ def test_all_accepted_emits_bonus_and_pads(device, backend):
     assert out.cpu().tolist() == [[3, 7, 1, 8], [3, 7, -1, -1]]
 
 
+@pytest.mark.parametrize(("device", "backend"), CPP_BACKENDS)
+@pytest.mark.parametrize("layout", ["flat", "rising", "peaked"])
+def test_race_on_chunked_exps_is_exact(device, backend, layout):
+    """Regression for the C++ race: it reads p from pass 1's exps, kept relative to each chunk's
+    running max, and sums them per race block. Many rows, a vocabulary of three 2048-entry chunks
+    plus a partial race block, and layouts where the max arrives late ("rising", so every chunk is
+    rescaled) or p is nearly a point mass ("peaked")."""
+    batch, num_spec, vocab = 192, 3, 2 * 2048 + 100 + 3
+    spread = {"flat": 0.3, "rising": 1.0, "peaked": 6.0}[layout]
+    logits, tokens, q, seeds = make_inputs(batch, num_spec, vocab, device=device, seed=11, spread=spread)
+    if layout == "rising":
+        logits = logits + torch.linspace(0.0, 8.0, vocab, device=device)
+    generator = torch.Generator().manual_seed(2)
+    num_draft = torch.randint(0, num_spec + 1, (batch,), generator=generator).to(device)
+    temperature = torch.where(torch.arange(batch) % 3 == 0, 1.0, 0.7).to(device)
+    for draft_probs, top_k in [(q, 0), (None, 0), (q, 50)]:
+        assert_same(backend, (logits, tokens, draft_probs, num_draft, temperature, top_k, 1.0, seeds, 9), {})
+
+
 @needs_native
 def test_portable_cpu_build_matches_reference():
     """The non-AVX2 build of the C++ kernel (forced by S2D_VERIFY_PORTABLE=1) in a fresh process."""
@@ -208,6 +227,34 @@ def test_emitted_tokens_follow_target(backend, temperature, top_k, top_p, with_q
     t = torch.full((1,), float(temperature))
     threshold = logit_threshold(logits[:1], t, torch.full((1,), top_k), torch.full((1,), float(top_p)))
     p = processed_probs(logits[:1], t, threshold)[0]  # [2, V]
+    assert _chi_square_pvalue(out[:, 0], p[0]) > 1e-4
+    bonus = out[accepted == 1, 1]
+    assert bonus.numel() > 1000
+    assert _chi_square_pvalue(bonus, p[1]) > 1e-4
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+@pytest.mark.parametrize("with_q", [True, False])
+def test_two_level_race_follows_target_across_blocks(backend, with_q):
+    """The race draws a block of 64 ids by its mass, then an id inside it: over a vocabulary of
+    three full blocks and a short tail block (V=200), with most mass in one block and some in the
+    tail, recovered and bonus tokens still follow p exactly."""
+    rows, vocab = 60_000, 200
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 2, vocab, generator=generator)
+    logits[..., 64:128] += 2.0  # block 1 holds most of the mass
+    logits[..., 192:] += 1.0  # the short tail block some
+    logits = logits.expand(rows, 2, vocab).contiguous()
+    q_row = torch.softmax(torch.randn(vocab, generator=generator) * 2.0, dim=-1)
+    if with_q:
+        q = q_row.expand(rows, 1, vocab).contiguous()
+        tokens = torch.multinomial(q_row, rows, replacement=True, generator=generator).reshape(rows, 1)
+    else:
+        q = None
+        tokens = torch.full((rows, 1), int(logits[0, 0].argmax()))
+    seeds = torch.randint(-(2**62), 2**62, (rows,), generator=generator)
+    out, accepted = verify(logits, tokens, q, None, 1.0, 0, 1.0, seeds, 0, backend=backend)
+    p = torch.softmax(logits[0], dim=-1)  # [2, V]
     assert _chi_square_pvalue(out[:, 0], p[0]) > 1e-4
     bonus = out[accepted == 1, 1]
     assert bonus.numel() > 1000

@@ -12,7 +12,8 @@ Counter layout::
 
 Streams: ``STREAM_ACCEPT`` (the accept/reject uniform of a draft position, index 0),
 ``STREAM_SAMPLE`` (the exponential race that samples the recovered or bonus token, index = vocab
-id) and ``STREAM_DRAFT`` (draft-side sampling).
+id) and ``STREAM_DRAFT`` (draft-side sampling). A race on stream ``s`` draws its block stage on
+stream ``s | STREAM_BLOCK_FLAG`` (index = block number; see ``verify_reference.exponential_race``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 STREAM_ACCEPT = 0
 STREAM_SAMPLE = 1
 STREAM_DRAFT = 2
+STREAM_BLOCK_FLAG = 0x10  # the block stage of a two-level race on stream s uses stream s | 0x10
 
 _MASK32 = 0xFFFFFFFF
 _MUL0 = 0xD2511F53
@@ -88,7 +90,7 @@ def philox_uniform(
     seed, offset : torch.Tensor
         int64 per-row key and counter offset (any broadcastable shape).
     stream : int
-        One of ``STREAM_ACCEPT``, ``STREAM_SAMPLE``, ``STREAM_DRAFT``.
+        One of ``STREAM_ACCEPT``, ``STREAM_SAMPLE``, ``STREAM_DRAFT``, optionally ``| STREAM_BLOCK_FLAG``.
     position, index : torch.Tensor or int
         Draft position (< 2**16) and vocabulary index (< 2**32).
     """

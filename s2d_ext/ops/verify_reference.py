@@ -27,11 +27,12 @@ Non-finite logits (a defined behaviour, identical on every backend)
     are all ``-inf`` is treated as uniform. Greedy ties go to the smallest token id.
 
 Randomness: Philox (see :mod:`s2d_ext.ops.philox`). The accept uniform of position ``j`` is
-``philox_uniform(seed, offset, STREAM_ACCEPT, j, 0)``. Sampling uses the exponential race
-``argmax_v r_v / E_v`` with ``E_v = -log(philox_uniform(seed, offset, STREAM_SAMPLE, j, v))``,
-which draws from ``r / sum(r)`` without normalising ``r`` and without a prefix scan (the uniform is
-clamped below 1 first, see :func:`exponential_race`). When the residual is all zero (``p == q`` up
-to rounding) the race runs on ``p`` instead.
+``philox_uniform(seed, offset, STREAM_ACCEPT, j, 0)``. Sampling draws from ``r / sum(r)`` without
+normalising ``r`` and without a prefix scan, by a two-level exponential race (:func:`exponential_race`):
+first a block of ``RACE_BLOCK`` consecutive ids, ``argmax_b R_b / E_b`` over the block sums ``R_b``,
+then an id inside it, ``argmax_v r_v / E_v``, where ``E = -log(u)`` and the uniforms come from
+streams ``STREAM_SAMPLE | STREAM_BLOCK_FLAG`` (index b) and ``STREAM_SAMPLE`` (index v). When the
+residual is all zero (``p == q`` up to rounding) the race runs on ``p`` instead.
 
 Out-of-contract values reaching the op directly (``torch.ops.s2d.verify``) stay safe: ``num_draft``
 is clamped to ``0..K`` and a draft token outside ``[0, V)`` is rejected, never used as an index.
@@ -41,10 +42,11 @@ from __future__ import annotations
 
 import torch
 
-from s2d_ext.ops.philox import STREAM_ACCEPT, STREAM_SAMPLE, philox_uniform
+from s2d_ext.ops.philox import STREAM_ACCEPT, STREAM_BLOCK_FLAG, STREAM_SAMPLE, philox_uniform
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 RACE_MAX_UNIFORM = 1.0 - 2.0**-24  # the largest float32 below 1
+RACE_BLOCK = 64  # ids per block of the race's first stage
 
 
 def sanitize(scores: torch.Tensor) -> torch.Tensor:
@@ -113,18 +115,36 @@ def exponential_race(
     positions: torch.Tensor,  # [B] int64, the draft position being decided
     stream: int = STREAM_SAMPLE,
 ) -> torch.Tensor:
-    """Sample one index per row from ``weights / weights.sum()``: ``argmax_v w_v / E_v``.
+    """Sample one index per row from ``weights / weights.sum()`` by a two-level exponential race.
 
-    ``E_v = -log(min(u_v, RACE_MAX_UNIFORM))``: ``philox_uniform`` returns exactly 1.0 with
+    Stage 1 picks a block of ``RACE_BLOCK`` consecutive ids (the last one may be shorter):
+    ``b = argmax_b R_b / E_b`` with ``R_b`` the sum of the block's weights. Stage 2 picks an id in
+    that block: ``v = argmax_v w_v / E_v``. Ties go to the smallest block and id. Each stage is an
+    exponential race, so ``P(b) = R_b / sum(R)`` and ``P(v | b) = w_v / R_b``: the product is
+    exactly ``w_v / sum(w)``. The two stages draw independent uniforms (stream
+    ``stream | STREAM_BLOCK_FLAG`` at index b, then ``stream`` at index v), so a backend needs
+    ``V / RACE_BLOCK + RACE_BLOCK`` random numbers per row instead of V.
+
+    ``E = -log(min(u, RACE_MAX_UNIFORM))``: ``philox_uniform`` returns exactly 1.0 with
     probability 2**-24 (``(2**24 - 1) + 0.5`` rounds up in float32), and ``E = 0`` would give that
     entry an infinite key, or NaN (which wins ``argmax``) where its weight is 0. Clamping to the
     largest float below 1 keeps ``E > 0`` and is statistically exact (``P(E < 2**-24) ~ 2**-24``).
+    The block sums are float32; backends may add them in another order (ulp-level differences).
     """
-    vocab = weights.shape[-1]
-    index = torch.arange(vocab, device=weights.device)[None, :]
+    batch, vocab = weights.shape
+    num_blocks = -(-vocab // RACE_BLOCK)
+    padded = torch.nn.functional.pad(weights.float(), (0, num_blocks * RACE_BLOCK - vocab))
+    block_sums = padded.view(batch, num_blocks, RACE_BLOCK).sum(dim=-1)  # [B, num_blocks]
+    block_ids = torch.arange(num_blocks, device=weights.device)[None, :]
+    u_block = philox_uniform(
+        seeds[:, None], offsets[:, None], stream | STREAM_BLOCK_FLAG, positions[:, None], block_ids
+    )
+    block = (block_sums / -torch.log(u_block.clamp(max=RACE_MAX_UNIFORM))).argmax(dim=-1)  # [B]
+    index = block[:, None] * RACE_BLOCK + torch.arange(RACE_BLOCK, device=weights.device)[None, :]
     u = philox_uniform(seeds[:, None], offsets[:, None], stream, positions[:, None], index)
-    race = weights / -torch.log(u.clamp(max=RACE_MAX_UNIFORM))
-    return race.argmax(dim=-1)
+    key = padded.gather(-1, index) / -torch.log(u.clamp(max=RACE_MAX_UNIFORM))  # [B, RACE_BLOCK]
+    key = key.masked_fill(index >= vocab, float("-inf"))
+    return index.gather(-1, key.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
 def verify_reference(

@@ -17,6 +17,7 @@ import triton.language as tl
 STREAM_ACCEPT = tl.constexpr(0)
 STREAM_SAMPLE = tl.constexpr(1)
 STREAM_DRAFT = tl.constexpr(2)
+STREAM_BLOCK_FLAG = tl.constexpr(0x10)  # the block stage of a two-level race on stream s
 
 
 @triton.jit

@@ -11,6 +11,7 @@
 //   stream  = kStreamAccept   : c0 = 0, word 0 -> the accept/reject uniform at a position
 //             kStreamSample   : c0 = v >> 2, word v & 3 -> the race uniform of vocab entry v
 //             kStreamDraft    : like kStreamSample, for draft-side sampling
+//             s | kStreamBlockFlag : the block stage of a two-level race on stream s, index = block
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@ namespace s2d {
 constexpr uint32_t kStreamAccept = 0;
 constexpr uint32_t kStreamSample = 1;
 constexpr uint32_t kStreamDraft = 2;
+constexpr uint32_t kStreamBlockFlag = 0x10;
 
 struct PhiloxOut {
   uint32_t x[4];

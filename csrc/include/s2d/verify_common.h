@@ -34,6 +34,11 @@ enum class LogitType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // statistically exact: P(Exp(1) < 5.96e-8) = 5.96e-8 = the mass of that atom.
 constexpr float kRaceMaxUniform = 0.99999994f;  // 1 - 2^-24
 
+// The race is two-level (spec: verify_reference.exponential_race): a block of kRaceBlock
+// consecutive ids by their weight sums (uniforms on kStreamSample | kStreamBlockFlag, index =
+// block), then an id inside the block (kStreamSample, index = id).
+constexpr int kRaceBlock = 64;
+
 // The race uniform of vocab entry `index` at `position`, clamped as above.
 S2D_HOST_DEVICE float race_uniform(uint64_t seed, uint64_t offset, uint32_t position,
                                    uint32_t index) {

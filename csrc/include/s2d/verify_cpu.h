@@ -1,25 +1,30 @@
 // CPU kernel of the verify op (speculative-sampling verification), framework-free.
 //
-// Spec: s2d_ext/ops/verify_reference.py. One row at a time (the binding parallelises over rows):
+// Spec: s2d_ext/ops/verify_reference.py. One row at a time (the binding hands rows to threads):
 //   pass 1, position j = 0, 1, ...: one read of the logits at j gives the online max / sum-exp of
 //           the processed scores (greedy rows: max + argmax only) and p(x_j); the accept test
 //           u * q(x_j) < p(x_j) decides whether to go on. Stops at the first rejection or at the
-//           bonus position num_draft.
-//   pass 2, sampled rows only, at the emitting position: one more read of that position's logits
-//           (and q row) runs the exponential race argmax_v w_v / -log(u_v) on the residual
-//           max(0, p - q) (or p minus the point-mass draft token, or p for the bonus token).
+//           bonus position num_draft. The exps of the last position read stay in a per-thread
+//           scratch (V floats, in cache).
+//   pass 2, sampled rows only, at the emitting position: the two-level exponential race on the
+//           residual max(0, p - q) (or p minus the point-mass draft token, or p for the bonus
+//           token), with p read from the scratch: one sweep of the scratch (and of the q row)
+//           gives the weight sum of every block of 64 ids, a race over the V / 64 blocks picks
+//           one, a race over its 64 ids picks the token. The logits are not read again.
 // Probabilities are never materialised; everything is reduced in float32.
 //
 // Speed: the hot loops use explicit 8-wide vectors (GCC/Clang vector extensions) with two
-// independent accumulators, exp/log are polynomials (Cephes), Philox runs on 8 counters at once.
-// The binding picks an AVX2+FMA build of the same code at run time where the CPU has it (see the
-// NOTE below); the default build stays portable.
+// independent accumulators, exp/log are polynomials (Cephes), Philox runs on 8 counters at once,
+// and pass 1 prefetches the next chunk while it computes exps. The binding picks an AVX2+FMA
+// build of the same code at run time where the CPU has it (see the NOTE below); the default
+// build stays portable.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "s2d/philox.h"
 #include "s2d/verify_common.h"
@@ -40,8 +45,8 @@
 namespace s2d {
 namespace S2D_VERIFY_CPU_NS {
 
-constexpr int kChunk = 2048;    // scores buffered per pass-1 chunk (8 KiB, stays in L1)
-constexpr int kRaceBlock = 64;  // vocab entries per race step = 16 Philox counters x 4 words
+constexpr int kChunk = 2048;  // scores buffered per pass-1 chunk (8 KiB, stays in L1)
+// kRaceBlock (verify_common.h): 64 ids per race block = 16 Philox counters x 4 words.
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kFloatMax = std::numeric_limits<float>::max();
 
@@ -74,7 +79,21 @@ S2D_CPU_INLINE VecF load_vec(const float* p) {
   return v;
 }
 S2D_CPU_INLINE void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
-S2D_CPU_INLINE VecF vmax(VecF a, VecF b) { return a > b ? a : b; }
+// a > b ? a : b and a < b ? a : b, NaN in a giving b: exactly MAXPS / MINPS.
+S2D_CPU_INLINE VecF vmax(VecF a, VecF b) {
+#if defined(S2D_VERIFY_AVX2_INTRINSICS)
+  return (VecF)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+S2D_CPU_INLINE VecF vmin(VecF a, VecF b) {
+#if defined(S2D_VERIFY_AVX2_INTRINSICS)
+  return (VecF)_mm256_min_ps((__m256)a, (__m256)b);
+#else
+  return a < b ? a : b;
+#endif
+}
 S2D_CPU_INLINE VecU widen_u16(const uint16_t* p) {
   VecH h;
   std::memcpy(&h, p, sizeof(h));
@@ -168,17 +187,14 @@ S2D_CPU_INLINE float log_unit(float u) {
   return x + y + e * 0.693359375f;
 }
 
-S2D_CPU_INLINE VecF sanitize(VecF s) {
-  s = s != s ? splat(-kInf) : s;
-  return s == kInf ? splat(kFloatMax) : s;
-}
+// NaN -> -inf (vmax keeps the second operand for NaN), +inf -> float32 max.
+S2D_CPU_INLINE VecF sanitize(VecF s) { return vmin(vmax(s, splat(-kInf)), splat(kFloatMax)); }
 
 S2D_CPU_INLINE VecF exp_nonpositive(VecF x) {
-  const VecI underflow = x < -87.0f;
-  const VecF xc = underflow ? splat(-87.0f) : x;
+  const VecI keep = x >= -87.0f;  // false below -87, for -inf and for NaN: result 0
+  const VecF xc = vmax(x, splat(-87.0f));
   const VecF shifted = xc * 1.44269504088896341f + 12582912.0f;
   const VecF n = shifted - 12582912.0f;
-  const VecI exponent = __builtin_convertvector(n, VecI);
   VecF r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   const VecF z = r * r;
@@ -189,8 +205,10 @@ S2D_CPU_INLINE VecF exp_nonpositive(VecF x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  const VecF result = y * (VecF)((exponent + 127) << 23);
-  return underflow ? splat(0.0f) : result;
+  // NOTE: y * 2^n by adding n to y's exponent bits (n, an integer in [-126, 0], is also the low
+  // mantissa bits of `shifted`); y is in [0.7, 1.42] and x >= -87, so the result stays normal.
+  const VecI n_bits = (VecI)shifted - (VecI)splat(12582912.0f);
+  return (VecF)(((VecI)y + (n_bits << 23)) & keep);
 }
 
 S2D_CPU_INLINE VecF log_unit(VecF u) {
@@ -280,17 +298,17 @@ S2D_CPU_INLINE void words_to_entries(const VecU (&w)[4], VecU (&entries)[4]) {
 }
 
 // Processed (scaled, sanitised, top-k/top-p masked) score of one logit.
-template <bool kDivide>
+template <bool kDivide, bool kThreshold>
 S2D_CPU_INLINE float processed_score(float logit, float temperature, float min_logit) {
   // NOTE: a true division, as in the reference, so that the threshold token compares equal.
   const float s = sanitize(kDivide ? logit / temperature : logit);
-  return s < min_logit ? -kInf : s;
+  return kThreshold && s < min_logit ? -kInf : s;
 }
 
-template <bool kDivide>
+template <bool kDivide, bool kThreshold>
 S2D_CPU_INLINE VecF processed_score(VecF logit, float temperature, float min_logit) {
   const VecF s = sanitize(kDivide ? logit / temperature : logit);
-  return s < min_logit ? splat(-kInf) : s;
+  return kThreshold ? (s < min_logit ? splat(-kInf) : s) : s;
 }
 
 S2D_CPU_INLINE float horizontal_max(VecF v) {
@@ -311,45 +329,74 @@ struct PositionStats {
   bool dead;  // every score -inf: the position is uniform
 };
 
-// Pass 1 of a sampled row at one position: online max and sum-exp over the vocabulary, one
-// chunk of kChunk scores at a time (scored into `buffer`, then max, then sum from L1).
-template <class Logits, bool kDivide>
+// Per-thread scratch of pass 1, kept for pass 2 (see RowScratch in verify_rows).
+struct Scratch {
+  float* exps;        // [round_up(V, kChunk)] exp(score - chunk_ref[v / kChunk]), last position
+  float* chunk_ref;   // [ceil(V / kChunk)] the running max each chunk's exps are relative to
+  float* block_sums;  // [round_up(ceil(V / kRaceBlock), kRaceBlock)] the race's stage-1 weights
+};
+
+// Pass 1 of a sampled row at one position: online max and sum-exp over the vocabulary, one chunk
+// of kChunk scores at a time (scores into the scratch, then the max, then exps in place, from L1).
+// NOTE: the exps stay in the scratch, so that pass 2 (the race) at the emitting position reads
+// neither the logits again nor recomputes an exp per entry: p_v = exps[v] * scale of its chunk.
+template <class Logits, bool kDivide, bool kThreshold>
 S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logits, int64_t vocab,
-                                           float temperature, float min_logit, float* buffer) {
+                                           float temperature, float min_logit,
+                                           const Scratch& scratch, int64_t prefetch_ahead) {
+  const float threshold = kThreshold ? min_logit : -kInf;
   float running_max = -kInf;
   float running_sum = 0.0f;
-  for (int64_t start = 0; start < vocab; start += kChunk) {
+  for (int64_t start = 0, chunk_index = 0; start < vocab; start += kChunk, ++chunk_index) {
     const int64_t count = vocab - start < kChunk ? vocab - start : kChunk;
     const int64_t full = count & ~static_cast<int64_t>(2 * kVec - 1);
     const typename Logits::Storage* chunk = logits + start;
+    float* out = scratch.exps + start;
     VecF max0 = splat(-kInf), max1 = splat(-kInf);
     for (int64_t i = 0; i < full; i += 2 * kVec) {
-      const VecF s0 = processed_score<kDivide>(Logits::load8(chunk + i), temperature, min_logit);
-      const VecF s1 =
-          processed_score<kDivide>(Logits::load8(chunk + i + kVec), temperature, min_logit);
-      store_vec(buffer + i, s0);
-      store_vec(buffer + i + kVec, s1);
+      const VecF s0 =
+          processed_score<kDivide, kThreshold>(Logits::load8(chunk + i), temperature, threshold);
+      const VecF s1 = processed_score<kDivide, kThreshold>(Logits::load8(chunk + i + kVec),
+                                                           temperature, threshold);
+      store_vec(out + i, s0);
+      store_vec(out + i + kVec, s1);
       max0 = vmax(max0, s0);
       max1 = vmax(max1, s1);
     }
     const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
     float chunk_max = horizontal_max(vmax(max0, max1));
     for (int64_t i = full; i < padded; ++i) {
-      const float s = i < count
-                          ? processed_score<kDivide>(Logits::load(chunk[i]), temperature, min_logit)
-                          : -kInf;
-      buffer[i] = s;
+      const float s = i < count ? processed_score<kDivide, kThreshold>(Logits::load(chunk[i]),
+                                                                       temperature, threshold)
+                                : -kInf;
+      out[i] = s;
       chunk_max = s > chunk_max ? s : chunk_max;
     }
-    if (chunk_max == -kInf) continue;
+    if (chunk_max == -kInf) {
+      // NOTE: zeros, not exp(-inf - running_max): that is NaN while running_max is still -inf.
+      for (int64_t i = 0; i < padded; i += kVec) store_vec(out + i, splat(0.0f));
+      scratch.chunk_ref[chunk_index] = -kInf;
+      continue;
+    }
     if (chunk_max > running_max) {
       running_sum *= exp_nonpositive(running_max - chunk_max);
       running_max = chunk_max;
     }
+    scratch.chunk_ref[chunk_index] = running_max;
+    const VecF shift = splat(running_max);
     VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
+    // NOTE: the exps are pure compute, during which the hardware prefetcher alone leaves memory
+    // idle; so the next chunk of logits (possibly the next position's) is fetched meanwhile.
+    const int64_t next_count = prefetch_ahead - start - kChunk;
+    const char* next = next_count > 0 ? reinterpret_cast<const char*>(chunk + kChunk) : nullptr;
     for (int64_t i = 0; i < padded; i += 2 * kVec) {
-      sum0 += exp_nonpositive(load_vec(buffer + i) - running_max);
-      sum1 += exp_nonpositive(load_vec(buffer + i + kVec) - running_max);
+      if (i < next_count) __builtin_prefetch(next + i * sizeof(*chunk));
+      const VecF e0 = exp_nonpositive(load_vec(out + i) - shift);
+      const VecF e1 = exp_nonpositive(load_vec(out + i + kVec) - shift);
+      store_vec(out + i, e0);
+      store_vec(out + i + kVec, e1);
+      sum0 += e0;
+      sum1 += e1;
     }
     running_sum += horizontal_sum(sum0 + sum1);
   }
@@ -412,78 +459,100 @@ S2D_CPU_INLINE float token_prob(const typename Logits::Storage* logits, int64_t 
                                 int64_t vocab, float temperature, float min_logit,
                                 const PositionStats& stats) {
   if (stats.dead) return 1.0f / static_cast<float>(vocab);
-  const float s = processed_score<true>(Logits::load(logits[token]), temperature, min_logit);
+  const float s = processed_score<true, true>(Logits::load(logits[token]), temperature, min_logit);
   if (s == -kInf) return 0.0f;
   return std::exp(s - stats.max) / stats.sum;
 }
 
-// What the race at the emitting position samples from.
-struct RaceInput {
-  const float* draft_q;  // [V] q row of the rejected draft (residual max(0, p - q)) or nullptr
-  int64_t drop_token;    // point-mass residual: p without this token; -1 = none
-  bool recovered;        // false: bonus token, the race runs on p
+// What a race runs on: weights w_v >= 0 from pass 1's exps (p, or the residual max(0, p - q), or p
+// without the point-mass draft token).
+enum class RaceWeights : int { kTarget = 0, kResidual = 1, kDropToken = 2 };
+
+struct RaceSource {
+  const float* exps;     // [V] pass-1 exps of the emitting position (Scratch::exps)
+  const float* scale;    // [ceil(V / kChunk)] exps -> p factor per chunk; nullptr: dead position
+  float uniform_p;       // p of every entry at a dead position (1 / V)
+  const float* draft_q;  // [V] q row of the rejected draft (kResidual)
+  int64_t drop_token;    // the point-mass draft token (kDropToken)
 };
 
-// Pass 2: the exponential race at one position. Returns the sampled token id in [0, V).
-template <class Logits, bool kDivide, bool kHasQ>
-S2D_CPU_INLINE int64_t race(const typename Logits::Storage* logits, int64_t vocab,
-                            float temperature, float min_logit, const PositionStats& stats,
-                            const RaceInput& input, uint64_t seed, uint64_t offset,
-                            uint32_t position) {
-  const float inv_sum = 1.0f / stats.sum;
-  const float uniform_p = 1.0f / static_cast<float>(vocab);
-  const uint32_t c1 = (kStreamSample << 16) | position;
+template <RaceWeights kWeights>
+S2D_CPU_INLINE float race_weight(const RaceSource& source, float p, int64_t v) {
+  if (kWeights == RaceWeights::kResidual) {
+    const float diff = p - source.draft_q[v];
+    return diff > 0.0f ? diff : 0.0f;
+  }
+  if (kWeights == RaceWeights::kDropToken) return v == source.drop_token ? 0.0f : p;
+  return p;
+}
+
+template <RaceWeights kWeights>
+S2D_CPU_INLINE VecF race_weight(const RaceSource& source, VecF p, int64_t v) {
+  if (kWeights == RaceWeights::kResidual) {
+    const VecF diff = p - load_vec(source.draft_q + v);
+    return diff > 0.0f ? diff : splat(0.0f);
+  }
+  if (kWeights == RaceWeights::kDropToken) {
+    return lane_iota(static_cast<int32_t>(v)) == static_cast<int32_t>(source.drop_token)
+               ? splat(0.0f)
+               : p;
+  }
+  return p;
+}
+
+S2D_CPU_INLINE float horizontal_sum_of(const VecF (&v)[8]) {
+  const VecF total = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  return horizontal_sum(total);
+}
+
+// Stage 1 input: the weight sum of every block of kRaceBlock ids into sums[0, num_blocks).
+// Returns whether any weight is positive (else the caller falls back to the race on p).
+template <RaceWeights kWeights>
+S2D_CPU_INLINE bool block_sums(const RaceSource& source, int64_t vocab, float* sums) {
+  bool any_positive = false;
+  for (int64_t start = 0, block = 0; start < vocab; start += kRaceBlock, ++block) {
+    const int64_t count = vocab - start < kRaceBlock ? vocab - start : kRaceBlock;
+    const float scale = source.scale ? source.scale[start / kChunk] : 0.0f;
+    float sum = 0.0f;
+    if (count == kRaceBlock) {
+      VecF parts[8];
+      for (int k = 0; k < 8; ++k) {
+        const int64_t v = start + kVec * k;
+        const VecF p = source.scale ? load_vec(source.exps + v) * scale : splat(source.uniform_p);
+        parts[k] = race_weight<kWeights>(source, p, v);
+      }
+      sum = horizontal_sum_of(parts);
+    } else {
+      for (int64_t v = start; v < start + count; ++v) {
+        const float p = source.scale ? source.exps[v] * scale : source.uniform_p;
+        sum += race_weight<kWeights>(source, p, v);
+      }
+    }
+    sums[block] = sum;
+    any_positive |= sum > 0.0f;
+  }
+  return any_positive;
+}
+
+// One exponential race: argmax_i w[i] / -log(u_i) over i < count, ties to the smallest i, with
+// u_i the clamped Philox uniform of (stream, position, index first + i). `weights` must be
+// readable up to round_up(count, kRaceBlock); entries from count on never win.
+S2D_CPU_INLINE int64_t race_array(const float* weights, int64_t count, int64_t first,
+                                  uint32_t stream, uint64_t seed, uint64_t offset,
+                                  uint32_t position) {
+  const uint32_t c1 = (stream << 16) | position;
   const uint32_t c2 = static_cast<uint32_t>(offset);
   const uint32_t c3 = static_cast<uint32_t>(offset >> 32);
   const uint32_t k0 = static_cast<uint32_t>(seed);
   const uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  // Two races share the uniforms: A on the residual, B on p (the fallback when the residual is
-  // all zero, and the whole race for the bonus token). Keys are >= 0; padding is -inf.
-  VecF best_a = splat(-kInf), best_b = splat(-kInf);
-  VecI index_a = splat_int(0), index_b = splat_int(0);
-  alignas(32) float probs[kRaceBlock];
-  alignas(32) float residual[kRaceBlock];
-  for (int64_t start = 0; start < vocab; start += kRaceBlock) {
-    const int64_t count = vocab - start < kRaceBlock ? vocab - start : kRaceBlock;
-    const typename Logits::Storage* block = logits + start;
-    if (count == kRaceBlock) {
-      for (int i = 0; i < kRaceBlock; i += kVec) {
-        const VecF s = processed_score<kDivide>(Logits::load8(block + i), temperature, min_logit);
-        const VecF p = stats.dead ? splat(uniform_p) : exp_nonpositive(s - stats.max) * inv_sum;
-        store_vec(probs + i, p);
-        VecF r;
-        if (kHasQ) {
-          const VecF diff = p - load_vec(input.draft_q + start + i);
-          r = diff > 0.0f ? diff : splat(0.0f);
-        } else {
-          r = lane_iota(static_cast<int32_t>(start + i)) == static_cast<int32_t>(input.drop_token)
-                  ? splat(0.0f)
-                  : p;
-        }
-        store_vec(residual + i, r);
-      }
-    } else {
-      for (int i = 0; i < kRaceBlock; ++i) {
-        float p = -kInf, r = -kInf;
-        if (i < count) {
-          const float s = processed_score<kDivide>(Logits::load(block[i]), temperature, min_logit);
-          p = stats.dead ? uniform_p : exp_nonpositive(s - stats.max) * inv_sum;
-          if (kHasQ) {
-            const float diff = p - input.draft_q[start + i];
-            r = diff > 0.0f ? diff : 0.0f;
-          } else {
-            r = start + i == input.drop_token ? 0.0f : p;
-          }
-        }
-        probs[i] = p;
-        residual[i] = r;
-      }
-    }
-    // Entry start + 4 c + w uses word w of counter (start >> 2) + c.
+  VecF best = splat(-kInf);
+  VecI best_index = splat_int(0);
+  for (int64_t start = 0; start < count; start += kRaceBlock) {
+    // Index first + start + 4 c + w uses word w of counter ((first + start) >> 2) + c.
     VecU entry_bits[8];
     {
-      const VecU first = (VecU)lane_iota(0) + static_cast<uint32_t>(start >> 2);
-      const VecU counters[2] = {first, first + 8u};
+      const VecU counter0 = (VecU)lane_iota(0) + static_cast<uint32_t>((first + start) >> 2);
+      const VecU counters[2] = {counter0, counter0 + 8u};
       VecU words[2][4];
       philox_vec(counters, c1, c2, c3, k0, k1, words);
       for (int half = 0; half < 2; ++half) {
@@ -493,31 +562,63 @@ S2D_CPU_INLINE int64_t race(const typename Logits::Storage* logits, int64_t voca
       }
     }
     for (int k = 0; k < 8; ++k) {
+      const VecI index = lane_iota(static_cast<int32_t>(start) + kVec * k);
       const VecF u0 =
           (__builtin_convertvector((VecI)(entry_bits[k] >> 8), VecF) + 0.5f) * (1.0f / 16777216.0f);
-      const VecF u = u0 < kRaceMaxUniform ? u0 : splat(kRaceMaxUniform);
-      // NOTE: key = w * (1 / E) rather than w / E: one division for both races (ulp-level
-      // difference from the reference, i.e. only float-precision ties can differ).
-      const VecF inv_exponential = splat(-1.0f) / log_unit(u);
-      const VecI index = lane_iota(static_cast<int32_t>(start) + kVec * k);
-      argmax_update(load_vec(probs + kVec * k) * inv_exponential, index, best_b, index_b);
-      if (input.recovered) {
-        argmax_update(load_vec(residual + kVec * k) * inv_exponential, index, best_a, index_a);
-      }
+      const VecF u = vmin(u0, splat(kRaceMaxUniform));
+      // NOTE: key = w * (1 / E) rather than w / E (ulp-level difference from the reference, i.e.
+      // only float-precision ties can differ).
+      const VecF key = load_vec(weights + start + kVec * k) * (splat(-1.0f) / log_unit(u));
+      argmax_update(index < static_cast<int32_t>(count) ? key : splat(-kInf), index, best,
+                    best_index);
     }
   }
-  float top_a = -kInf, top_b = -kInf;
-  int64_t top_index_a = 0, top_index_b = 0;
-  argmax_combine(best_a, index_a, top_a, top_index_a);
-  argmax_combine(best_b, index_b, top_b, top_index_b);
-  return input.recovered && top_a > 0.0f ? top_index_a : top_index_b;
+  float top = -kInf;
+  int64_t top_index = 0;
+  argmax_combine(best, best_index, top, top_index);
+  return top_index;
 }
 
-// One row, both passes; writes out_tokens[row, :] and num_accepted[row].
-template <class Logits, bool kDivide>
-S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row, float* buffer,
-                                       int64_t num_draft, int64_t& emit_position,
-                                       int64_t& emitted) {
+// Both stages of the race on kWeights; false (nothing drawn) when every weight is 0.
+template <RaceWeights kWeights>
+S2D_CPU_INLINE bool two_level_race(const RaceSource& source, int64_t vocab, float* sums,
+                                   uint64_t seed, uint64_t offset, uint32_t position,
+                                   int64_t& token) {
+  if (!block_sums<kWeights>(source, vocab, sums)) return false;
+  const int64_t num_blocks = (vocab + kRaceBlock - 1) / kRaceBlock;
+  const int64_t block =
+      race_array(sums, num_blocks, 0, kStreamSample | kStreamBlockFlag, seed, offset, position);
+  const int64_t start = block * kRaceBlock;
+  const int64_t count = vocab - start < kRaceBlock ? vocab - start : kRaceBlock;
+  const float scale = source.scale ? source.scale[start / kChunk] : 0.0f;
+  alignas(32) float weights[kRaceBlock];
+  for (int64_t i = 0; i < count; ++i) {
+    const float p = source.scale ? source.exps[start + i] * scale : source.uniform_p;
+    weights[i] = race_weight<kWeights>(source, p, start + i);
+  }
+  for (int64_t i = count; i < kRaceBlock; ++i) weights[i] = 0.0f;
+  token = start + race_array(weights, count, start, kStreamSample, seed, offset, position);
+  return true;
+}
+
+// Pass 2 at the emitting position: the race on the residual (recovered token) or on p (bonus
+// token, and the fallback when the residual is all zero). Returns a token id in [0, V).
+template <RaceWeights kWeights>
+S2D_CPU_INLINE int64_t race(const RaceSource& source, int64_t vocab, float* sums, uint64_t seed,
+                            uint64_t offset, uint32_t position) {
+  int64_t token = 0;
+  if (two_level_race<kWeights>(source, vocab, sums, seed, offset, position, token)) return token;
+  // NOTE: the residual is all zero (p == q up to rounding): sample p, with the same uniforms. p
+  // always has a positive weight (its max is exp(0) / sum), so this race draws.
+  two_level_race<RaceWeights::kTarget>(source, vocab, sums, seed, offset, position, token);
+  return token;
+}
+
+// One row, both passes; writes the emitting position and the emitted token.
+template <class Logits, bool kDivide, bool kThreshold>
+S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row,
+                                       const Scratch& scratch, int64_t num_draft,
+                                       int64_t& emit_position, int64_t& emitted) {
   using Storage = typename Logits::Storage;
   const int64_t num_spec = params.num_spec;
   const int64_t vocab = params.vocab;
@@ -529,11 +630,11 @@ S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row, 
   const uint64_t offset = static_cast<uint64_t>(params.offsets[row]);
   int64_t j = 0;
   PositionStats stats;
-  float min_logit = -kInf;
   for (;; ++j) {
-    min_logit = params.min_logit ? params.min_logit[row * (num_spec + 1) + j] : -kInf;
-    stats =
-        sampled_stats<Logits, kDivide>(logits + j * vocab, vocab, temperature, min_logit, buffer);
+    const float min_logit = kThreshold ? params.min_logit[row * (num_spec + 1) + j] : -kInf;
+    // Prefetch up to the end of the bonus position's logits, the last this row may read.
+    stats = sampled_stats<Logits, kDivide, kThreshold>(
+        logits + j * vocab, vocab, temperature, min_logit, scratch, (num_draft + 1 - j) * vocab);
     if (j == num_draft) break;  // every draft accepted: bonus token at j
     const int64_t token = tokens[j];
     if (token < 0 || token >= vocab) break;  // out-of-range draft: rejected, never read
@@ -544,25 +645,51 @@ S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row, 
     const float u = philox_uniform(seed, offset, kStreamAccept, static_cast<uint32_t>(j), 0);
     if (!(u * q < p)) break;
   }
-  RaceInput input;
-  input.recovered = j < num_draft;
-  input.draft_q = nullptr;
-  input.drop_token = -1;
-  const Storage* emit_logits = logits + j * vocab;
-  if (input.recovered && params.draft_probs) {
-    input.draft_q = params.draft_probs + (row * num_spec + j) * vocab;
-    emitted = race<Logits, kDivide, true>(emit_logits, vocab, temperature, min_logit, stats, input,
-                                          seed, offset, static_cast<uint32_t>(j));
+  // exps -> p factors, per chunk, in place.
+  const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
+  const float inv_sum = 1.0f / stats.sum;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    scratch.chunk_ref[c] = exp_nonpositive(scratch.chunk_ref[c] - stats.max) * inv_sum;
+  }
+  RaceSource source;
+  source.exps = scratch.exps;
+  source.scale = stats.dead ? nullptr : scratch.chunk_ref;
+  source.uniform_p = 1.0f / static_cast<float>(vocab);
+  source.draft_q = nullptr;
+  source.drop_token = -1;
+  const uint32_t position = static_cast<uint32_t>(j);
+  if (j == num_draft) {
+    emitted = race<RaceWeights::kTarget>(source, vocab, scratch.block_sums, seed, offset, position);
+  } else if (params.draft_probs) {
+    source.draft_q = params.draft_probs + (row * num_spec + j) * vocab;
+    emitted =
+        race<RaceWeights::kResidual>(source, vocab, scratch.block_sums, seed, offset, position);
+  } else if (tokens[j] >= 0 && tokens[j] < vocab) {
+    source.drop_token = tokens[j];
+    emitted =
+        race<RaceWeights::kDropToken>(source, vocab, scratch.block_sums, seed, offset, position);
   } else {
-    if (input.recovered && tokens[j] >= 0 && tokens[j] < vocab) input.drop_token = tokens[j];
-    emitted = race<Logits, kDivide, false>(emit_logits, vocab, temperature, min_logit, stats, input,
-                                           seed, offset, static_cast<uint32_t>(j));
+    // An out-of-range draft was rejected without being read: nothing to remove from p.
+    emitted = race<RaceWeights::kTarget>(source, vocab, scratch.block_sums, seed, offset, position);
   }
   emit_position = j;
 }
 
+template <class Logits, bool kDivide>
+S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row,
+                                       const Scratch& scratch, int64_t num_draft,
+                                       int64_t& emit_position, int64_t& emitted) {
+  if (params.min_logit) {
+    verify_sampled_row<Logits, kDivide, true>(params, row, scratch, num_draft, emit_position,
+                                              emitted);
+  } else {
+    verify_sampled_row<Logits, kDivide, false>(params, row, scratch, num_draft, emit_position,
+                                               emitted);
+  }
+}
+
 template <class Logits>
-S2D_CPU_INLINE void verify_row(const VerifyParams& params, int64_t row, float* buffer) {
+S2D_CPU_INLINE void verify_row(const VerifyParams& params, int64_t row, const Scratch& scratch) {
   using Storage = typename Logits::Storage;
   const int64_t num_spec = params.num_spec;
   const int64_t vocab = params.vocab;
@@ -579,9 +706,9 @@ S2D_CPU_INLINE void verify_row(const VerifyParams& params, int64_t row, float* b
       if (emit_position == num_draft || tokens[emit_position] != emitted) break;
     }
   } else if (temperature == 1.0f) {
-    verify_sampled_row<Logits, false>(params, row, buffer, num_draft, emit_position, emitted);
+    verify_sampled_row<Logits, false>(params, row, scratch, num_draft, emit_position, emitted);
   } else {
-    verify_sampled_row<Logits, true>(params, row, buffer, num_draft, emit_position, emitted);
+    verify_sampled_row<Logits, true>(params, row, scratch, num_draft, emit_position, emitted);
   }
   int64_t* out = params.out_tokens + row * (num_spec + 1);
   for (int64_t j = 0; j <= num_spec; ++j) {
@@ -592,8 +719,19 @@ S2D_CPU_INLINE void verify_row(const VerifyParams& params, int64_t row, float* b
 
 template <class Logits>
 void verify_rows(const VerifyParams& params, int64_t row_begin, int64_t row_end) {
-  alignas(64) float buffer[kChunk];
-  for (int64_t row = row_begin; row < row_end; ++row) verify_row<Logits>(params, row, buffer);
+  // NOTE: one scratch per thread, kept between calls (V floats: 128 KiB at V = 32000), so that a
+  // call neither allocates nor faults in fresh pages.
+  thread_local std::vector<float> storage;
+  const int64_t num_chunks = (params.vocab + kChunk - 1) / kChunk;
+  const int64_t num_blocks = (params.vocab + kRaceBlock - 1) / kRaceBlock;
+  const int64_t padded_blocks = (num_blocks + kRaceBlock - 1) / kRaceBlock * kRaceBlock;
+  const size_t needed = static_cast<size_t>(num_chunks * kChunk + num_chunks + padded_blocks);
+  if (storage.size() < needed) storage.resize(needed);
+  Scratch scratch;
+  scratch.exps = storage.data();
+  scratch.chunk_ref = scratch.exps + num_chunks * kChunk;
+  scratch.block_sums = scratch.chunk_ref + num_chunks;
+  for (int64_t row = row_begin; row < row_end; ++row) verify_row<Logits>(params, row, scratch);
 }
 
 // Verifies rows [row_begin, row_end) of `params` (call from several threads on disjoint ranges).
