@@ -35,6 +35,7 @@ cuda-check: install
 	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then \
 		PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/dev_build.py --cuda-check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
+	$(PY) tools/triton_compile_check.py
 
 pytest: install
 	$(PY) -m pytest -q python_tests

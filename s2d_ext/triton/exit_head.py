@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-FLOAT32_MAX = 3.4028234663852886e38
+# NOTE: a tl.constexpr: compiled Triton refuses plain Python globals inside @triton.jit (the
+# interpreter accepts them, so CPU tests cannot catch it).
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def _interpreting() -> bool:
