@@ -36,6 +36,10 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
   const int64_t positions = prepared.params.num_spec + 1;
   const int64_t vocab = prepared.params.vocab;
   if (batch == 0) return {prepared.out_tokens, prepared.num_accepted};
+  // NOTE: the stats and race grids put the batch in grid.y (at most 65535 blocks).
+  TORCH_CHECK(batch <= 65535,
+              "s2d::verify (CUDA kernel): target_logits batch (dim 0) must be <= ", "65535, got ",
+              batch, "; split the batch");
 
   int num_chunks = 1;
   int64_t chunk_size = vocab;
@@ -46,12 +50,12 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
   at::Tensor stats = at::empty({batch, positions, 3}, float_options);
   at::Tensor argmax = at::empty({batch, positions}, int_options);
   at::Tensor partial_key = at::empty({batch, num_chunks, 2}, float_options);
-  at::Tensor partial_index = at::empty({batch, num_chunks, 2}, int_options);
+  at::Tensor partial_block = at::empty({batch, num_chunks, 3}, int_options);
 
   s2d::VerifyCudaWorkspace workspace{stats.data_ptr<float>(),
                                      argmax.data_ptr<int32_t>(),
                                      partial_key.data_ptr<float>(),
-                                     partial_index.data_ptr<int32_t>(),
+                                     partial_block.data_ptr<int32_t>(),
                                      num_chunks,
                                      chunk_size};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

@@ -7,14 +7,16 @@ namespace s2d {
 
 void verify_cuda_plan(int64_t batch, int64_t vocab, int num_sms, int* num_chunks,
                       int64_t* chunk_size) {
-  // NOTE: enough race blocks to fill the GPU about 4 times over, at least 4096 entries each.
+  // NOTE: enough thread blocks to fill the GPU about 4 times over, at least 4096 entries each.
   const int64_t min_chunk = 4096;
   int64_t chunks = (4 * static_cast<int64_t>(num_sms) + batch - 1) / (batch > 0 ? batch : 1);
   const int64_t max_chunks = (vocab + min_chunk - 1) / min_chunk;
   chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
   chunks = chunks > 64 ? 64 : chunks;
   int64_t size = (vocab + chunks - 1) / chunks;
-  size = (size + 3) / 4 * 4;  // whole Philox groups per chunk
+  // NOTE: whole race blocks per chunk, so that no block of the race's first stage straddles two
+  // chunks (race_kernel sums each block in one warp).
+  size = (size + kRaceBlock - 1) / kRaceBlock * kRaceBlock;
   *chunk_size = size;
   *num_chunks = static_cast<int>((vocab + size - 1) / size);
 }
@@ -29,21 +31,22 @@ static void launch_typed(const VerifyParams& params, const VerifyCudaWorkspace& 
       <<<stats_grid, kThreads, 0, stream>>>(params, workspace.stats, workspace.argmax);
   const dim3 race_grid(static_cast<unsigned>(workspace.num_chunks),
                        static_cast<unsigned>(params.batch));
+  const dim3 finish_grid(static_cast<unsigned>(params.batch));
   if (params.draft_probs != nullptr) {
     race_kernel<T, true><<<race_grid, kThreads, 0, stream>>>(
-        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_index,
+        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
         workspace.chunk_size);
+    finish_kernel<T, true><<<finish_grid, kFinishThreads, 0, stream>>>(
+        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
+        workspace.num_chunks);
   } else {
     race_kernel<T, false><<<race_grid, kThreads, 0, stream>>>(
-        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_index,
+        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
         workspace.chunk_size);
+    finish_kernel<T, false><<<finish_grid, kFinishThreads, 0, stream>>>(
+        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
+        workspace.num_chunks);
   }
-  const int finish_threads = 128;
-  const unsigned finish_blocks =
-      static_cast<unsigned>((params.batch + finish_threads - 1) / finish_threads);
-  finish_kernel<<<finish_blocks, finish_threads, 0, stream>>>(
-      params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_index,
-      workspace.num_chunks);
 }
 
 cudaError_t verify_cuda_launch(const VerifyParams& params, LogitType logit_type,

@@ -102,6 +102,9 @@ def _normalise(
         raise ValueError(
             f"target_logits must have a vocabulary of 1 to 2**31 - 1 tokens (dim 2), got {vocab}"
         )
+    if device.type == "cuda" and batch > 65535:
+        # NOTE: the CUDA kernels put the batch in grid.y.
+        raise ValueError(f"target_logits on CUDA must have a batch (dim 0) of at most 65535, got {batch}")
     tokens = check_tensor("draft_tokens", draft_tokens, ndim=2, dtypes=(torch.int64,), device=device)
     if tokens.shape[0] != batch:
         raise ValueError(f"draft_tokens has batch {tokens.shape[0]} but target_logits has batch {batch}")

@@ -4,11 +4,21 @@
 //                          position streams the logits once (16-byte loads): online max / sum-exp
 //                          of the processed scores, smallest argmax, p(draft token).
 //   race_kernel            grid (C, B): replays the accept tests from the stats (a few Philox
-//                          draws), then runs the exponential race over one vocabulary chunk of the
-//                          emitting position: one Philox call per 4 entries, keys for the residual
-//                          and for p, block argmax with ties to the smallest id.
-//   finish_kernel          grid (B): merges the chunks, writes out_tokens and num_accepted.
-// Everything is float32; no [B, K+1, V] probabilities are written.
+//                          draws), then runs stage 1 of the two-level exponential race over one
+//                          vocabulary chunk of the emitting position. A chunk is a whole number of
+//                          race blocks (kRaceBlock = 64 ids), so blocks never straddle chunks. One
+//                          warp per race block sums its weights for the residual (race A) and for
+//                          p (race B), draws the block uniform (stream kStreamSample |
+//                          kStreamBlockFlag, index = block) and keeps the best block key per race
+//                          (ties to the smallest block), plus whether some residual block sum > 0.
+//   finish_kernel          grid (B), kRaceBlock threads: merges the chunks, picks race A if the
+//                          token is recovered and some residual block sum is > 0, else race B (the
+//                          fallback on p), then runs stage 2 inside the winning block: one thread
+//                          per id recomputes the id's weight exactly as race_kernel does and draws
+//                          its uniform (stream kStreamSample, index = id); ties to the smallest id,
+//                          ids >= V never win. Writes out_tokens and num_accepted.
+// Everything is float32; no [B, K+1, V] probabilities are written. Fixed launch shapes, no host
+// synchronisation (CUDA-graph safe).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -129,8 +139,10 @@ __device__ __forceinline__ KeyIndex merge_any(const KeyIndex& a, const KeyIndex&
   return key_merge(a, b);
 }
 
-// Block-wide reduction; every thread gets the result.
-template <typename State>
+// Block-wide reduction over kNumWarps full warps (blockDim.x == 32 * kNumWarps); every thread
+// gets the result. `shared` holds kNumWarps states. Every thread of the block must call it (it
+// synchronises); the trailing __syncthreads lets the caller reuse `shared` at once.
+template <int kNumWarps, typename State>
 __device__ __forceinline__ State block_reduce(State st, State* shared) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -139,9 +151,17 @@ __device__ __forceinline__ State block_reduce(State st, State* shared) {
   __syncthreads();
   State total = shared[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) total = merge_any(total, shared[w]);
+  for (int w = 1; w < kNumWarps; ++w) total = merge_any(total, shared[w]);
   __syncthreads();
   return total;
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the same bits (each butterfly step adds the
+// same two values on both lanes of a pair, and float addition is commutative).
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta >>= 1) x += __shfl_xor_sync(0xffffffffu, x, delta);
+  return x;
 }
 
 // Loads of 16 bytes (4 floats or 8 half/bf16) where the row is aligned, scalars otherwise.
@@ -196,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
     stat_add(st, processed_score(x, divisor, min_logit), static_cast<int32_t>(v));
   });
   __shared__ OnlineStat shared[kWarps];
-  st = block_reduce(st, shared);
+  st = block_reduce<kWarps>(st, shared);
   if (threadIdx.x != 0) return;
   const bool dead = st.max == neg_inf();
   float p_token = 0.0f;
@@ -242,115 +262,220 @@ __device__ __forceinline__ int64_t emit_position(const VerifyParams& params, con
   return num_draft;
 }
 
+// The exponential of a race entry: -log(u) with u clamped to kRaceMaxUniform, so it is > 0.
+// NOTE: logf (about 1 ulp), not __logf: the fast log has an absolute error near 2^-21 around 1,
+// larger than -log(u) itself for u close to 1, which could make the exponential 0 or negative.
+// The race now needs only V / 64 + 64 logs per row, so the accurate one costs nothing noticeable.
+__device__ __forceinline__ float race_exponential(float u) {
+  return -logf(u < kRaceMaxUniform ? u : kRaceMaxUniform);
+}
+
+// What the race of a sampled row needs at its emitting position. race_weights(ctx, v) gives the
+// weights of id v; race_kernel (stage 1) and finish_kernel (stage 2) both call it, so both stages
+// see bit-identical weights.
+template <typename T>
+struct RaceContext {
+  const T* logits;     // [V] target logits at the emitting position
+  const float* q_row;  // [V] draft probs at the emitting position (recovered with q), else nullptr
+  int64_t drop;        // the point-mass draft token removed from the residual, or -1
+  uint64_t seed;
+  uint64_t offset;
+  uint32_t position;  // the emitting position (the Philox counter's position field)
+  float temperature;  // > 0: sampled rows only
+  float min_logit;    // top-k / top-p threshold on the scaled scores, -inf if none
+  float running_max;  // max processed score at the position; -inf: dead position (p uniform)
+  float inv_sum;      // 1 / sum-exp of the processed scores
+  float uniform_p;    // 1 / V, p of every id at a dead position
+  bool dead;
+  bool recovered;  // emit < num_draft: race A runs on the residual, else on p (bonus)
+};
+
+// The race context of sampled row `row`, whose emitting position is `emit` (emit_position).
 template <typename T, bool kHasQ>
-__global__ void __launch_bounds__(kThreads)
-    race_kernel(VerifyParams params, const float* stats, const int32_t* argmax, float* partial_key,
-                int32_t* partial_index, int64_t chunk_size) {
-  const int64_t row = blockIdx.y;
-  const int chunk = blockIdx.x;
-  const int num_chunks = gridDim.x;
+__device__ __forceinline__ RaceContext<T> race_context(const VerifyParams& params,
+                                                       const float* stats, int64_t row,
+                                                       int64_t num_draft, int64_t emit) {
   const int64_t num_spec = params.num_spec;
   const int64_t positions = num_spec + 1;
   const int64_t vocab = params.vocab;
-  const float temperature = params.temperature[row];
-  const bool greedy = !(temperature > 0.0f);
-  KeyIndex best_a{neg_inf(), 0}, best_b{neg_inf(), 0};
-  if (!greedy) {
-    const int64_t num_draft = clamp_num_draft(params.num_draft[row], num_spec);
-    const int64_t emit = emit_position(params, stats, argmax, row, num_draft, false);
-    const bool recovered = emit < num_draft;
-    const float min_logit =
-        params.min_logit != nullptr ? params.min_logit[row * positions + emit] : neg_inf();
-    const float* st = stats + (row * positions + emit) * 3;
-    const float running_max = st[0];
-    const float inv_sum = 1.0f / st[1];
-    const bool dead = running_max == neg_inf();
-    const float uniform_p = 1.0f / static_cast<float>(vocab);
-    int64_t drop = -1;
-    const float* q_row = nullptr;
-    if (recovered) {
-      if (kHasQ) {
-        q_row = params.draft_probs + (row * num_spec + emit) * vocab;
-      } else {
-        const int64_t token = params.draft_tokens[row * num_spec + emit];
-        drop = (token >= 0 && token < vocab) ? token : -1;
-      }
-    }
-    const uint64_t seed = static_cast<uint64_t>(params.seeds[row]);
-    const uint64_t offset = static_cast<uint64_t>(params.offsets[row]);
-    const uint32_t c1 = (kStreamSample << 16) | static_cast<uint32_t>(emit);
-    const T* logits =
-        static_cast<const T*>(params.target_logits) + (row * positions + emit) * vocab;
-    const int64_t begin = static_cast<int64_t>(chunk) * chunk_size;
-    const int64_t end = begin + chunk_size < vocab ? begin + chunk_size : vocab;
-    // One Philox call per 4 consecutive entries (index >> 2 = counter, index & 3 = word).
-    for (int64_t group = begin + 4 * static_cast<int64_t>(threadIdx.x); group < end;
-         group += 4 * static_cast<int64_t>(blockDim.x)) {
-      const PhiloxOut words =
-          philox4x32_10(static_cast<uint32_t>(group >> 2), c1, static_cast<uint32_t>(offset),
-                        static_cast<uint32_t>(offset >> 32), static_cast<uint32_t>(seed),
-                        static_cast<uint32_t>(seed >> 32));
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const int64_t v = group + w;
-        if (v >= end) break;
-        const float s = processed_score(to_float(logits[v]), temperature, min_logit);
-        const float p =
-            dead ? uniform_p : (s == neg_inf() ? 0.0f : __expf(s - running_max) * inv_sum);
-        float residual = p;
-        if (kHasQ) {
-          if (recovered) {
-            const float diff = p - q_row[v];
-            residual = diff > 0.0f ? diff : 0.0f;
-          }
-        } else if (v == drop) {
-          residual = 0.0f;
-        }
-        float u = uniform_open01(words.x[w]);
-        u = u < kRaceMaxUniform ? u : kRaceMaxUniform;
-        const float exponential = -__logf(u);
-        const KeyIndex key_b{__fdiv_rn(p, exponential), static_cast<int32_t>(v)};
-        const KeyIndex key_a{__fdiv_rn(residual, exponential), static_cast<int32_t>(v)};
-        best_b = key_merge(best_b, key_b);
-        best_a = key_merge(best_a, key_a);
-      }
+  RaceContext<T> ctx;
+  ctx.logits = static_cast<const T*>(params.target_logits) + (row * positions + emit) * vocab;
+  ctx.recovered = emit < num_draft;
+  ctx.q_row = nullptr;
+  ctx.drop = -1;
+  if (ctx.recovered) {
+    if (kHasQ) {
+      ctx.q_row = params.draft_probs + (row * num_spec + emit) * vocab;
+    } else {
+      // q is a point mass on the draft token: the residual is p without it (if it is an id).
+      const int64_t token = params.draft_tokens[row * num_spec + emit];
+      ctx.drop = (token >= 0 && token < vocab) ? token : -1;
     }
   }
-  __shared__ KeyIndex shared[kWarps];
-  best_a = block_reduce(best_a, shared);
-  best_b = block_reduce(best_b, shared);
-  if (threadIdx.x == 0) {
-    const int64_t out = (row * num_chunks + chunk) * 2;
-    partial_key[out] = best_a.key;
-    partial_key[out + 1] = best_b.key;
-    partial_index[out] = best_a.index;
-    partial_index[out + 1] = best_b.index;
+  ctx.seed = static_cast<uint64_t>(params.seeds[row]);
+  ctx.offset = static_cast<uint64_t>(params.offsets[row]);
+  ctx.position = static_cast<uint32_t>(emit);
+  ctx.temperature = params.temperature[row];
+  ctx.min_logit =
+      params.min_logit != nullptr ? params.min_logit[row * positions + emit] : neg_inf();
+  const float* st = stats + (row * positions + emit) * 3;
+  ctx.running_max = st[0];
+  ctx.inv_sum = 1.0f / st[1];
+  ctx.dead = ctx.running_max == neg_inf();
+  ctx.uniform_p = 1.0f / static_cast<float>(vocab);
+  return ctx;
+}
+
+// The weights of id v (< V) in race B (p) and race A (the residual max(0, p - q), or p without the
+// point-mass draft token; p itself for a bonus token).
+template <typename T, bool kHasQ>
+__device__ __forceinline__ void race_weights(const RaceContext<T>& ctx, int64_t v, float& p,
+                                             float& residual) {
+  const float s = processed_score(to_float(ctx.logits[v]), ctx.temperature, ctx.min_logit);
+  p = ctx.dead ? ctx.uniform_p
+               : (s == neg_inf() ? 0.0f : __expf(s - ctx.running_max) * ctx.inv_sum);
+  residual = p;
+  if (kHasQ) {
+    if (ctx.recovered) {
+      const float diff = p - ctx.q_row[v];
+      residual = diff > 0.0f ? diff : 0.0f;  // NOTE: also maps a NaN q to 0
+    }
+  } else if (v == ctx.drop) {
+    residual = 0.0f;
   }
 }
 
-__global__ void finish_kernel(VerifyParams params, const float* stats, const int32_t* argmax,
-                              const float* partial_key, const int32_t* partial_index,
-                              int num_chunks) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= params.batch) return;
+// Stage 1 of the race over one vocabulary chunk. Per row and chunk it writes
+//   partial_key   [B, C, 2]  the best block key of race A (residual) and of race B (p),
+//   partial_block [B, C, 3]  the block ids of those keys, and 1 if a residual block sum is > 0.
+// chunk_size is a multiple of kRaceBlock (verify_cuda_plan), so every race block lies in one chunk.
+// Greedy rows write the identity (-inf, block 0, no residual) and the finish ignores them.
+template <typename T, bool kHasQ>
+__global__ void __launch_bounds__(kThreads)
+    race_kernel(VerifyParams params, const float* stats, const int32_t* argmax, float* partial_key,
+                int32_t* partial_block, int64_t chunk_size) {
+  const int64_t row = blockIdx.y;
+  const int chunk = blockIdx.x;
+  const int num_chunks = gridDim.x;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t vocab = params.vocab;
+  const bool greedy = !(params.temperature[row] > 0.0f);
+  // NOTE: real block keys are >= 0 (sums >= 0, exponentials > 0), so the identity never wins.
+  KeyIndex best_a{neg_inf(), 0}, best_b{neg_inf(), 0};
+  bool any_residual = false;
+  if (!greedy) {  // uniform over the thread block: no barrier inside
+    const int64_t num_draft = clamp_num_draft(params.num_draft[row], params.num_spec);
+    const int64_t emit = emit_position(params, stats, argmax, row, num_draft, false);
+    const RaceContext<T> ctx = race_context<T, kHasQ>(params, stats, row, num_draft, emit);
+    const int64_t begin = static_cast<int64_t>(chunk) * chunk_size;
+    const int64_t end = begin + chunk_size < vocab ? begin + chunk_size : vocab;
+    // One warp per race block (the loop condition is warp-uniform, so the shuffles below see all
+    // 32 lanes); each lane takes ids base + lane and base + 32 + lane (coalesced loads).
+    for (int64_t block = begin / kRaceBlock + warp; block * kRaceBlock < end; block += kWarps) {
+      const int64_t base = block * kRaceBlock;
+      float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kRaceBlock; k += 32) {
+        const int64_t v = base + k + lane;
+        if (v < end) {  // the vocabulary's tail block may be shorter than kRaceBlock
+          float p, residual;
+          race_weights<T, kHasQ>(ctx, v, p, residual);
+          sum_a += residual;
+          sum_b += p;
+        }
+      }
+      sum_a = warp_sum(sum_a);
+      sum_b = warp_sum(sum_b);
+      // Every lane draws the same block uniform (cheaper than a broadcast: one per 64 ids).
+      const float exponential =
+          race_exponential(philox_uniform(ctx.seed, ctx.offset, kStreamSample | kStreamBlockFlag,
+                                          ctx.position, static_cast<uint32_t>(block)));
+      const int32_t block_id = static_cast<int32_t>(block);
+      best_a = key_merge(best_a, KeyIndex{__fdiv_rn(sum_a, exponential), block_id});
+      best_b = key_merge(best_b, KeyIndex{__fdiv_rn(sum_b, exponential), block_id});
+      any_residual = any_residual || sum_a > 0.0f;
+    }
+  }
+  __shared__ KeyIndex shared[kWarps];
+  best_a = block_reduce<kWarps>(best_a, shared);
+  best_b = block_reduce<kWarps>(best_b, shared);
+  const bool chunk_has_residual = __syncthreads_or(any_residual ? 1 : 0) != 0;
+  if (threadIdx.x == 0) {
+    const int64_t at = row * num_chunks + chunk;
+    partial_key[at * 2] = best_a.key;
+    partial_key[at * 2 + 1] = best_b.key;
+    partial_block[at * 3] = best_a.index;
+    partial_block[at * 3 + 1] = best_b.index;
+    partial_block[at * 3 + 2] = chunk_has_residual ? 1 : 0;
+  }
+}
+
+// One thread per id of the winning race block in stage 2.
+constexpr int kFinishThreads = kRaceBlock;
+constexpr int kFinishWarps = kFinishThreads / 32;
+static_assert(kFinishThreads % 32 == 0, "finish_kernel reduces over whole warps");
+
+template <typename T, bool kHasQ>
+__global__ void __launch_bounds__(kFinishThreads)
+    finish_kernel(VerifyParams params, const float* stats, const int32_t* argmax,
+                  const float* partial_key, const int32_t* partial_block, int num_chunks) {
+  const int64_t row = blockIdx.x;
   const int64_t num_spec = params.num_spec;
   const int64_t positions = num_spec + 1;
-  const float temperature = params.temperature[row];
-  const bool greedy = !(temperature > 0.0f);
+  const int64_t vocab = params.vocab;
+  const bool greedy = !(params.temperature[row] > 0.0f);
   const int64_t num_draft = clamp_num_draft(params.num_draft[row], num_spec);
   const int64_t emit = emit_position(params, stats, argmax, row, num_draft, greedy);
+  // NOTE: every branch below depends on the row only (uniform over the thread block), and every
+  // barrier (block_reduce, __syncthreads_or) is outside them.
+
+  // Stage 1, merged over the chunks: the best block per race (ties to the smallest block, the
+  // merge order does not matter) and whether any residual block sum is > 0.
+  KeyIndex best_a{neg_inf(), 0}, best_b{neg_inf(), 0};
+  bool any_residual = false;
+  if (!greedy) {
+    for (int c = threadIdx.x; c < num_chunks; c += kFinishThreads) {
+      const int64_t at = row * num_chunks + c;
+      best_a = key_merge(best_a, KeyIndex{partial_key[at * 2], partial_block[at * 3]});
+      best_b = key_merge(best_b, KeyIndex{partial_key[at * 2 + 1], partial_block[at * 3 + 1]});
+      any_residual = any_residual || partial_block[at * 3 + 2] != 0;
+    }
+  }
+  __shared__ KeyIndex shared[kFinishWarps];
+  best_a = block_reduce<kFinishWarps>(best_a, shared);
+  best_b = block_reduce<kFinishWarps>(best_b, shared);
+  any_residual = __syncthreads_or(any_residual ? 1 : 0) != 0;
+
+  // Stage 2 inside the winning block: thread t races id block * kRaceBlock + t. The index kept is
+  // t (ties to the smallest id); ids >= V keep the identity key -inf and never win, as every id
+  // < V has a key >= 0 (block < ceil(V / kRaceBlock), so id block * kRaceBlock is always < V).
+  int64_t block = 0;
+  KeyIndex best{neg_inf(), 0};
+  if (!greedy) {
+    const RaceContext<T> ctx = race_context<T, kHasQ>(params, stats, row, num_draft, emit);
+    // The fallback: race on p when the token is a bonus or the residual is all zero.
+    const bool use_residual = ctx.recovered && any_residual;
+    block = use_residual ? best_a.index : best_b.index;
+    const int64_t v = block * kRaceBlock + threadIdx.x;
+    if (v < vocab) {
+      float p, residual;
+      race_weights<T, kHasQ>(ctx, v, p, residual);
+      const float weight = use_residual ? residual : p;
+      const float exponential = race_exponential(philox_uniform(
+          ctx.seed, ctx.offset, kStreamSample, ctx.position, static_cast<uint32_t>(v)));
+      best = KeyIndex{__fdiv_rn(weight, exponential), static_cast<int32_t>(threadIdx.x)};
+    }
+  }
+  best = block_reduce<kFinishWarps>(best, shared);
+  if (threadIdx.x != 0) return;
+
   int64_t emitted;
   if (greedy) {
     emitted = argmax[row * positions + emit];
   } else {
-    KeyIndex best_a{neg_inf(), 0}, best_b{neg_inf(), 0};
-    for (int c = 0; c < num_chunks; ++c) {
-      const int64_t at = (row * num_chunks + c) * 2;
-      best_a = key_merge(best_a, KeyIndex{partial_key[at], partial_index[at]});
-      best_b = key_merge(best_b, KeyIndex{partial_key[at + 1], partial_index[at + 1]});
-    }
-    emitted = (emit < num_draft && best_a.key > 0.0f) ? best_a.index : best_b.index;
-    emitted = (emitted >= 0 && emitted < params.vocab) ? emitted : 0;
+    emitted = block * kRaceBlock + best.index;
+    emitted = (emitted >= 0 && emitted < vocab) ? emitted : 0;  // never an id out of range
   }
   int64_t* out = params.out_tokens + row * positions;
   for (int64_t j = 0; j < positions; ++j) {
