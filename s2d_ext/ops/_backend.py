@@ -100,8 +100,13 @@ def per_row(
         if not dtype.is_floating_point and value.dtype.is_floating_point:
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         return value.to(dtype).contiguous()
+    check_scalar(name, value, integer=not dtype.is_floating_point)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def check_scalar(name: str, value: object, *, integer: bool) -> None:
+    """The type checks ``per_row`` applies to a Python scalar, without building a tensor."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
-    if not dtype.is_floating_point and isinstance(value, float):
+    if integer and isinstance(value, float):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    return torch.full((batch,), value, dtype=dtype, device=device)

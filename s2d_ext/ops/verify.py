@@ -12,7 +12,7 @@ import math
 import torch
 
 from s2d_ext import _native
-from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
+from s2d_ext.ops._backend import check_scalar, check_tensor, is_tracing, per_row, resolve_backend
 from s2d_ext.ops.verify_reference import logit_threshold, verify_reference
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -128,8 +128,14 @@ def _normalise(
     num_draft = per_row("num_draft", num_draft, batch, device, torch.int64)
     temperature_in = temperature
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
-    top_k_t = per_row("top_k", top_k, batch, device, torch.int64)
-    top_p_t = per_row("top_p", top_p, batch, device, torch.float32)
+    scalar_filters = not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor)
+    if scalar_filters:
+        # NOTE: the op takes no top-k/top-p tensors, so scalars become tensors only for a threshold.
+        check_scalar("top_k", top_k, integer=True)
+        check_scalar("top_p", top_p, integer=False)
+    else:
+        top_k = per_row("top_k", top_k, batch, device, torch.int64)
+        top_p = per_row("top_p", top_p, batch, device, torch.float32)
 
     if seeds is None:
         seeds = torch.randint(_INT64_MIN, _INT64_MAX, (batch,), generator=generator, dtype=torch.int64)
@@ -140,14 +146,17 @@ def _normalise(
     if batch and not is_tracing():
         _check_values(tokens, num_draft, num_draft_given, temperature_in, top_k, top_p, vocab, num_spec)
 
-    scalar_filters = not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor)
     if scalar_filters:
         needs_threshold = top_k > 0 or top_p < 1.0
     elif is_tracing():
         needs_threshold = True
     else:
-        needs_threshold = bool(((top_k_t > 0) | (top_p_t < 1.0)).any())
-    min_logit = logit_threshold(logits, temperature, top_k_t, top_p_t) if needs_threshold and batch else None
+        needs_threshold = bool(((top_k > 0) | (top_p < 1.0)).any())
+    min_logit = None
+    if needs_threshold and batch:
+        top_k_t = per_row("top_k", top_k, batch, device, torch.int64)
+        top_p_t = per_row("top_p", top_p, batch, device, torch.float32)
+        min_logit = logit_threshold(logits, temperature, top_k_t, top_p_t)
     return (
         logits.contiguous(),
         tokens.contiguous(),
@@ -171,10 +180,14 @@ def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p,
     # NOTE: entries j >= num_draft[b] are padding (the draft protocol fills them with 0) and are
     # never read, so only the valid drafts must be token ids.
     if tokens.numel():
-        in_range = (tokens >= 0) & (tokens < vocab)
         if num_draft_given:
+            in_range = (tokens >= 0) & (tokens < vocab)
             in_range |= torch.arange(num_spec, device=tokens.device)[None, :] >= num_draft[:, None]
-        if not _all(in_range):
+            tokens_ok = _all(in_range)
+        else:
+            lowest, highest = torch.aminmax(tokens)
+            tokens_ok = bool(lowest >= 0) and bool(highest < vocab)
+        if not tokens_ok:
             raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
     if isinstance(temperature, torch.Tensor):
         temperature_ok = _all(torch.isfinite(temperature) & (temperature >= 0))
