@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from s2d_ext._machine import cpu_name, sync
+from s2d_ext._machine import cpu_name, load_note, sync
 from s2d_ext.ops import exit_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def main() -> None:
         "threads": threads,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "note": "CPU shared with other jobs (load average above); median of up to --repeats runs"
+        "note": f"{load_note()}; median of up to --repeats runs"
         if device == "cpu"
         else "median of --repeats runs",
     }

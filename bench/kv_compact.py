@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from s2d_ext._machine import cpu_name, sync
+from s2d_ext._machine import cpu_name, load_note, sync
 from s2d_ext.ops import kv_compact
 from s2d_ext.ops.kv_compact_reference import kv_compact_reference
 
@@ -101,7 +101,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "note": "CPU shared with other jobs (see load average); median of --repeats runs",
+        "note": f"{load_note()}; median of up to --repeats runs"
+        if device == "cpu"
+        else "median of --repeats runs",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"kv_compact_{device}"

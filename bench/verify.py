@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from s2d_ext._machine import cpu_name, sync
+from s2d_ext._machine import cpu_name, load_note, sync
 from s2d_ext.ops import available_backends, verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,10 +293,7 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "torch": torch.__version__,
             "loadavg_at_end": [round(x, 2) for x in load],
-            # NOTE: a 1-minute load average above the core count means other jobs shared the cores.
-            "note": "other jobs shared the cores (see the load average)"
-            if load[0] > (os.cpu_count() or 1)
-            else "no other jobs were running",
+            "note": load_note(load),
         },
         "measured_bandwidth_GBs": round(bandwidth, 2),
         "rows": rows,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -23,3 +24,14 @@ def sync(device: str | torch.device) -> None:
     """Wait for queued GPU work, so a wall-clock timer measures it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def load_note(load_average: tuple[float, ...] | None = None) -> str:
+    """Whether other jobs shared the cores during a measurement, from the 1-minute load average.
+
+    NOTE: a load average above the core count means other jobs competed for the cores.
+    """
+    load = (load_average or os.getloadavg())[0]
+    if load > (os.cpu_count() or 1):
+        return f"other jobs shared the cores (load average {load:.1f})"
+    return f"no other jobs were running (load average {load:.1f})"
