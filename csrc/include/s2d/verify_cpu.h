@@ -520,6 +520,13 @@ S2D_CPU_INLINE bool block_sums(const RaceSource& source, int64_t vocab, float* s
     const float scale = source.scale ? source.scale[start / kChunk] : 0.0f;
     float sum = 0.0f;
     if (count == kRaceBlock) {
+      // NOTE: this sweep is bound by reading the q row; the prefetcher alone gets about 10 GB/s
+      // from one core, prefetching 8 KiB ahead about 13.5.
+      if (kWeights == RaceWeights::kResidual && start + kChunk + kRaceBlock <= vocab) {
+        for (int line = 0; line < kRaceBlock; line += 16) {
+          __builtin_prefetch(source.draft_q + start + kChunk + line);
+        }
+      }
       VecF parts[8];
       for (int k = 0; k < 8; ++k) {
         const int64_t v = start + kVec * k;
