@@ -171,6 +171,44 @@ def _emit_position(
 
 
 @triton.jit
+def _row_decision(
+    tokens_ptr,
+    draft_probs_ptr,
+    temperature_ptr,
+    num_draft_ptr,
+    seeds_ptr,
+    offsets_ptr,
+    stats_ptr,
+    argmax_ptr,
+    row,
+    vocab,
+    num_spec,
+    HAS_Q: tl.constexpr,
+):
+    """A row's settings (greedy, num_draft clamped to 0..K, Philox seed and offset) and its
+    emitting position, as the race and finish kernels both need them."""
+    greedy = ~(tl.load(temperature_ptr + row) > 0.0)
+    num_draft = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_spec)
+    seed = tl.load(seeds_ptr + row)
+    offset = tl.load(offsets_ptr + row)
+    emit = _emit_position(
+        tokens_ptr,
+        draft_probs_ptr,
+        stats_ptr,
+        argmax_ptr,
+        seed,
+        offset,
+        greedy,
+        row,
+        num_draft,
+        vocab,
+        num_spec,
+        HAS_Q,
+    )
+    return greedy, num_draft, seed, offset, emit
+
+
+@triton.jit
 def _emit_setup(
     logits_ptr,
     tokens_ptr,
@@ -279,21 +317,16 @@ def _race_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
-    temperature = tl.load(temperature_ptr + row)
-    greedy = ~(temperature > 0.0)
-    num_draft = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_spec)
-    seed = tl.load(seeds_ptr + row)
-    offset = tl.load(offsets_ptr + row)
-    emit = _emit_position(
+    greedy, num_draft, seed, offset, emit = _row_decision(
         tokens_ptr,
         draft_probs_ptr,
+        temperature_ptr,
+        num_draft_ptr,
+        seeds_ptr,
+        offsets_ptr,
         stats_ptr,
         argmax_ptr,
-        seed,
-        offset,
-        greedy,
         row,
-        num_draft,
         vocab,
         num_spec,
         HAS_Q,
@@ -303,7 +336,7 @@ def _race_kernel(
     block_a = 0
     block_b = 0
     live_a = 0
-    if temperature > 0.0:
+    if not greedy:
         divisor, min_logit, recovered, dead, safe_max, running_sum, drop, base, q_base = _emit_setup(
             logits_ptr,
             tokens_ptr,
@@ -396,21 +429,16 @@ def _finish_kernel(
     writes the outputs."""
     row = tl.program_id(0).to(tl.int64)
     positions = num_spec + 1
-    temperature = tl.load(temperature_ptr + row)
-    greedy = ~(temperature > 0.0)
-    num_draft = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_spec)
-    seed = tl.load(seeds_ptr + row)
-    offset = tl.load(offsets_ptr + row)
-    emit = _emit_position(
+    greedy, num_draft, seed, offset, emit = _row_decision(
         tokens_ptr,
         draft_probs_ptr,
+        temperature_ptr,
+        num_draft_ptr,
+        seeds_ptr,
+        offsets_ptr,
         stats_ptr,
         argmax_ptr,
-        seed,
-        offset,
-        greedy,
         row,
-        num_draft,
         vocab,
         num_spec,
         HAS_Q,
