@@ -481,8 +481,21 @@ struct RaceSource {
   int64_t drop_token;    // the point-mass draft token (kDropToken)
 };
 
+// p of id v at the emitting position, from pass 1's exps and the factor of v's chunk.
+S2D_CPU_INLINE float race_p(const RaceSource& source, int64_t v) {
+  return source.scale ? source.exps[v] * source.scale[v / kChunk] : source.uniform_p;
+}
+
+// p of ids v .. v + 7 (v a multiple of 8, so all in one chunk).
+S2D_CPU_INLINE VecF race_p8(const RaceSource& source, int64_t v) {
+  return source.scale ? load_vec(source.exps + v) * source.scale[v / kChunk]
+                      : splat(source.uniform_p);
+}
+
+// The race weight of id v (scalar) or of ids v .. v + 7 (vector).
 template <RaceWeights kWeights>
-S2D_CPU_INLINE float race_weight(const RaceSource& source, float p, int64_t v) {
+S2D_CPU_INLINE float race_weight(const RaceSource& source, int64_t v) {
+  const float p = race_p(source, v);
   if (kWeights == RaceWeights::kResidual) {
     const float diff = p - source.draft_q[v];
     return diff > 0.0f ? diff : 0.0f;
@@ -492,7 +505,8 @@ S2D_CPU_INLINE float race_weight(const RaceSource& source, float p, int64_t v) {
 }
 
 template <RaceWeights kWeights>
-S2D_CPU_INLINE VecF race_weight(const RaceSource& source, VecF p, int64_t v) {
+S2D_CPU_INLINE VecF race_weight8(const RaceSource& source, int64_t v) {
+  const VecF p = race_p8(source, v);
   if (kWeights == RaceWeights::kResidual) {
     const VecF diff = p - load_vec(source.draft_q + v);
     return diff > 0.0f ? diff : splat(0.0f);
@@ -517,7 +531,6 @@ S2D_CPU_INLINE bool block_sums(const RaceSource& source, int64_t vocab, float* s
   bool any_positive = false;
   for (int64_t start = 0, block = 0; start < vocab; start += kRaceBlock, ++block) {
     const int64_t count = vocab - start < kRaceBlock ? vocab - start : kRaceBlock;
-    const float scale = source.scale ? source.scale[start / kChunk] : 0.0f;
     float sum = 0.0f;
     if (count == kRaceBlock) {
       // NOTE: this sweep is bound by reading the q row; the prefetcher alone gets about 10 GB/s
@@ -528,17 +541,10 @@ S2D_CPU_INLINE bool block_sums(const RaceSource& source, int64_t vocab, float* s
         }
       }
       VecF parts[8];
-      for (int k = 0; k < 8; ++k) {
-        const int64_t v = start + kVec * k;
-        const VecF p = source.scale ? load_vec(source.exps + v) * scale : splat(source.uniform_p);
-        parts[k] = race_weight<kWeights>(source, p, v);
-      }
+      for (int k = 0; k < 8; ++k) parts[k] = race_weight8<kWeights>(source, start + kVec * k);
       sum = horizontal_sum_of(parts);
     } else {
-      for (int64_t v = start; v < start + count; ++v) {
-        const float p = source.scale ? source.exps[v] * scale : source.uniform_p;
-        sum += race_weight<kWeights>(source, p, v);
-      }
+      for (int64_t v = start; v < start + count; ++v) sum += race_weight<kWeights>(source, v);
     }
     sums[block] = sum;
     any_positive |= sum > 0.0f;
@@ -602,12 +608,8 @@ S2D_CPU_INLINE bool two_level_race(const RaceSource& source, int64_t vocab, floa
       race_array(sums, num_blocks, 0, kStreamSample | kStreamBlockFlag, seed, offset, position);
   const int64_t start = block * kRaceBlock;
   const int64_t count = vocab - start < kRaceBlock ? vocab - start : kRaceBlock;
-  const float scale = source.scale ? source.scale[start / kChunk] : 0.0f;
   alignas(32) float weights[kRaceBlock];
-  for (int64_t i = 0; i < count; ++i) {
-    const float p = source.scale ? source.exps[start + i] * scale : source.uniform_p;
-    weights[i] = race_weight<kWeights>(source, p, start + i);
-  }
+  for (int64_t i = 0; i < count; ++i) weights[i] = race_weight<kWeights>(source, start + i);
   for (int64_t i = count; i < kRaceBlock; ++i) weights[i] = 0.0f;
   token = start + race_array(weights, count, start, kStreamSample, seed, offset, position);
   return true;
