@@ -1,5 +1,6 @@
 // CUDA launchers of the verify op (kernels in csrc/include/s2d/verify_cuda.cuh). No torch headers,
 // so CI compiles this file with nvcc alone.
+#include "s2d/cuda_launch.h"
 #include "s2d/verify_cuda.cuh"
 #include "s2d/verify_cuda.h"
 
@@ -27,25 +28,25 @@ static void launch_typed(const VerifyParams& params, const VerifyCudaWorkspace& 
   using namespace verify_cuda;
   const dim3 stats_grid(static_cast<unsigned>(params.num_spec + 1),
                         static_cast<unsigned>(params.batch));
-  position_stats_kernel<T>
-      <<<stats_grid, kThreads, 0, stream>>>(params, workspace.stats, workspace.argmax);
+  S2D_LAUNCH((position_stats_kernel<T>), stats_grid, kThreads, stream, params, workspace.stats,
+             workspace.argmax);
   const dim3 race_grid(static_cast<unsigned>(workspace.num_chunks),
                        static_cast<unsigned>(params.batch));
   const dim3 finish_grid(static_cast<unsigned>(params.batch));
   if (params.draft_probs != nullptr) {
-    race_kernel<T, true><<<race_grid, kThreads, 0, stream>>>(
-        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
-        workspace.chunk_size);
-    finish_kernel<T, true><<<finish_grid, kFinishThreads, 0, stream>>>(
-        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
-        workspace.num_chunks);
+    S2D_LAUNCH((race_kernel<T, true>), race_grid, kThreads, stream, params, workspace.stats,
+               workspace.argmax, workspace.partial_key, workspace.partial_block,
+               workspace.chunk_size);
+    S2D_LAUNCH((finish_kernel<T, true>), finish_grid, kFinishThreads, stream, params,
+               workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
+               workspace.num_chunks);
   } else {
-    race_kernel<T, false><<<race_grid, kThreads, 0, stream>>>(
-        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
-        workspace.chunk_size);
-    finish_kernel<T, false><<<finish_grid, kFinishThreads, 0, stream>>>(
-        params, workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
-        workspace.num_chunks);
+    S2D_LAUNCH((race_kernel<T, false>), race_grid, kThreads, stream, params, workspace.stats,
+               workspace.argmax, workspace.partial_key, workspace.partial_block,
+               workspace.chunk_size);
+    S2D_LAUNCH((finish_kernel<T, false>), finish_grid, kFinishThreads, stream, params,
+               workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
+               workspace.num_chunks);
   }
 }
 
