@@ -39,10 +39,11 @@ constexpr float kRaceMaxUniform = 0.99999994f;  // 1 - 2^-24
 // block), then an id inside the block (kStreamSample, index = id).
 constexpr int kRaceBlock = 64;
 
-// The race uniform of vocab entry `index` at `position`, clamped as above.
-S2D_HOST_DEVICE float race_uniform(uint64_t seed, uint64_t offset, uint32_t position,
-                                   uint32_t index) {
-  const float u = philox_uniform(seed, offset, kStreamSample, position, index);
+// The race uniform of entry `index` (an id, or a block in the first stage) on `stream` at
+// `position`, clamped as above.
+S2D_HOST_DEVICE float race_uniform(uint64_t seed, uint64_t offset, uint32_t stream,
+                                   uint32_t position, uint32_t index) {
+  const float u = philox_uniform(seed, offset, stream, position, index);
   return u < kRaceMaxUniform ? u : kRaceMaxUniform;
 }
 

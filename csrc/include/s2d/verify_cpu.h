@@ -163,30 +163,6 @@ S2D_CPU_INLINE float exp_nonpositive(float x) {
   return underflow ? 0.0f : result;
 }
 
-// log(u) for a normal float u in (0, 1]. Cephes logf polynomial.
-S2D_CPU_INLINE float log_unit(float u) {
-  const uint32_t bits = to_bits(u);
-  const int32_t exponent = static_cast<int32_t>(bits >> 23) - 126;  // u = m * 2^e, m in [0.5, 1)
-  const float m = from_bits((bits & 0x007fffffu) | 0x3f000000u);
-  const bool small = m < 0.707106781186547524f;
-  const float x = small ? m + m - 1.0f : m - 1.0f;
-  const float e = static_cast<float>(small ? exponent - 1 : exponent);
-  const float z = x * x;
-  float y = 7.0376836292e-2f;
-  y = y * x - 1.1514610310e-1f;
-  y = y * x + 1.1676998740e-1f;
-  y = y * x - 1.2420140846e-1f;
-  y = y * x + 1.4249322787e-1f;
-  y = y * x - 1.6668057665e-1f;
-  y = y * x + 2.0000714765e-1f;
-  y = y * x - 2.4999993993e-1f;
-  y = y * x + 3.3333331174e-1f;
-  y = y * x * z;
-  y = y + e * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return x + y + e * 0.693359375f;
-}
-
 // NaN -> -inf (vmax keeps the second operand for NaN), +inf -> float32 max.
 S2D_CPU_INLINE VecF sanitize(VecF s) { return vmin(vmax(s, splat(-kInf)), splat(kFloatMax)); }
 
@@ -216,6 +192,7 @@ S2D_CPU_INLINE VecF exp_nonpositive(VecF x) {
   return (VecF)(((VecI)y + (n_bits << 23)) & keep);
 }
 
+// log(u) for normal floats u in (0, 1], 8 lanes. Cephes logf polynomial.
 S2D_CPU_INLINE VecF log_unit(VecF u) {
   const VecU bits = (VecU)u;
   const VecI exponent = (VecI)(bits >> 23) - 126;

@@ -262,12 +262,13 @@ __device__ __forceinline__ int64_t emit_position(const VerifyParams& params, con
   return num_draft;
 }
 
-// The exponential of a race entry: -log(u) with u clamped to kRaceMaxUniform, so it is > 0.
+// The exponential of a race entry: -log(u), u the clamped race uniform (verify_common.h), so > 0.
 // NOTE: logf (about 1 ulp), not __logf: the fast log has an absolute error near 2^-21 around 1,
 // larger than -log(u) itself for u close to 1, which could make the exponential 0 or negative.
 // The race now needs only V / 64 + 64 logs per row, so the accurate one costs nothing noticeable.
-__device__ __forceinline__ float race_exponential(float u) {
-  return -logf(u < kRaceMaxUniform ? u : kRaceMaxUniform);
+__device__ __forceinline__ float race_exponential(uint64_t seed, uint64_t offset, uint32_t stream,
+                                                  uint32_t position, uint32_t index) {
+  return -logf(race_uniform(seed, offset, stream, position, index));
 }
 
 // What the race of a sampled row needs at its emitting position. race_weights(ctx, v) gives the
@@ -389,8 +390,8 @@ __global__ void __launch_bounds__(kThreads)
       sum_b = warp_sum(sum_b);
       // Every lane draws the same block uniform (cheaper than a broadcast: one per 64 ids).
       const float exponential =
-          race_exponential(philox_uniform(ctx.seed, ctx.offset, kStreamSample | kStreamBlockFlag,
-                                          ctx.position, static_cast<uint32_t>(block)));
+          race_exponential(ctx.seed, ctx.offset, kStreamSample | kStreamBlockFlag, ctx.position,
+                           static_cast<uint32_t>(block));
       const int32_t block_id = static_cast<int32_t>(block);
       best_a = key_merge(best_a, KeyIndex{__fdiv_rn(sum_a, exponential), block_id});
       best_b = key_merge(best_b, KeyIndex{__fdiv_rn(sum_b, exponential), block_id});
@@ -462,8 +463,8 @@ __global__ void __launch_bounds__(kFinishThreads)
       float p, residual;
       race_weights<T, kHasQ>(ctx, v, p, residual);
       const float weight = use_residual ? residual : p;
-      const float exponential = race_exponential(philox_uniform(
-          ctx.seed, ctx.offset, kStreamSample, ctx.position, static_cast<uint32_t>(v)));
+      const float exponential = race_exponential(ctx.seed, ctx.offset, kStreamSample, ctx.position,
+                                                 static_cast<uint32_t>(v));
       best = KeyIndex{__fdiv_rn(weight, exponential), static_cast<int32_t>(threadIdx.x)};
     }
   }
