@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from s2d_ext._machine import cpu_name, load_note, sync
+from s2d_ext._machine import bench_meta, sync
 from s2d_ext.ops import kv_compact
 from s2d_ext.ops.kv_compact_reference import kv_compact_reference
 
@@ -93,18 +93,8 @@ def main() -> None:
         results.append(entry)
         print(json.dumps(entry), flush=True)
 
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
-    meta = {
-        "device": device,
-        "machine": machine,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "note": f"{load_note()}; median of up to --repeats runs"
-        if device == "cpu"
-        else "median of --repeats runs",
-    }
+    meta = bench_meta(device, torch.get_num_threads(), load_before)
+    machine = meta["machine"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"kv_compact_{device}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -35,3 +35,17 @@ def load_note(load_average: tuple[float, ...] | None = None) -> str:
     if load > (os.cpu_count() or 1):
         return f"other jobs shared the cores (load average {load:.1f})"
     return f"no other jobs were running (load average {load:.1f})"
+
+
+def bench_meta(device: str, threads: int, load_before: tuple[float, ...]) -> dict:
+    """The machine block of a kernel benchmark's JSON (bench/exit_head.py, bench/kv_compact.py)."""
+    is_cuda = torch.device(device).type == "cuda"
+    return {
+        "device": device,
+        "machine": torch.cuda.get_device_name() if is_cuda else f"{cpu_name()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": threads,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "note": "median of --repeats runs" if is_cuda else f"{load_note()}; median of up to --repeats runs",
+    }
