@@ -14,7 +14,11 @@ CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clan
 
 .PHONY: demo test install lint cuda-check pytest clean
 
-$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt
+# NOTE: the native sources are prerequisites too, so that `make test` after a pull rebuilds the
+# extension instead of testing the libraries built from the previous sources.
+NATIVE_SOURCES := $(shell find csrc -type f 2>/dev/null)
+
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
