@@ -17,33 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from s2d_ext._machine import bench_meta, sync
+from s2d_ext._machine import bench_meta, time_ms
 from s2d_ext.ops import exit_head
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-6
-
-
-def time_ms(fn, device: str, repeats: int, budget_s: float = 3.0) -> float:
-    """Median wall time of ``fn`` in milliseconds (one warm-up call first)."""
-    fn()
-    sync(device)
-    samples = []
-    start_all = time.perf_counter()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() - start_all > budget_s and len(samples) >= 2:
-            break
-    return statistics.median(samples)
 
 
 def torch_baseline(hidden, norm_weight, lm_head, temperature):
@@ -77,13 +59,14 @@ def measure(hidden, norm_weight, lm_head, device, backends, repeats, threads) ->
     temperature = torch.ones(rows, device=device)
     entry = {"rows": rows, "dim": dim, "vocab": vocab, "dtype": str(dtype).replace("torch.", "")}
     entry["torch_ms"] = time_ms(
-        lambda: torch_baseline(hidden, norm_weight, lm_head, temperature), device, repeats
+        lambda i: torch_baseline(hidden, norm_weight, lm_head, temperature), device, repeats, budget_s=3.0
     )
     for backend in backends:
         ms = time_ms(
-            lambda b=backend: exit_head(hidden, norm_weight, lm_head, EPS, temperature, backend=b),
+            lambda i, b=backend: exit_head(hidden, norm_weight, lm_head, EPS, temperature, backend=b),
             device,
             repeats,
+            budget_s=3.0,
         )
         entry[f"{backend}_ms"] = ms
         entry[f"{backend}_speedup"] = entry["torch_ms"] / ms

@@ -14,29 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from s2d_ext._machine import bench_meta, sync
+from s2d_ext._machine import bench_meta, time_ms
 from s2d_ext.ops import kv_compact
 from s2d_ext.ops.kv_compact_reference import kv_compact_reference
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def time_ms(fn, device: str, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def index_select_baseline(cache, index):
@@ -50,11 +36,11 @@ def index_select_baseline(cache, index):
 def measure(cache, index, device, backends, repeats) -> dict[str, float]:
     """Milliseconds of each baseline and backend; cache [B, H, S, D], index [B, S_out]."""
     timings = {
-        "gather": time_ms(lambda: kv_compact_reference(cache, index), device, repeats),
-        "index_select": time_ms(lambda: index_select_baseline(cache, index), device, repeats),
+        "gather": time_ms(lambda i: kv_compact_reference(cache, index), device, repeats),
+        "index_select": time_ms(lambda i: index_select_baseline(cache, index), device, repeats),
     }
     for backend in backends:
-        timings[backend] = time_ms(lambda b=backend: kv_compact(cache, index, backend=b), device, repeats)
+        timings[backend] = time_ms(lambda i, b=backend: kv_compact(cache, index, backend=b), device, repeats)
     return timings
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,3 +52,64 @@ def bench_meta(device: str, threads: int, load_before: tuple[float, ...]) -> dic
         "load_average_after": os.getloadavg(),
         "note": "median of --repeats runs" if is_cuda else f"{load_note()}; median of up to --repeats runs",
     }
+
+
+def time_ms(
+    fn: Callable[[int], object], device: str | torch.device, repeats: int, budget_s: float = 2.0
+) -> float:
+    """Median time of one call ``fn(i)`` in ms, after one warm-up call ``fn(0)``.
+
+    ``i`` counts the calls from 1, so ``fn`` can rotate among several input copies (larger than the
+    caches). On CUDA, events around each call give the GPU's time from the call's first launch to its
+    last kernel's end (launch gaps included, host syncs of the call too); on the CPU, the wall clock.
+    Stops early once ``budget_s`` is spent and at least 3 calls were timed.
+    """
+    is_cuda = torch.device(device).type == "cuda"
+    fn(0)
+    sync(device)
+    samples = []
+    start_all = time.perf_counter()
+    for i in range(repeats):
+        if is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i + 1)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn(i + 1)
+            samples.append((time.perf_counter() - start_s) * 1e3)
+        if time.perf_counter() - start_all > budget_s and len(samples) >= 3:
+            break
+    return statistics.median(samples)
+
+
+def cuda_graph_ms(fn: Callable[[int], object], calls: int, replays: int = 20) -> float:
+    """GPU time per call of ``fn(0)``, ..., ``fn(calls - 1)`` captured in one CUDA graph, in ms.
+
+    NOTE: replaying a graph removes the host's launch overhead, so this is the kernels' own time
+    (the figure a server that captures its decode step sees). The median over ``replays`` replays.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles, the allocator grows
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / calls)
+    return statistics.median(samples)
