@@ -49,9 +49,9 @@ def test_out_of_range_is_a_hole_in_the_kernels(device, backend):
     """The wrapper rejects out-of-range slots; the kernels themselves never read them."""
     cache, _ = make_case(2, 2, 6, 8, 4, torch.float32, device)
     index = torch.tensor([[0, 6, -7, 5], [2**40, -1, 1, -(2**40)]], device=device)
-    op = torch.ops.s2d.kv_compact_triton if backend == "triton" else torch.ops.s2d.kv_compact
     if backend == "triton":
         from s2d_ext.triton.kv_compact import kv_compact_triton  # noqa: F401  (registers the op)
+    op = torch.ops.s2d.kv_compact_triton if backend == "triton" else torch.ops.s2d.kv_compact
     out = op(cache, index)
     expected = torch.zeros_like(out)
     expected[0, :, 0], expected[0, :, 3], expected[1, :, 2] = cache[0, :, 0], cache[0, :, 5], cache[1, :, 1]

@@ -360,9 +360,9 @@ def test_out_of_range_draft_token_is_rejected_not_read(device, backend):
     args = list(_normalise(logits, tokens.clamp(0, vocab - 1), q, None, temperature, 0, 1.0, seeds, 0, None))
     args[1] = tokens
     expected = verify_reference(*args)
-    op = torch.ops.s2d.verify_triton if backend == "triton" else torch.ops.s2d.verify
     if backend == "triton":
-        import s2d_ext.triton.verify  # noqa: F401
+        import s2d_ext.triton.verify  # noqa: F401  (registers the op, before the lookup below)
+    op = torch.ops.s2d.verify_triton if backend == "triton" else torch.ops.s2d.verify
     out, accepted = op(*args)
     assert accepted.cpu().tolist() == [0, 0, 0, 0]
     assert torch.equal(out.cpu(), expected[0].cpu())

@@ -41,7 +41,13 @@ STREAM_SAMPLE_BLOCK = tl.constexpr(STREAM_SAMPLE.value | STREAM_BLOCK_FLAG.value
 @triton.jit
 def _processed_scores(logits, divisor, min_logit):
     """logits / T, NaN -> -inf, +inf -> float32 max, below min_logit -> -inf (float32)."""
-    s = logits.to(tl.float32) / divisor
+    s = logits.to(tl.float32)
+    # NOTE: an IEEE division (div_rn), as in the reference and the C++/CUDA kernels: Triton's `/` is
+    # approximate on a GPU, and the top-k/top-p threshold is itself a processed score, so a score one
+    # ulp low dropped the boundary token (seen on an H100: bf16, top-k 10, T = 1.3). A divisor of 1
+    # (greedy rows, T = 1) divides exactly, so it is skipped.
+    if divisor != 1.0:
+        s = tl.math.div_rn(s, divisor)
     s = tl.where(s != s, float("-inf"), s)
     s = tl.where(s == float("inf"), FLOAT32_MAX, s)
     return tl.where(s < min_logit, float("-inf"), s)
@@ -380,8 +386,9 @@ def _race_kernel(
             u = philox_uniform(seed, offset, STREAM_SAMPLE_BLOCK, emit, blocks)
             exponential = -tl.log(tl.minimum(u, RACE_MAX_UNIFORM))
             real = blocks * RACE_BLOCK < chunk_end
-            key_b = tl.where(real, sums_b / exponential, float("-inf"))
-            key_a = tl.where(real, sums_a / exponential, float("-inf"))
+            # NOTE: IEEE divisions, as in the other backends, so near-tied keys order the same way.
+            key_b = tl.where(real, tl.math.div_rn(sums_b, exponential), float("-inf"))
+            key_a = tl.where(real, tl.math.div_rn(sums_a, exponential), float("-inf"))
             tile_b = tl.max(key_b, axis=0)
             tile_a = tl.max(key_a, axis=0)
             # ties: the smallest block of the tile, and an earlier tile wins (strict >)
@@ -500,7 +507,7 @@ def _finish_kernel(
     weights = tl.where(use_residual, residual, p)
     u = philox_uniform(seed, offset, STREAM_SAMPLE, emit, cols)
     exponential = -tl.log(tl.minimum(u, RACE_MAX_UNIFORM))
-    key = tl.where(in_range, weights / exponential, float("-inf"))
+    key = tl.where(in_range, tl.math.div_rn(weights, exponential), float("-inf"))
     top = tl.max(key, axis=0)
     sampled = tl.min(tl.where(key == top, cols, vocab), axis=0)
     sampled = tl.where(sampled < vocab, sampled, 0)  # never an id outside [0, V)
