@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "s2d/verify_cuda.h"
 #include "verify_binding.h"
 
@@ -18,6 +21,17 @@ int multiprocessor_count(int device) {
     count = 1;
   }
   return count;
+}
+
+// Ids per first-pass chunk: s2d::kStatChunkSize, or S2D_VERIFY_STAT_CHUNK (a multiple of 256, read
+// once per process), for tuning sweeps.
+int64_t stat_chunk_size_setting() {
+  static const int64_t size = [] {
+    const char* text = std::getenv("S2D_VERIFY_STAT_CHUNK");
+    const int64_t value = text != nullptr ? std::atoll(text) : 0;
+    return value >= 256 && value % 256 == 0 ? value : s2d::kStatChunkSize;
+  }();
+  return size;
 }
 
 std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
@@ -39,25 +53,40 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits,
   // NOTE: the stats and race grids put the batch in grid.y (at most 65535 blocks).
   TORCH_CHECK(batch <= 65535,
               "s2d::verify (CUDA kernel): target_logits batch (dim 0) must be <= ", "65535, got ",
-              batch, "; split the batch");
+              std::to_string(batch), "; split the batch");
 
   int num_chunks = 1;
   int64_t chunk_size = vocab;
   s2d::verify_cuda_plan(batch, vocab, multiprocessor_count(target_logits.get_device()), &num_chunks,
                         &chunk_size);
-  const auto float_options = target_logits.options().dtype(at::kFloat);
-  const auto int_options = target_logits.options().dtype(at::kInt);
-  at::Tensor stats = at::empty({batch, positions, 3}, float_options);
-  at::Tensor argmax = at::empty({batch, positions}, int_options);
-  at::Tensor partial_key = at::empty({batch, num_chunks, 2}, float_options);
-  at::Tensor partial_block = at::empty({batch, num_chunks, 3}, int_options);
-
-  s2d::VerifyCudaWorkspace workspace{stats.data_ptr<float>(),
-                                     argmax.data_ptr<int32_t>(),
-                                     partial_key.data_ptr<float>(),
-                                     partial_block.data_ptr<int32_t>(),
-                                     num_chunks,
-                                     chunk_size};
+  const int64_t stat_chunk_size = stat_chunk_size_setting();
+  const int num_stat_chunks = s2d::verify_cuda_stat_chunks(vocab, stat_chunk_size);
+  const int64_t items = positions * num_stat_chunks;
+  TORCH_CHECK((items + 7) / 8 <= 0x7fffffff,
+              "s2d::verify (CUDA kernel): target_logits has too many positions x vocabulary "
+              "chunks for one launch (",
+              std::to_string(items), ")");
+  // NOTE: two allocations (floats, ints) sliced into the seven workspaces: fewer allocator calls.
+  const int64_t partials = batch * positions * num_stat_chunks;
+  const int64_t float_count = 2 * partials + batch * positions * 3 + batch * num_chunks * 2;
+  const int64_t int_count = partials + batch * positions + batch + batch * num_chunks * 3;
+  at::Tensor floats = at::empty({float_count}, target_logits.options().dtype(at::kFloat));
+  at::Tensor ints = at::empty({int_count}, target_logits.options().dtype(at::kInt));
+  float* f = floats.data_ptr<float>();
+  int32_t* i = ints.data_ptr<int32_t>();
+  s2d::VerifyCudaWorkspace workspace{};
+  workspace.partial_max = f;
+  workspace.partial_sum = f + partials;
+  workspace.stats = f + 2 * partials;
+  workspace.partial_key = f + 2 * partials + batch * positions * 3;
+  workspace.partial_argmax = i;
+  workspace.argmax = i + partials;
+  workspace.row_emit = i + partials + batch * positions;
+  workspace.partial_block = i + partials + batch * positions + batch;
+  workspace.num_stat_chunks = num_stat_chunks;
+  workspace.stat_chunk_size = stat_chunk_size;
+  workspace.num_chunks = num_chunks;
+  workspace.chunk_size = chunk_size;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cudaError_t error =
       s2d::verify_cuda_launch(prepared.params, prepared.logit_type, workspace, stream);

@@ -15,38 +15,37 @@ void verify_cuda_plan(int64_t batch, int64_t vocab, int num_sms, int* num_chunks
   chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
   chunks = chunks > 64 ? 64 : chunks;
   int64_t size = (vocab + chunks - 1) / chunks;
-  // NOTE: whole race blocks per chunk, so that no block of the race's first stage straddles two
-  // chunks (race_kernel sums each block in one warp).
-  size = (size + kRaceBlock - 1) / kRaceBlock * kRaceBlock;
+  // NOTE: whole 256-id warp steps per chunk (4 race blocks), so that no block of the race's first
+  // stage straddles two chunks (race_kernel sums each block in 8 lanes of one warp step).
+  const int64_t step = verify_cuda::kRaceStep;
+  size = (size + step - 1) / step * step;
   *chunk_size = size;
   *num_chunks = static_cast<int>((vocab + size - 1) / size);
 }
 
 template <typename T>
-static void launch_typed(const VerifyParams& params, const VerifyCudaWorkspace& workspace,
+static void launch_typed(const VerifyParams& params, const VerifyCudaWorkspace& ws,
                          cudaStream_t stream) {
   using namespace verify_cuda;
-  const dim3 stats_grid(static_cast<unsigned>(params.num_spec + 1),
+  const int64_t items = (params.num_spec + 1) * ws.num_stat_chunks;
+  const dim3 stats_grid(static_cast<unsigned>((items + kWarps - 1) / kWarps),
                         static_cast<unsigned>(params.batch));
-  S2D_LAUNCH((position_stats_kernel<T>), stats_grid, kThreads, stream, params, workspace.stats,
-             workspace.argmax);
-  const dim3 race_grid(static_cast<unsigned>(workspace.num_chunks),
-                       static_cast<unsigned>(params.batch));
-  const dim3 finish_grid(static_cast<unsigned>(params.batch));
+  S2D_LAUNCH((stats_kernel<T>), stats_grid, kThreads, stream, params, ws.partial_max,
+             ws.partial_sum, ws.partial_argmax, ws.num_stat_chunks, ws.stat_chunk_size);
+  const dim3 row_grid(static_cast<unsigned>(params.batch));
+  S2D_LAUNCH((decide_kernel<T>), row_grid, kThreads, stream, params, ws.partial_max, ws.partial_sum,
+             ws.partial_argmax, ws.num_stat_chunks, ws.stats, ws.argmax, ws.row_emit);
+  const dim3 race_grid(static_cast<unsigned>(ws.num_chunks), static_cast<unsigned>(params.batch));
   if (params.draft_probs != nullptr) {
-    S2D_LAUNCH((race_kernel<T, true>), race_grid, kThreads, stream, params, workspace.stats,
-               workspace.argmax, workspace.partial_key, workspace.partial_block,
-               workspace.chunk_size);
-    S2D_LAUNCH((finish_kernel<T, true>), finish_grid, kFinishThreads, stream, params,
-               workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
-               workspace.num_chunks);
+    S2D_LAUNCH((race_kernel<T, true>), race_grid, kThreads, stream, params, ws.stats, ws.row_emit,
+               ws.partial_key, ws.partial_block, ws.chunk_size);
+    S2D_LAUNCH((finish_kernel<T, true>), row_grid, kFinishThreads, stream, params, ws.stats,
+               ws.row_emit, ws.partial_key, ws.partial_block, ws.num_chunks);
   } else {
-    S2D_LAUNCH((race_kernel<T, false>), race_grid, kThreads, stream, params, workspace.stats,
-               workspace.argmax, workspace.partial_key, workspace.partial_block,
-               workspace.chunk_size);
-    S2D_LAUNCH((finish_kernel<T, false>), finish_grid, kFinishThreads, stream, params,
-               workspace.stats, workspace.argmax, workspace.partial_key, workspace.partial_block,
-               workspace.num_chunks);
+    S2D_LAUNCH((race_kernel<T, false>), race_grid, kThreads, stream, params, ws.stats, ws.row_emit,
+               ws.partial_key, ws.partial_block, ws.chunk_size);
+    S2D_LAUNCH((finish_kernel<T, false>), row_grid, kFinishThreads, stream, params, ws.stats,
+               ws.row_emit, ws.partial_key, ws.partial_block, ws.num_chunks);
   }
 }
 

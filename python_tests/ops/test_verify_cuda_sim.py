@@ -39,9 +39,10 @@ def build_simulator(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.
         raise RuntimeError(f"building the CUDA simulator failed:\n{result.stderr[-4000:]}")
     lib = ctypes.CDLL(str(library))
     pointer = ctypes.c_void_p
-    # logits, logit_type, 9 pointers (draft_tokens .. num_accepted), batch, num_spec, vocab, num_sms, chunk
+    # logits, logit_type, 9 pointers (draft_tokens .. num_accepted), batch, num_spec, vocab, num_sms,
+    # race chunk, first-pass chunk
     lib.sim_verify.argtypes = [pointer, ctypes.c_int] + [pointer] * 9 + [ctypes.c_int64] * 3
-    lib.sim_verify.argtypes += [ctypes.c_int, ctypes.c_int64]
+    lib.sim_verify.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     lib.sim_verify.restype = ctypes.c_int
     return lib
 
@@ -53,7 +54,9 @@ def sim(tmp_path_factory) -> ctypes.CDLL:
     return build_simulator(tmp_path_factory.mktemp("cuda_sim"))
 
 
-def sim_verify(lib, logits, tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets, chunk):
+def sim_verify(
+    lib, logits, tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets, chunk, stat_chunk
+):
     """Run the CUDA launcher on the simulator; returns (out_tokens [B, K+1], num_accepted [B], chunks)."""
     batch, positions, vocab = logits.shape
     out_tokens = torch.full((batch, positions), -7, dtype=torch.int64)  # poisoned: every entry is written
@@ -70,7 +73,7 @@ def sim_verify(lib, logits, tokens, draft_probs, num_draft, temperature, min_log
     assert all(t is None or t.dtype == d for t, d in zip(inputs, expected_dtypes, strict=True))
     num_chunks = lib.sim_verify(
         address(inputs[0]), LOGIT_TYPES[logits.dtype], *map(address, inputs[1:]), address(out_tokens),
-        address(num_accepted), batch, positions - 1, vocab, 1, chunk,
+        address(num_accepted), batch, positions - 1, vocab, 1, chunk, stat_chunk,
     )  # fmt: skip
     assert num_chunks > 0, "the simulator failed (see stderr)"
     return out_tokens, num_accepted, num_chunks
@@ -111,30 +114,37 @@ DEFAULT_OPTIONS = dict(
     dtype=torch.float32, greedy_rows=(), dead_rows=(), top_k=0, top_p=1.0, tied_logits=False
 )
 CASES = {
-    # name: (batch, num_spec, vocab, chunk (0 = verify_cuda_plan), extra options)
-    "chunks3_tail": (3, 3, 300, 128, dict(with_q=True)),
-    "chunks3_argmax": (3, 3, 300, 128, dict(with_q=False)),
-    "vocab_lt_64": (3, 2, 37, 0, dict(with_q=True)),
-    "vocab_lt_64_argmax": (3, 2, 37, 0, dict(with_q=False)),
-    "vocab_65_bonus_only": (2, 0, 65, 64, dict(with_q=False)),
-    "greedy_mixed_dead_row": (4, 2, 200, 64, dict(with_q=True, greedy_rows=(0, 3), dead_rows=(2,))),
-    "dead_row_argmax": (3, 2, 100, 0, dict(with_q=False, dead_rows=(0,), greedy_rows=(1,))),
-    "top_k_top_p": (3, 3, 200, 64, dict(with_q=True, top_k=20, top_p=0.9)),
-    "top_k_argmax": (3, 2, 150, 64, dict(with_q=False, top_k=5, greedy_rows=(2,))),
-    "bf16_chunks": (3, 3, 250, 64, dict(with_q=True, dtype=torch.bfloat16, top_p=0.8)),
-    "fp16": (2, 2, 90, 0, dict(with_q=False, dtype=torch.float16)),
-    "argmax_ties_greedy": (3, 1, 300, 0, dict(with_q=False, greedy_rows=(0, 1, 2), tied_logits=True)),
+    # name: (batch, num_spec, vocab, race chunk, first-pass chunk (0 = verify_cuda_plan's), options).
+    # Race chunks and first-pass chunks are multiples of 256 ids; the first pass uses 16-byte loads in
+    # warp steps of 1024 (float32) or 2048 (16-bit) ids, the race in steps of 256 ids, both only where
+    # the row is 16-byte aligned (V * element size a multiple of 16): "vector" cases cover them.
+    "chunks2_tail": (3, 3, 300, 256, 256, dict(with_q=True)),
+    "chunks2_argmax": (3, 3, 300, 256, 256, dict(with_q=False)),
+    "vocab_lt_64": (3, 2, 37, 0, 0, dict(with_q=True)),
+    "vocab_lt_64_argmax": (3, 2, 37, 0, 0, dict(with_q=False)),
+    "vocab_65_bonus_only": (2, 0, 65, 0, 0, dict(with_q=False)),
+    "greedy_mixed_dead_row": (4, 2, 600, 256, 256, dict(with_q=True, greedy_rows=(0, 3), dead_rows=(2,))),
+    "dead_row_argmax": (3, 2, 100, 0, 0, dict(with_q=False, dead_rows=(0,), greedy_rows=(1,))),
+    "top_k_top_p": (3, 3, 520, 256, 256, dict(with_q=True, top_k=20, top_p=0.9)),
+    "top_k_argmax": (3, 2, 150, 0, 0, dict(with_q=False, top_k=5, greedy_rows=(2,))),
+    "bf16_chunks": (3, 3, 520, 256, 256, dict(with_q=True, dtype=torch.bfloat16, top_p=0.8)),
+    "fp16": (2, 2, 90, 0, 0, dict(with_q=False, dtype=torch.float16)),
+    "argmax_ties_greedy": (3, 1, 300, 0, 256, dict(with_q=False, greedy_rows=(0, 1, 2), tied_logits=True)),
+    "vector_f32": (3, 2, 2600, 1024, 2048, dict(with_q=True, greedy_rows=(2,))),
+    "vector_f32_argmax_top_k": (2, 2, 2600, 0, 0, dict(with_q=False, top_k=50)),
+    "vector_bf16": (2, 1, 4400, 2048, 2048, dict(with_q=True, dtype=torch.bfloat16, greedy_rows=(1,))),
+    "vector_ties_greedy": (2, 1, 2048, 0, 1024, dict(with_q=False, greedy_rows=(0, 1), tied_logits=True)),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_kernels_match_reference(sim, name):
-    batch, num_spec, vocab, chunk, options = CASES[name]
+    batch, num_spec, vocab, chunk, stat_chunk, options = CASES[name]
     options = DEFAULT_OPTIONS | options
     # NOTE: one seed per case (each simulated launch costs thousands of OS threads), distinct per case.
     inputs = make_case(batch, num_spec, vocab, seed=list(CASES).index(name), **options)
     expected_tokens, expected_accepted = verify_reference(*inputs)
-    out_tokens, num_accepted, num_chunks = sim_verify(sim, *inputs, chunk=chunk)
+    out_tokens, num_accepted, num_chunks = sim_verify(sim, *inputs, chunk=chunk, stat_chunk=stat_chunk)
     assert num_chunks == (-(-vocab // chunk) if chunk else 1)
     torch.testing.assert_close(out_tokens, expected_tokens, rtol=0, atol=0)
     torch.testing.assert_close(num_accepted, expected_accepted, rtol=0, atol=0)

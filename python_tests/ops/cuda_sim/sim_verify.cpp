@@ -11,14 +11,15 @@
 #include "verify/verify_kernels.cu"
 
 // Runs verify on host buffers (shapes as in s2d::VerifyParams). `chunk_size` > 0 (a multiple of
-// kRaceBlock) overrides verify_cuda_plan's vocabulary split. Returns the number of chunks used,
-// or -1 if the simulator failed (message on stderr).
+// 256) overrides verify_cuda_plan's race split, `stat_chunk_size` > 0 (a multiple of 256) the first
+// pass's. Returns the number of race chunks used, or -1 if the simulator failed (message on
+// stderr).
 extern "C" int sim_verify(const void* logits, int logit_type, const int64_t* draft_tokens,
                           const float* draft_probs, const int64_t* num_draft,
                           const float* temperature, const float* min_logit, const int64_t* seeds,
                           const int64_t* offsets, int64_t* out_tokens, int32_t* num_accepted,
                           int64_t batch, int64_t num_spec, int64_t vocab, int num_sms,
-                          int64_t chunk_size) {
+                          int64_t chunk_size, int64_t stat_chunk_size) {
   const s2d::VerifyParams params{logits,    draft_tokens, draft_probs, num_draft,  temperature,
                                  min_logit, seeds,        offsets,     out_tokens, num_accepted,
                                  batch,     num_spec,     vocab};
@@ -30,14 +31,30 @@ extern "C" int sim_verify(const void* logits, int logit_type, const int64_t* dra
   } else {
     chunk_size = planned_chunk_size;
   }
+  if (stat_chunk_size <= 0) stat_chunk_size = s2d::kStatChunkSize;
+  const int num_stat_chunks = s2d::verify_cuda_stat_chunks(vocab, stat_chunk_size);
   const int64_t positions = num_spec + 1;
+  const int64_t partials = batch * positions * num_stat_chunks;
   // NOTE: poisoned workspaces, so that a read of an entry no kernel wrote shows up as a mismatch.
+  std::vector<float> partial_max(partials, -12345.0f), partial_sum(partials, -12345.0f);
+  std::vector<int32_t> partial_argmax(partials, -999);
   std::vector<float> stats(batch * positions * 3, -12345.0f);
-  std::vector<int32_t> argmax(batch * positions, -999);
+  std::vector<int32_t> argmax(batch * positions, -999), row_emit(batch, -999);
   std::vector<float> partial_key(batch * num_chunks * 2, 777.0f);
   std::vector<int32_t> partial_block(batch * num_chunks * 3, 1 << 30);
-  const s2d::VerifyCudaWorkspace workspace{stats.data(),         argmax.data(), partial_key.data(),
-                                           partial_block.data(), num_chunks,    chunk_size};
+  s2d::VerifyCudaWorkspace workspace{};
+  workspace.partial_max = partial_max.data();
+  workspace.partial_sum = partial_sum.data();
+  workspace.partial_argmax = partial_argmax.data();
+  workspace.stats = stats.data();
+  workspace.argmax = argmax.data();
+  workspace.row_emit = row_emit.data();
+  workspace.partial_key = partial_key.data();
+  workspace.partial_block = partial_block.data();
+  workspace.num_stat_chunks = num_stat_chunks;
+  workspace.stat_chunk_size = stat_chunk_size;
+  workspace.num_chunks = num_chunks;
+  workspace.chunk_size = chunk_size;
   try {
     if (s2d::verify_cuda_launch(params, static_cast<s2d::LogitType>(logit_type), workspace,
                                 nullptr) != cudaSuccess) {
