@@ -7,16 +7,33 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "s2d/verify_cpu.h"
 #include "verify_binding.h"
 
 namespace {
 
+// NOTE: the messages below stream integers and shapes only as std::string (std::to_string,
+// shape_of). On the lent H100 machine's image (torch 2.11 CUDA 13 wheel, GCC 13.3), any
+// extension that streams an integer or tensor.sizes() into TORCH_CHECK's message crashed with
+// SIGSEGV instead of raising: a minimal torch.utils.cpp_extension.load_inline function did too,
+// while strings, literals and dtypes streamed fine. So this is that image's bug, worked around.
+std::string num(int64_t value) { return std::to_string(value); }
+
+// "[3, 17]".
+std::string shape_of(const at::Tensor& tensor) {
+  std::string out = "[";
+  for (int64_t d = 0; d < tensor.dim(); ++d) {
+    out += (d ? ", " : "") + std::to_string(tensor.size(d));
+  }
+  return out + "]";
+}
+
 void check_row_tensor(const at::Tensor& tensor, const char* name, at::ScalarType dtype,
                       int64_t batch, const at::Device& device) {
   TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == batch, "s2d::verify: ", name,
-              " must have shape [B=", batch, "], got ", tensor.sizes());
+              " must have shape [B=", num(batch), "], got ", shape_of(tensor));
   TORCH_CHECK(tensor.scalar_type() == dtype, "s2d::verify: ", name, " must be ", dtype, ", got ",
               tensor.scalar_type());
   TORCH_CHECK(tensor.device() == device, "s2d::verify: ", name, " must be on ", device, ", got ",
@@ -40,7 +57,7 @@ void verify_check_inputs(const at::Tensor& target_logits, const at::Tensor& draf
                          const at::Tensor& temperature, const std::optional<at::Tensor>& min_logit,
                          const at::Tensor& seeds, const at::Tensor& offsets) {
   TORCH_CHECK(target_logits.dim() == 3, "s2d::verify: target_logits must be [B, K+1, V], got ",
-              target_logits.sizes());
+              shape_of(target_logits));
   const auto logit_dtype = target_logits.scalar_type();
   TORCH_CHECK(logit_dtype == at::kFloat || logit_dtype == at::kBFloat16 || logit_dtype == at::kHalf,
               "s2d::verify: target_logits must be float32, bfloat16 or float16, got ", logit_dtype);
@@ -48,22 +65,22 @@ void verify_check_inputs(const at::Tensor& target_logits, const at::Tensor& draf
   const int64_t positions = target_logits.size(1);
   const int64_t vocab = target_logits.size(2);
   TORCH_CHECK(positions >= 1 && positions <= 65536,
-              "s2d::verify: target_logits needs 1..65536 positions (dim 1), got ", positions);
+              "s2d::verify: target_logits needs 1..65536 positions (dim 1), got ", num(positions));
   TORCH_CHECK(vocab >= 1 && vocab < (int64_t{1} << 31),
               "s2d::verify: the vocabulary (dim 2 of target_logits) must be in [1, 2^31), got ",
-              vocab);
+              num(vocab));
   const at::Device device = target_logits.device();
   TORCH_CHECK(draft_tokens.dim() == 2 && draft_tokens.size(0) == batch &&
                   draft_tokens.size(1) == positions - 1,
-              "s2d::verify: draft_tokens must have shape [B, K] = [", batch, ", ", positions - 1,
-              "], got ", draft_tokens.sizes());
+              "s2d::verify: draft_tokens must have shape [B, K] = [", num(batch), ", ",
+              num(positions - 1), "], got ", shape_of(draft_tokens));
   TORCH_CHECK(draft_tokens.scalar_type() == at::kLong, "s2d::verify: draft_tokens must be int64");
   TORCH_CHECK(draft_tokens.device() == device, "s2d::verify: draft_tokens must be on ", device);
   if (draft_probs.has_value()) {
     TORCH_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == batch &&
                     draft_probs->size(1) == positions - 1 && draft_probs->size(2) == vocab,
-                "s2d::verify: draft_probs must have shape [B, K, V] = [", batch, ", ",
-                positions - 1, ", ", vocab, "], got ", draft_probs->sizes());
+                "s2d::verify: draft_probs must have shape [B, K, V] = [", num(batch), ", ",
+                num(positions - 1), ", ", num(vocab), "], got ", shape_of(*draft_probs));
     TORCH_CHECK(draft_probs->scalar_type() == at::kFloat,
                 "s2d::verify: draft_probs must be float32");
     TORCH_CHECK(draft_probs->device() == device, "s2d::verify: draft_probs must be on ", device);
@@ -75,8 +92,8 @@ void verify_check_inputs(const at::Tensor& target_logits, const at::Tensor& draf
   if (min_logit.has_value()) {
     TORCH_CHECK(
         min_logit->dim() == 2 && min_logit->size(0) == batch && min_logit->size(1) == positions,
-        "s2d::verify: min_logit must have shape [B, K+1] = [", batch, ", ", positions, "], got ",
-        min_logit->sizes());
+        "s2d::verify: min_logit must have shape [B, K+1] = [", num(batch), ", ", num(positions),
+        "], got ", shape_of(*min_logit));
     TORCH_CHECK(min_logit->scalar_type() == at::kFloat, "s2d::verify: min_logit must be float32");
     TORCH_CHECK(min_logit->device() == device, "s2d::verify: min_logit must be on ", device);
   }
