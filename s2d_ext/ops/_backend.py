@@ -21,6 +21,13 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# NOTE: measured on an H100 (bench/results/exit_head_cuda.md): the CUDA exit-head kernel reads the
+# LM head once per row (no reuse across rows), so at 16 or 64 rows it is 1.1 to 13 times slower
+# than Triton's (the gap grows with N, d and V); at one row the two are about even. "auto"
+# therefore prefers Triton for it on a GPU.
+_TRITON_FIRST_ON_CUDA = frozenset({"exit_head"})
+
+
 def available_backends(op: str, device: torch.device) -> list[str]:
     """Backends that can run ``op`` on tensors of ``device``, fastest first, reference last."""
     found = []
@@ -29,7 +36,7 @@ def available_backends(op: str, device: torch.device) -> list[str]:
     if device.type == "cpu" and _native.has_native(op):
         found.append("cpu")
     if triton_usable(device):
-        found.append("triton")
+        found.insert(0 if device.type == "cuda" and op in _TRITON_FIRST_ON_CUDA else len(found), "triton")
     found.append("reference")
     return found
 
