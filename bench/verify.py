@@ -341,8 +341,9 @@ def main() -> None:
         "",
         f"Measured read bandwidth (torch sum of 256 MiB, same run): **{bandwidth:.1f} GB/s**.",
         "",
-        "Bytes = logits of positions 0..e, + the q row at e for recovered sampled rows (+ position e "
-        "again for backends whose race re-reads it); see bench/verify.py.",
+        "Bytes = the logits each backend reads (C++: positions 0..e; CUDA and Triton: all K+1 "
+        "positions, then position e again for sampled rows), + the q row at e for recovered sampled "
+        "rows; see bench/verify.py.",
         "",
     ]
     if comparison:

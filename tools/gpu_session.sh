@@ -43,7 +43,7 @@ for step in "$@"; do
 print({op: a(op, torch.device('cuda')) for op in ('verify', 'exit_head', 'kv_compact')})" 2>&1 | tee -a "$SUMMARY"
     ;;
   test)
-    run_step test_ops 270 $PY -m pytest -q -n 8 --timeout 240 python_tests/ops ;;
+    run_step test_ops 240 $PY -m pytest -q -n 12 --timeout 200 python_tests/ops ;;
   bench-verify)
     run_step bench_verify 280 $PY bench/verify.py --device cuda
     cp bench/results/verify_cuda.md "$OUT/" 2>/dev/null ;;
