@@ -135,9 +135,6 @@ __device__ __forceinline__ KeyIndex warp_reduce(KeyIndex ki) {
   return ki;
 }
 
-__device__ __forceinline__ OnlineStat merge_any(const OnlineStat& a, const OnlineStat& b) {
-  return stat_merge(a, b);
-}
 __device__ __forceinline__ KeyIndex merge_any(const KeyIndex& a, const KeyIndex& b) {
   return key_merge(a, b);
 }
