@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Work for one call of the lent GPU machine (see the device notes in README.md): build the CUDA
+# Work for one call of a GPU machine (README.md, Benchmarks): build the CUDA
 # extension, then run the named steps, each under its own time limit so the call always returns.
 #
 #   tools/gpu_session.sh build test bench-verify          # first call
