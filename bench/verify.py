@@ -112,13 +112,15 @@ def _normalised_args(case) -> tuple:
     )
 
 
-def mean_bytes_read(cases, backend: str, sampled: bool) -> float:
-    """Bytes read per call, averaged over the rotated input copies (their acceptance differs)."""
-    total = 0
+def accepted_and_bytes(cases, backend: str, sampled: bool) -> tuple[torch.Tensor, float]:
+    """num_accepted of every rotated input copy, concatenated, and the bytes read per call averaged
+    over the copies (their acceptance differs). One verify call per copy."""
+    accepted, total = [], 0
     for case in cases:
-        _, accepted = verify(**case, backend=backend)
-        total += bytes_read(case, accepted, sampled, backend)
-    return total / len(cases)
+        _, case_accepted = verify(**case, backend=backend)
+        accepted.append(case_accepted)
+        total += bytes_read(case, case_accepted, sampled, backend)
+    return torch.cat(accepted), total / len(cases)
 
 
 def _triton_version() -> str | None:
@@ -195,10 +197,9 @@ def main() -> None:
                         # its biggest cases would dominate the run time, so they are skipped.
                         if backend == "reference" and batch * (num_spec + 1) * vocab > 10_000_000:
                             continue
-                        outs = {}
 
-                        def run(i, backend=backend, outs=outs, cases=cases):
-                            outs["last"] = verify(**cases[i % len(cases)], backend=backend)
+                        def run(i, backend=backend, cases=cases):
+                            verify(**cases[i % len(cases)], backend=backend)
 
                         ms = time_ms(run, device, repeats=20 if backend != "reference" else 3)
                         op_ms = None
@@ -208,8 +209,7 @@ def main() -> None:
                             op_ms = cuda_graph_ms(
                                 lambda i, op=op, op_args=op_args: op(*op_args[i]), len(cases)
                             )
-                        accepted = torch.cat([verify(**case, backend=backend)[1] for case in cases])
-                        nbytes = mean_bytes_read(cases, backend, sampled)
+                        accepted, nbytes = accepted_and_bytes(cases, backend, sampled)
                         kernel_ms = op_ms if op_ms is not None else ms
                         gbs = nbytes / (kernel_ms * 1e-3) / 1e9
                         row = {
@@ -247,7 +247,7 @@ def main() -> None:
         )
         # The op alone, on arguments already checked and normalised by s2d_ext.ops.verify.
         op_args = [_normalised_args(case) for case in cases]
-        nbytes = mean_bytes_read(cases, "cpu", sampled=True)
+        accepted, nbytes = accepted_and_bytes(cases, "cpu", sampled=True)
         # NOTE: this machine's speed drifts from minute to minute (shared host), so the kernel, the
         # op alone and the bandwidth probe are measured together in several rounds; the figures are
         # the medians of the per-round values, with their range.
@@ -277,7 +277,6 @@ def main() -> None:
 
         fraction, fraction_low, fraction_high = median_and_range("bw_fraction")
         op_fraction, op_fraction_low, op_fraction_high = median_and_range("op_only_bw_fraction")
-        accepted = torch.cat([verify(**case, backend="cpu")[1] for case in cases])
         comparison = {
             "B": batch,
             "K": num_spec,
