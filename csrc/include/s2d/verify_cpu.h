@@ -31,8 +31,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define S2D_CPU_INLINE inline __attribute__((always_inline))
+#define S2D_CPU_NOINLINE inline __attribute__((noinline))
 #else
 #define S2D_CPU_INLINE inline
+#define S2D_CPU_NOINLINE inline
 #endif
 
 // NOTE: this header is compiled twice: as s2d::verify_cpu (portable flags) and, by
@@ -170,14 +172,15 @@ S2D_CPU_INLINE VecF sanitize(VecF s) { return vmin(vmax(s, splat(-kInf)), splat(
 // t = n + f with n integer and |f| <= 1/2, 2^f by a degree-6 polynomial (relative error < 1e-7
 // on [-87, 0], as the scalar Cephes version), times 2^n by adding n to the exponent bits.
 // NOTE: cheaper than the scalar version's ln 2 range reduction (7 multiply-adds instead of 11),
-// and it runs once per logit of every position pass 1 reads.
+// and it runs once per logit of every position pass 1 reads. NOTE: x is not clamped: below -87
+// (and for -inf or NaN) the lanes compute garbage that the final mask turns into 0, which saves
+// an op and a live constant in the hot loop (fewer constants keep its accumulators in registers).
 S2D_CPU_INLINE VecF exp_nonpositive(VecF x) {
   const VecI keep = x >= -87.0f;
-  const VecF xc = vmax(x, splat(-87.0f));
-  const VecF shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + round(t)
+  const VecF shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + round(t)
   const VecF n = shifted - 12582912.0f;
-  VecF f = xc * 1.44269504088896341f - n;
-  f = xc * 1.925963033500011e-8f + f;  // the rest of log2(e) beyond float precision
+  VecF f = x * 1.44269504088896341f - n;
+  f = x * 1.925963033500011e-8f + f;  // the rest of log2(e) beyond float precision
   VecF y = splat(1.535336188319500e-4f);
   y = y * f + 1.339887440266574e-3f;
   y = y * f + 9.618437357674640e-3f;
@@ -185,11 +188,11 @@ S2D_CPU_INLINE VecF exp_nonpositive(VecF x) {
   y = y * f + 2.402264791363012e-1f;
   y = y * f + 6.931472028550421e-1f;
   y = y * f + 1.0f;
-  // NOTE: y * 2^n by adding n (an integer in [-126, 0], also the low mantissa bits of `shifted`)
-  // to y's exponent bits; x >= -87 keeps t >= -125.6, so where n = -126, f > 0 and y > 1: the
-  // result stays a normal float.
-  const VecI n_bits = (VecI)shifted - (VecI)splat(12582912.0f);
-  return (VecF)(((VecI)y + (n_bits << 23)) & keep);
+  // NOTE: y * 2^n by adding n << 23 to y's bits. `shifted` holds n (an integer in [-126, 0]) in
+  // its low mantissa bits above 0x4b400000, and every set bit of 0x4b400000 shifts out of the
+  // 32-bit lane, so shifted's bits << 23 are n << 23. x >= -87 keeps t >= -125.6, so where
+  // n = -126, f > 0 and y > 1: the result stays a normal float.
+  return (VecF)(((VecI)y + ((VecI)shifted << 23)) & keep);
 }
 
 // log(u) for normal floats u in (0, 1], 8 lanes. Cephes logf polynomial.
@@ -318,6 +321,62 @@ struct Scratch {
   float* block_sums;  // [round_up(ceil(V / kRaceBlock), kRaceBlock)] the race's stage-1 weights
 };
 
+// Processed scores of one chunk (count <= kChunk ids) into `out`, -inf padded up to a multiple of
+// 2 kVec; returns their max.
+// NOTE: this and exp_chunk are functions of their own, not inlined into the row loop: inlined,
+// GCC ran out of vector registers there and kept the loops' accumulators on the stack, which put
+// a store-to-load round trip on every iteration's dependency chain.
+template <class Logits, bool kDivide, bool kThreshold>
+S2D_CPU_NOINLINE float score_chunk(const typename Logits::Storage* chunk, int64_t count,
+                                   float temperature, float threshold, float* out) {
+  const int64_t full = count & ~static_cast<int64_t>(2 * kVec - 1);
+  VecF max0 = splat(-kInf), max1 = splat(-kInf);
+  for (int64_t i = 0; i < full; i += 2 * kVec) {
+    const VecF s0 =
+        processed_score<kDivide, kThreshold>(Logits::load8(chunk + i), temperature, threshold);
+    const VecF s1 = processed_score<kDivide, kThreshold>(Logits::load8(chunk + i + kVec),
+                                                         temperature, threshold);
+    store_vec(out + i, s0);
+    store_vec(out + i + kVec, s1);
+    max0 = vmax(max0, s0);
+    max1 = vmax(max1, s1);
+  }
+  const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
+  float chunk_max = horizontal_max(vmax(max0, max1));
+  for (int64_t i = full; i < padded; ++i) {
+    const float s = i < count ? processed_score<kDivide, kThreshold>(Logits::load(chunk[i]),
+                                                                     temperature, threshold)
+                              : -kInf;
+    out[i] = s;
+    chunk_max = s > chunk_max ? s : chunk_max;
+  }
+  return chunk_max;
+}
+
+// exp(score - shift) of `padded` (a multiple of 2 kVec) scores in place; returns their sum.
+// Meanwhile prefetches the first `prefetch_bytes` bytes from `prefetch` (may be 0).
+S2D_CPU_NOINLINE float exp_chunk(float* scores, int64_t padded, float shift, const char* prefetch,
+                                 int64_t prefetch_bytes) {
+  const VecF shift8 = splat(shift);
+  VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
+  // NOTE: one 64-byte line per iteration (2 kVec scores) until `prefetch_bytes` are covered: all
+  // of the next float32 chunk, or a 16-bit one in the first half of the loop.
+  const int64_t prefetch_stride = prefetch_bytes > 0 ? 64 : 0;
+  const char* line = prefetch;
+  const char* const prefetch_end = prefetch + prefetch_bytes;
+  for (int64_t i = 0; i < padded; i += 2 * kVec) {
+    if (line < prefetch_end) __builtin_prefetch(line);
+    line += prefetch_stride;
+    const VecF e0 = exp_nonpositive(load_vec(scores + i) - shift8);
+    const VecF e1 = exp_nonpositive(load_vec(scores + i + kVec) - shift8);
+    store_vec(scores + i, e0);
+    store_vec(scores + i + kVec, e1);
+    sum0 += e0;
+    sum1 += e1;
+  }
+  return horizontal_sum(sum0 + sum1);
+}
+
 // Pass 1 of a sampled row at one position: online max and sum-exp over the vocabulary, one chunk
 // of kChunk scores at a time (scores into the scratch, then the max, then exps in place, from L1).
 // NOTE: the exps stay in the scratch, so that pass 2 (the race) at the emitting position reads
@@ -326,34 +385,17 @@ template <class Logits, bool kDivide, bool kThreshold>
 S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logits, int64_t vocab,
                                            float temperature, float min_logit,
                                            const Scratch& scratch, int64_t prefetch_ahead) {
+  using Storage = typename Logits::Storage;
   const float threshold = kThreshold ? min_logit : -kInf;
   float running_max = -kInf;
   float running_sum = 0.0f;
   for (int64_t start = 0, chunk_index = 0; start < vocab; start += kChunk, ++chunk_index) {
     const int64_t count = vocab - start < kChunk ? vocab - start : kChunk;
-    const int64_t full = count & ~static_cast<int64_t>(2 * kVec - 1);
-    const typename Logits::Storage* chunk = logits + start;
+    const Storage* chunk = logits + start;
     float* out = scratch.exps + start;
-    VecF max0 = splat(-kInf), max1 = splat(-kInf);
-    for (int64_t i = 0; i < full; i += 2 * kVec) {
-      const VecF s0 =
-          processed_score<kDivide, kThreshold>(Logits::load8(chunk + i), temperature, threshold);
-      const VecF s1 = processed_score<kDivide, kThreshold>(Logits::load8(chunk + i + kVec),
-                                                           temperature, threshold);
-      store_vec(out + i, s0);
-      store_vec(out + i + kVec, s1);
-      max0 = vmax(max0, s0);
-      max1 = vmax(max1, s1);
-    }
+    const float chunk_max =
+        score_chunk<Logits, kDivide, kThreshold>(chunk, count, temperature, threshold, out);
     const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
-    float chunk_max = horizontal_max(vmax(max0, max1));
-    for (int64_t i = full; i < padded; ++i) {
-      const float s = i < count ? processed_score<kDivide, kThreshold>(Logits::load(chunk[i]),
-                                                                       temperature, threshold)
-                                : -kInf;
-      out[i] = s;
-      chunk_max = s > chunk_max ? s : chunk_max;
-    }
     if (chunk_max == -kInf) {
       // NOTE: zeros, not exp(-inf - running_max): that is NaN while running_max is still -inf.
       for (int64_t i = 0; i < padded; i += kVec) store_vec(out + i, splat(0.0f));
@@ -365,22 +407,13 @@ S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logit
       running_max = chunk_max;
     }
     scratch.chunk_ref[chunk_index] = running_max;
-    const VecF shift = splat(running_max);
-    VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
     // NOTE: the exps are pure compute, during which the hardware prefetcher alone leaves memory
     // idle; so the next chunk of logits (possibly the next position's) is fetched meanwhile.
-    const int64_t next_count = prefetch_ahead - start - kChunk;
-    const char* next = next_count > 0 ? reinterpret_cast<const char*>(chunk + kChunk) : nullptr;
-    for (int64_t i = 0; i < padded; i += 2 * kVec) {
-      if (i < next_count) __builtin_prefetch(next + i * sizeof(*chunk));
-      const VecF e0 = exp_nonpositive(load_vec(out + i) - shift);
-      const VecF e1 = exp_nonpositive(load_vec(out + i + kVec) - shift);
-      store_vec(out + i, e0);
-      store_vec(out + i + kVec, e1);
-      sum0 += e0;
-      sum1 += e1;
-    }
-    running_sum += horizontal_sum(sum0 + sum1);
+    int64_t next_count = prefetch_ahead - start - kChunk;
+    next_count = next_count < 0 ? 0 : (next_count > kChunk ? kChunk : next_count);
+    running_sum +=
+        exp_chunk(out, padded, running_max, reinterpret_cast<const char*>(chunk + kChunk),
+                  next_count * static_cast<int64_t>(sizeof(Storage)));
   }
   PositionStats stats;
   stats.dead = running_max == -kInf;
