@@ -156,6 +156,55 @@ def test_race_on_chunked_exps_is_exact(device, backend, layout):
         assert_same(backend, (logits, tokens, draft_probs, num_draft, temperature, top_k, 1.0, seeds, 9), {})
 
 
+@pytest.mark.parametrize(("device", "backend"), CPP_BACKENDS)
+@pytest.mark.parametrize(
+    ("dtype", "temperature", "top_k"), [(torch.float32, 1.0, 0), (torch.bfloat16, 0.7, 40)]
+)
+def test_accept_boundary_is_decided_exactly(device, backend, dtype, temperature, top_k):
+    """Regression for the C++ kernel's cheap accept test: it settles u * q(x) < p(x) from a sum of
+    approximate exps (a few percent off) and runs the exact pass only when the verdict is unsure.
+    Here q(x) is set so that u * q(x) = p(x) (1 + eps), with eps from just inside the cheap pass's
+    error (+-1e-3 .. +-6%) to just outside it: every verdict must match the reference's."""
+    from s2d_ext.ops.philox import STREAM_ACCEPT, philox_uniform
+
+    eps = torch.tensor([-0.07, -0.0615, -0.03, -1e-2, -1e-3, 1e-3, 1e-2, 0.03, 0.0615, 0.07])
+    batch, num_spec, vocab = 2 * len(eps), 3, 2 * 2048 + 905
+    logits, _, q, seeds = make_inputs(batch, num_spec, vocab, dtype=dtype, seed=5, spread=2.0)
+    logits, q, seeds = logits.cpu(), q.cpu(), seeds.cpu()
+    temperature_t = torch.full((batch,), temperature)
+    min_logit = None
+    if top_k:
+        min_logit = logit_threshold(logits, temperature_t, torch.full((batch,), top_k), torch.ones(batch))
+    p = processed_probs(logits, temperature_t, min_logit)[:, :num_spec]  # [B, K, V]
+    tokens = p.argsort(dim=-1, descending=True)[..., 1]  # a likely token, not the max
+    u = philox_uniform(
+        seeds[:, None],
+        torch.zeros(batch, 1, dtype=torch.int64),
+        STREAM_ACCEPT,
+        torch.arange(num_spec)[None, :],
+        0,
+    )
+    # Row b tests eps[b % 10] at every position; odd rows accept the first positions outright.
+    row_eps = eps.repeat(2)[:, None].expand(batch, num_spec).clone()
+    row_eps[len(eps) :, :2] = -0.5
+    p_token = p.gather(-1, tokens[..., None]).squeeze(-1)
+    q.scatter_(-1, tokens[..., None], (p_token / u * (1 + row_eps))[..., None])
+    args = (
+        logits.to(device),
+        tokens.to(device),
+        q.to(device),
+        None,
+        temperature,
+        top_k,
+        1.0,
+        seeds.to(device),
+        0,
+    )
+    got = assert_same(backend, args, {})
+    # Both verdicts occur (the reference's own decision is u q < p, so eps < 0 accepts).
+    assert got[1].min() == 0 and got[1].max() == num_spec
+
+
 @needs_native
 def test_portable_cpu_build_matches_reference():
     """The non-AVX2 build of the C++ kernel (forced by S2D_VERIFY_PORTABLE=1) in a fresh process."""

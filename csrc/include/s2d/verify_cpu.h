@@ -4,8 +4,10 @@
 //   pass 1, position j = 0, 1, ...: one read of the logits at j gives the online max / sum-exp of
 //           the processed scores (greedy rows: max + argmax only) and p(x_j); the accept test
 //           u * q(x_j) < p(x_j) decides whether to go on. Stops at the first rejection or at the
-//           bonus position num_draft. The exps of the last position read stay in a per-thread
-//           scratch (V floats, in cache).
+//           bonus position num_draft. Sampled rows first try a cheap pass (approx_accept: the
+//           sum-exp to within a few percent, enough for most accept tests) and run the exact one
+//           only where that leaves the verdict unsure and at the emitting position, whose exps
+//           stay in a per-thread scratch (V floats, in cache) for pass 2.
 //   pass 2, sampled rows only, at the emitting position: the two-level exponential race on the
 //           residual max(0, p - q) (or p minus the point-mass draft token, or p for the bonus
 //           token), with p read from the scratch: one sweep of the scratch (and of the q row)
@@ -422,6 +424,157 @@ S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logit
   return stats;
 }
 
+// ---- The approximate accept test -------------------------------------------------------------
+// A draft token is accepted when u q(x) < p(x) = exp(s_x - max) / Z. Deciding that needs Z only to
+// the precision that separates u q(x) from p(x), which is seldom close: a pass that computes Z to
+// within a few percent with a cheap exp, and p(x) from it, settles most accept tests; pass 1 runs
+// exactly (sampled_stats) only where the verdict is unsure and at the emitting position, whose
+// exps the race needs. This leaves the tokens bit for bit those of the exact test.
+// NOTE: why it pays: the exact pass costs about 20 vector ops per 8 logits, and it ran at every
+// position a row reads, so the kernel was bound by compute at about half the memory bandwidth;
+// the cheap pass (about 6 ops per 8 besides the scores) is bound by memory, and the exact pass
+// now runs at one position per row, on logits the cheap pass has just brought into the cache.
+//
+// Why the verdict is safe (all ratios are to the true real-number values):
+// - the cheap exp 2^n (1 + f), for t = x / ln 2 = n + f with 0 <= f < 1, is 1 to 1.06148 times
+//   2^t ((1 + f) / 2^f peaks at f = 1 / ln 2 - 1), less the truncation to an integer and the
+//   rounding of x * 2^23 / ln 2 + 127 * 2^23 near 2^30 (both within 2e-5 relative); x below -87
+//   counts 2^-125.5, which is nothing against Z >= 1 (the max's own term);
+// - its chunk sums are float sums of at most 128 terms per lane (within 2e-5), added up in double;
+// - the exact pass's Z has the polynomial exp's error (1e-7) plus float rounding along a chain of
+//   at most 132 + 3 * ceil(V / kChunk) operations: within 1.2e-4 while V <= kApproxMaxVocab;
+// - exp(s_x - max) is the same float in both (same std::exp call on the same operands).
+// So p_exact / p_approx = Z_approx / Z_exact lies in [1 - 2^-12, 1.06148 (1 + 2^-12)], and
+// kApproxSlack = 2^-10 leaves four times that margin.
+constexpr double kApproxExpMaxRatio = 1.06148;
+constexpr double kApproxSlack = 1.0 / 1024;
+constexpr int64_t kApproxMaxVocab = int64_t{1} << 20;  // beyond it every position runs exactly
+
+enum class Verdict : int { kAccept, kReject, kUnsure };
+
+// sum of the cheap exp(score - shift) over `padded` (a multiple of 2 kVec) scores <= shift; also
+// prefetches as exp_chunk does.
+S2D_CPU_NOINLINE float approx_exp_sum(const float* scores, int64_t padded, float shift,
+                                      const char* prefetch, int64_t prefetch_bytes) {
+  const VecF shift8 = splat(shift);
+  const VecF lowest = splat(-87.0f);
+  VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
+  const int64_t prefetch_stride = prefetch_bytes > 0 ? 64 : 0;
+  const char* line = prefetch;
+  const char* const prefetch_end = prefetch + prefetch_bytes;
+  for (int64_t i = 0; i < padded; i += 2 * kVec) {
+    if (line < prefetch_end) __builtin_prefetch(line);
+    line += prefetch_stride;
+    // NOTE: x * 2^23 / ln 2 + 127 * 2^23, truncated to an integer, is the bit pattern of
+    // 2^n (1 + f): n lands in the exponent field, f in the mantissa.
+    const VecF x0 = vmax(load_vec(scores + i) - shift8, lowest);
+    const VecF x1 = vmax(load_vec(scores + i + kVec) - shift8, lowest);
+    sum0 += (VecF) __builtin_convertvector(x0 * 12102203.161561485f + 1065353216.0f, VecI);
+    sum1 += (VecF) __builtin_convertvector(x1 * 12102203.161561485f + 1065353216.0f, VecI);
+  }
+  return horizontal_sum(sum0 + sum1);
+}
+
+// The cheap pass over one chunk in a single loop (processed scores, their max and the sum of the
+// cheap exp(score - shift)), against a shift fixed beforehand: the running max of the earlier
+// chunks. Returns the chunk's max; `sum` is valid only if max - shift <= kApproxHeadroom (the
+// caller checks: larger scores would overflow the exponent field). NOTE: fl(max - shift) rather
+// than max <= shift + headroom, whose sum may round up by a whole ulp of a large shift.
+constexpr float kApproxHeadroom = 64.0f;  // e^64 * 2048 ids stays far below the float max
+
+S2D_CPU_INLINE float approx_exp_bits(float x) {
+  return from_bits(
+      static_cast<uint32_t>(static_cast<int32_t>(x * 12102203.161561485f + 1065353216.0f)));
+}
+
+template <class Logits, bool kDivide, bool kThreshold>
+S2D_CPU_NOINLINE float approx_chunk(const typename Logits::Storage* chunk, int64_t count,
+                                    float temperature, float threshold, float shift, float& sum) {
+  const int64_t full = count & ~static_cast<int64_t>(2 * kVec - 1);
+  const VecF shift8 = splat(shift);
+  const VecF lowest = splat(-87.0f);
+  VecF max0 = splat(-kInf), max1 = splat(-kInf);
+  VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
+  for (int64_t i = 0; i < full; i += 2 * kVec) {
+    // NOTE: this loop is bound by memory; 1 KiB ahead keeps enough lines in flight.
+    __builtin_prefetch(reinterpret_cast<const char*>(chunk + i) + 1024);
+    const VecF s0 =
+        processed_score<kDivide, kThreshold>(Logits::load8(chunk + i), temperature, threshold);
+    const VecF s1 = processed_score<kDivide, kThreshold>(Logits::load8(chunk + i + kVec),
+                                                         temperature, threshold);
+    max0 = vmax(max0, s0);
+    max1 = vmax(max1, s1);
+    const VecF x0 = vmax(s0 - shift8, lowest);
+    const VecF x1 = vmax(s1 - shift8, lowest);
+    sum0 += (VecF) __builtin_convertvector(x0 * 12102203.161561485f + 1065353216.0f, VecI);
+    sum1 += (VecF) __builtin_convertvector(x1 * 12102203.161561485f + 1065353216.0f, VecI);
+  }
+  float chunk_max = horizontal_max(vmax(max0, max1));
+  float total = horizontal_sum(sum0 + sum1);
+  for (int64_t i = full; i < count; ++i) {
+    const float s =
+        processed_score<kDivide, kThreshold>(Logits::load(chunk[i]), temperature, threshold);
+    chunk_max = s > chunk_max ? s : chunk_max;
+    const float x = s - shift;
+    total += approx_exp_bits(x > -87.0f ? x : -87.0f);
+  }
+  sum = total;
+  return chunk_max;
+}
+
+// The cheap pass at one position and the verdict on `uq` = u * q(x) for `token` (in range).
+template <class Logits, bool kDivide, bool kThreshold>
+S2D_CPU_INLINE Verdict approx_accept(const typename Logits::Storage* logits, int64_t token,
+                                     int64_t vocab, float temperature, float min_logit, float uq,
+                                     const Scratch& scratch, int64_t prefetch_ahead) {
+  using Storage = typename Logits::Storage;
+  const float threshold = kThreshold ? min_logit : -kInf;
+  float running_max = -kInf;
+  double running_sum = 0.0;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t count = vocab - start < kChunk ? vocab - start : kChunk;
+    const Storage* chunk = logits + start;
+    if (running_max != -kInf) {
+      // NOTE: one loop over the chunk against the running max so far, which the rest of the
+      // vocabulary seldom exceeds by much; when it does, the chunk is redone below (from cache).
+      float chunk_sum;
+      const float chunk_max = approx_chunk<Logits, kDivide, kThreshold>(
+          chunk, count, temperature, threshold, running_max, chunk_sum);
+      if (chunk_max - running_max <= kApproxHeadroom) {
+        running_sum += chunk_sum;
+        if (chunk_max > running_max) {
+          running_sum *= std::exp(static_cast<double>(running_max) - chunk_max);
+          running_max = chunk_max;
+        }
+        continue;
+      }
+    }
+    // Until a finite score is seen, and for chunks whose max jumps: scores first, then exps.
+    float* scores = scratch.exps + start;
+    const float chunk_max =
+        score_chunk<Logits, kDivide, kThreshold>(chunk, count, temperature, threshold, scores);
+    if (chunk_max == -kInf) continue;
+    if (chunk_max > running_max) {
+      running_sum *= std::exp(static_cast<double>(running_max) - chunk_max);
+      running_max = chunk_max;
+    }
+    const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
+    int64_t next_count = prefetch_ahead - start - kChunk;
+    next_count = next_count < 0 ? 0 : (next_count > kChunk ? kChunk : next_count);
+    running_sum +=
+        approx_exp_sum(scores, padded, running_max, reinterpret_cast<const char*>(chunk + kChunk),
+                       next_count * static_cast<int64_t>(sizeof(Storage)));
+  }
+  if (running_max == -kInf) return Verdict::kUnsure;  // every score -inf: left to the exact pass
+  // NOTE: exactly token_prob's numerator (same call, same operands: the max is the same float).
+  const float s = processed_score<true, true>(Logits::load(logits[token]), temperature, min_logit);
+  if (s == -kInf) return Verdict::kReject;  // p(x) = 0 exactly: never accepted
+  const double p_approx = static_cast<double>(std::exp(s - running_max)) / running_sum;
+  if (uq < p_approx * (1.0 - kApproxSlack)) return Verdict::kAccept;
+  if (uq >= p_approx * kApproxExpMaxRatio * (1.0 + kApproxSlack)) return Verdict::kReject;
+  return Verdict::kUnsure;
+}
+
 S2D_CPU_INLINE VecI lane_iota(int32_t first) { return VecI{0, 1, 2, 3, 4, 5, 6, 7} + first; }
 
 // Lane-wise (key, index) argmax update; a lane keeps its first maximum (strict >).
@@ -652,22 +805,36 @@ S2D_CPU_INLINE void verify_sampled_row(const VerifyParams& params, int64_t row,
   const float temperature = params.temperature[row] > 0.0f ? params.temperature[row] : 1.0f;
   const uint64_t seed = static_cast<uint64_t>(params.seeds[row]);
   const uint64_t offset = static_cast<uint64_t>(params.offsets[row]);
+  const bool approximate = vocab <= kApproxMaxVocab;
   int64_t j = 0;
   PositionStats stats;
   for (;; ++j) {
     const float min_logit = kThreshold ? params.min_logit[row * (num_spec + 1) + j] : -kInf;
+    const Storage* position_logits = logits + j * vocab;
     // Prefetch up to the end of the bonus position's logits, the last this row may read.
-    stats = sampled_stats<Logits, kDivide, kThreshold>(
-        logits + j * vocab, vocab, temperature, min_logit, scratch, (num_draft + 1 - j) * vocab);
-    if (j == num_draft) break;  // every draft accepted: bonus token at j
-    const int64_t token = tokens[j];
-    if (token < 0 || token >= vocab) break;  // out-of-range draft: rejected, never read
-    const float p =
-        token_prob<Logits>(logits + j * vocab, token, vocab, temperature, min_logit, stats);
+    const int64_t prefetch_ahead = (num_draft + 1 - j) * vocab;
+    const int64_t token = j < num_draft ? tokens[j] : -1;
+    if (j == num_draft || token < 0 || token >= vocab) {
+      // Every draft accepted (bonus token at j), or an out-of-range draft: rejected, never read.
+      stats = sampled_stats<Logits, kDivide, kThreshold>(position_logits, vocab, temperature,
+                                                         min_logit, scratch, prefetch_ahead);
+      break;
+    }
     const float q =
         params.draft_probs ? params.draft_probs[(row * num_spec + j) * vocab + token] : 1.0f;
     const float u = philox_uniform(seed, offset, kStreamAccept, static_cast<uint32_t>(j), 0);
-    if (!(u * q < p)) break;
+    const float uq = u * q;
+    const Verdict verdict = approximate ? approx_accept<Logits, kDivide, kThreshold>(
+                                              position_logits, token, vocab, temperature, min_logit,
+                                              uq, scratch, prefetch_ahead)
+                                        : Verdict::kUnsure;
+    if (verdict == Verdict::kAccept) continue;
+    stats = sampled_stats<Logits, kDivide, kThreshold>(position_logits, vocab, temperature,
+                                                       min_logit, scratch, prefetch_ahead);
+    if (verdict == Verdict::kReject) break;
+    const float p =
+        token_prob<Logits>(position_logits, token, vocab, temperature, min_logit, stats);
+    if (!(uq < p)) break;
   }
   // exps -> p factors, per chunk, in place.
   const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
