@@ -44,6 +44,8 @@ def available_backends(op: str, device: torch.device) -> list[str]:
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "cpu" and backend in ("auto", "cpu") and _native.has_native(op):
+        return "cpu"  # NOTE: the common case, answered without listing every backend
     usable = available_backends(op, device)
     if backend == "auto":
         # NOTE: under TRITON_INTERPRET=1 Triton runs on the CPU, but only to test it; never pick
@@ -58,10 +60,16 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     return backend
 
 
-def is_tracing() -> bool:
-    """True under torch.compile tracing or CUDA-graph capture, where value checks would sync."""
+def is_tracing(device: torch.device | None = None) -> bool:
+    """True under torch.compile tracing or CUDA-graph capture, where value checks would sync.
+
+    With ``device`` given, capture is only looked for when it is a CUDA device: a value check on
+    CPU tensors never touches the GPU stream being captured.
+    """
     if torch.compiler.is_compiling():
         return True
+    if device is not None and device.type != "cuda":
+        return False
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -106,7 +114,10 @@ def per_row(
             raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
         if not dtype.is_floating_point and value.dtype.is_floating_point:
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-        return value.to(dtype).contiguous()
+        # NOTE: tested first, because .to() and .contiguous() cost a dispatch even as no-ops.
+        if value.dtype != dtype:
+            value = value.to(dtype)
+        return value if value.is_contiguous() else value.contiguous()
     check_scalar(name, value, integer=not dtype.is_floating_point)
     return torch.full((batch,), value, dtype=dtype, device=device)
 

@@ -120,7 +120,7 @@ def exit_head_probs(
     batch = hidden.shape[0]
     top_k_t = per_row("top_k", top_k, batch, hidden.device, torch.int64)
     top_p_t = per_row("top_p", top_p, batch, hidden.device, torch.float32)
-    if batch and not is_tracing():
+    if batch and not is_tracing(hidden.device):
         if bool((top_k_t < 0).any()):
             raise ValueError("top_k must be >= 0 (0 disables it)")
         if bool(torch.isnan(top_p_t).any()) or bool((top_p_t <= 0).any()) or bool((top_p_t > 1).any()):
@@ -165,7 +165,7 @@ def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature) -> tuple:
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
     if (
         batch
-        and not is_tracing()
+        and not is_tracing(device)
         and (not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()))
     ):
         raise ValueError("temperature must be finite and >= 0")

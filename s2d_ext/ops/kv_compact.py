@@ -77,7 +77,8 @@ def _normalise(cache, index) -> tuple[torch.Tensor, torch.Tensor]:
     if index.shape[0] != cache.shape[0]:
         raise ValueError(f"index has batch {index.shape[0]} but cache has batch {cache.shape[0]}")
     slots = cache.shape[2]
-    if index.numel() and not is_tracing() and (bool((index < -1).any()) or bool((index >= slots).any())):
+    checked = index.numel() and not is_tracing(index.device)
+    if checked and (bool((index < -1).any()) or bool((index >= slots).any())):
         raise ValueError(f"index must hold slots in [0, S={slots}) or -1 for a hole")
     return cache.contiguous(), index.contiguous()
 

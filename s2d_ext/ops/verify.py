@@ -143,12 +143,13 @@ def _normalise(
     seeds = per_row("seeds", seeds, batch, device, torch.int64)
     offsets = per_row("offsets", 0 if offsets is None else offsets, batch, device, torch.int64)
 
-    if batch and not is_tracing():
+    tracing = is_tracing(device)
+    if batch and not tracing:
         _check_values(tokens, num_draft, num_draft_given, temperature_in, top_k, top_p, vocab, num_spec)
 
     if scalar_filters:
         needs_threshold = top_k > 0 or top_p < 1.0
-    elif is_tracing():
+    elif tracing:
         needs_threshold = True
     else:
         needs_threshold = bool(((top_k > 0) | (top_p < 1.0)).any())
@@ -186,7 +187,8 @@ def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p,
             tokens_ok = _all(in_range)
         else:
             lowest, highest = torch.aminmax(tokens)
-            tokens_ok = bool(lowest >= 0) and bool(highest < vocab)
+            # NOTE: .item() on each rather than bool(lowest >= 0): the comparisons are two more ops.
+            tokens_ok = lowest.item() >= 0 and highest.item() < vocab
         if not tokens_ok:
             raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
     if isinstance(temperature, torch.Tensor):
