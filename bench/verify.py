@@ -44,14 +44,14 @@ from s2d_ext.ops import available_backends, verify
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def memory_bandwidth_gbs(device: str) -> float:
+def memory_bandwidth_gbs(device: str, repeats: int = 10) -> float:
     """Read bandwidth of a torch sum over a buffer larger than the last-level cache, in GB/s."""
     if torch.device(device).type == "cuda":
         x = torch.rand(256 * 2**20, dtype=torch.float32, device=device)  # 1 GiB
         ms = cuda_graph_ms(lambda i: x.sum(), calls=4)
     else:
         x = torch.ones(64 * 2**20, dtype=torch.float32, device=device)  # 256 MiB
-        ms = time_ms(lambda i: x.sum(), device, repeats=10)
+        ms = time_ms(lambda i: x.sum(), device, repeats=repeats)
     return x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the C++ vs composition comparison")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the C++ vs composition comparison")
     parser.add_argument(
         "--comparison-only",
         action="store_true",
@@ -248,18 +248,18 @@ def main() -> None:
         # The op alone, on arguments already checked and normalised by s2d_ext.ops.verify.
         op_args = [_normalised_args(case) for case in cases]
         accepted, nbytes = accepted_and_bytes(cases, "cpu", sampled=True)
-        # NOTE: this machine's speed drifts from minute to minute (shared host), so the kernel, the
-        # op alone and the bandwidth probe are measured together in several rounds; the figures are
+        # NOTE: this machine's speed drifts from minute to minute (shared host; both its memory
+        # bandwidth and its compute), so each round is short (about a second) and brackets its
+        # timings with two bandwidth probes, whose mean is the round's bandwidth; the figures are
         # the medians of the per-round values, with their range.
         rounds = []
         for _ in range(args.rounds):
-            round_bandwidth = memory_bandwidth_gbs(device)
+            bandwidth_before = memory_bandwidth_gbs(device, repeats=3)
             call_ms = time_ms(
-                lambda i: verify(**cases[i % 6], backend="cpu"), device, repeats=100, budget_s=1.5
+                lambda i: verify(**cases[i % 6], backend="cpu"), device, repeats=60, budget_s=0.4
             )
-            op_ms = time_ms(
-                lambda i: torch.ops.s2d.verify(*op_args[i % 6]), device, repeats=100, budget_s=1.5
-            )
+            op_ms = time_ms(lambda i: torch.ops.s2d.verify(*op_args[i % 6]), device, repeats=60, budget_s=0.4)
+            round_bandwidth = (bandwidth_before + memory_bandwidth_gbs(device, repeats=3)) / 2
             rounds.append(
                 {
                     "bandwidth_GBs": round(round_bandwidth, 2),
@@ -362,8 +362,9 @@ def main() -> None:
             f"(`torch.ops.s2d.verify` on checked arguments) takes {comparison['op_only_ms']} ms, "
             f"{comparison['op_only_bw_fraction']:.0%} of the measured bandwidth (rounds: "
             f"{op_low:.0%} to {op_high:.0%}). "
-            f"Medians over {len(comparison['rounds'])} rounds, each with its own bandwidth probe "
-            "(the machine's speed drifts); bytes are averaged over the rotated inputs.",
+            f"Medians over {len(comparison['rounds'])} rounds of about a second, each with its own "
+            "bandwidth, probed before and after its timings (the machine's speed drifts); bytes are "
+            "averaged over the rotated inputs.",
             "",
         ]
     if device == "cuda":
