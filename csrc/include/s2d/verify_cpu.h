@@ -355,20 +355,32 @@ S2D_CPU_NOINLINE float score_chunk(const typename Logits::Storage* chunk, int64_
   return chunk_max;
 }
 
+// A software prefetch spread over a compute loop: each step() fetches the next 64-byte line of
+// [start, start + bytes), until it is covered.
+// NOTE: the loops below step once per 2 kVec scores, so they cover all of the next float32 chunk
+// of logits, or a 16-bit one in the first half of the loop.
+struct LinePrefetch {
+  const char* line;
+  const char* end;
+  S2D_CPU_INLINE LinePrefetch(const char* start, int64_t bytes)
+      : line(start), end(start + (bytes > 0 ? bytes : 0)) {}
+  S2D_CPU_INLINE void step() {
+    if (line < end) {
+      __builtin_prefetch(line);
+      line += 64;
+    }
+  }
+};
+
 // exp(score - shift) of `padded` (a multiple of 2 kVec) scores in place; returns their sum.
 // Meanwhile prefetches the first `prefetch_bytes` bytes from `prefetch` (may be 0).
 S2D_CPU_NOINLINE float exp_chunk(float* scores, int64_t padded, float shift, const char* prefetch,
                                  int64_t prefetch_bytes) {
   const VecF shift8 = splat(shift);
   VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
-  // NOTE: one 64-byte line per iteration (2 kVec scores) until `prefetch_bytes` are covered: all
-  // of the next float32 chunk, or a 16-bit one in the first half of the loop.
-  const int64_t prefetch_stride = prefetch_bytes > 0 ? 64 : 0;
-  const char* line = prefetch;
-  const char* const prefetch_end = prefetch + prefetch_bytes;
+  LinePrefetch next(prefetch, prefetch_bytes);
   for (int64_t i = 0; i < padded; i += 2 * kVec) {
-    if (line < prefetch_end) __builtin_prefetch(line);
-    line += prefetch_stride;
+    next.step();
     const VecF e0 = exp_nonpositive(load_vec(scores + i) - shift8);
     const VecF e1 = exp_nonpositive(load_vec(scores + i + kVec) - shift8);
     store_vec(scores + i, e0);
@@ -452,25 +464,31 @@ constexpr int64_t kApproxMaxVocab = int64_t{1} << 20;  // beyond it every positi
 
 enum class Verdict : int { kAccept, kReject, kUnsure };
 
+// The cheap exp: 2^n (1 + f) for x / ln 2 = n + f, 0 <= f < 1 (bounds above), x clamped to -87.
+// NOTE: x * 2^23 / ln 2 + 127 * 2^23, truncated to an integer, is the bit pattern of 2^n (1 + f):
+// n lands in the exponent field, f in the mantissa.
+S2D_CPU_INLINE VecF cheap_exp(VecF x) {
+  const VecF clamped = vmax(x, splat(-87.0f));
+  return (VecF) __builtin_convertvector(clamped * 12102203.161561485f + 1065353216.0f, VecI);
+}
+
+S2D_CPU_INLINE float cheap_exp(float x) {
+  const float clamped = x > -87.0f ? x : -87.0f;
+  return from_bits(
+      static_cast<uint32_t>(static_cast<int32_t>(clamped * 12102203.161561485f + 1065353216.0f)));
+}
+
 // sum of the cheap exp(score - shift) over `padded` (a multiple of 2 kVec) scores <= shift; also
 // prefetches as exp_chunk does.
 S2D_CPU_NOINLINE float approx_exp_sum(const float* scores, int64_t padded, float shift,
                                       const char* prefetch, int64_t prefetch_bytes) {
   const VecF shift8 = splat(shift);
-  const VecF lowest = splat(-87.0f);
   VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
-  const int64_t prefetch_stride = prefetch_bytes > 0 ? 64 : 0;
-  const char* line = prefetch;
-  const char* const prefetch_end = prefetch + prefetch_bytes;
+  LinePrefetch next(prefetch, prefetch_bytes);
   for (int64_t i = 0; i < padded; i += 2 * kVec) {
-    if (line < prefetch_end) __builtin_prefetch(line);
-    line += prefetch_stride;
-    // NOTE: x * 2^23 / ln 2 + 127 * 2^23, truncated to an integer, is the bit pattern of
-    // 2^n (1 + f): n lands in the exponent field, f in the mantissa.
-    const VecF x0 = vmax(load_vec(scores + i) - shift8, lowest);
-    const VecF x1 = vmax(load_vec(scores + i + kVec) - shift8, lowest);
-    sum0 += (VecF) __builtin_convertvector(x0 * 12102203.161561485f + 1065353216.0f, VecI);
-    sum1 += (VecF) __builtin_convertvector(x1 * 12102203.161561485f + 1065353216.0f, VecI);
+    next.step();
+    sum0 += cheap_exp(load_vec(scores + i) - shift8);
+    sum1 += cheap_exp(load_vec(scores + i + kVec) - shift8);
   }
   return horizontal_sum(sum0 + sum1);
 }
@@ -482,17 +500,11 @@ S2D_CPU_NOINLINE float approx_exp_sum(const float* scores, int64_t padded, float
 // than max <= shift + headroom, whose sum may round up by a whole ulp of a large shift.
 constexpr float kApproxHeadroom = 64.0f;  // e^64 * 2048 ids stays far below the float max
 
-S2D_CPU_INLINE float approx_exp_bits(float x) {
-  return from_bits(
-      static_cast<uint32_t>(static_cast<int32_t>(x * 12102203.161561485f + 1065353216.0f)));
-}
-
 template <class Logits, bool kDivide, bool kThreshold>
 S2D_CPU_NOINLINE float approx_chunk(const typename Logits::Storage* chunk, int64_t count,
                                     float temperature, float threshold, float shift, float& sum) {
   const int64_t full = count & ~static_cast<int64_t>(2 * kVec - 1);
   const VecF shift8 = splat(shift);
-  const VecF lowest = splat(-87.0f);
   VecF max0 = splat(-kInf), max1 = splat(-kInf);
   VecF sum0 = splat(0.0f), sum1 = splat(0.0f);
   for (int64_t i = 0; i < full; i += 2 * kVec) {
@@ -504,10 +516,8 @@ S2D_CPU_NOINLINE float approx_chunk(const typename Logits::Storage* chunk, int64
                                                          temperature, threshold);
     max0 = vmax(max0, s0);
     max1 = vmax(max1, s1);
-    const VecF x0 = vmax(s0 - shift8, lowest);
-    const VecF x1 = vmax(s1 - shift8, lowest);
-    sum0 += (VecF) __builtin_convertvector(x0 * 12102203.161561485f + 1065353216.0f, VecI);
-    sum1 += (VecF) __builtin_convertvector(x1 * 12102203.161561485f + 1065353216.0f, VecI);
+    sum0 += cheap_exp(s0 - shift8);
+    sum1 += cheap_exp(s1 - shift8);
   }
   float chunk_max = horizontal_max(vmax(max0, max1));
   float total = horizontal_sum(sum0 + sum1);
@@ -515,8 +525,7 @@ S2D_CPU_NOINLINE float approx_chunk(const typename Logits::Storage* chunk, int64
     const float s =
         processed_score<kDivide, kThreshold>(Logits::load(chunk[i]), temperature, threshold);
     chunk_max = s > chunk_max ? s : chunk_max;
-    const float x = s - shift;
-    total += approx_exp_bits(x > -87.0f ? x : -87.0f);
+    total += cheap_exp(s - shift);
   }
   sum = total;
   return chunk_max;
