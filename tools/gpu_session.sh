@@ -52,7 +52,7 @@ print({op: a(op, torch.device('cuda')) for op in ('verify', 'exit_head', 'kv_com
     run_step bench_kv_compact 60 $PY bench/kv_compact.py --device cuda ;;
   sanitize)
     run_step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/gpu_smoke.py
-    run_step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/gpu_smoke.py --verify-only ;;
+    run_step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/gpu_smoke.py --verify-only --small ;;
   suite)
     run_step suite 240 $PY -m pytest -q -n 12 --timeout 220 python_tests --ignore=python_tests/ops ;;
   *)

@@ -2,7 +2,7 @@
 compute-sanitizer on a GPU machine (tools/gpu_session.sh):
 
     compute-sanitizer --tool memcheck python tools/gpu_smoke.py
-    compute-sanitizer --tool racecheck python tools/gpu_smoke.py --verify-only
+    compute-sanitizer --tool racecheck python tools/gpu_smoke.py --verify-only --small
 
 Exits non-zero on the first mismatch. The pytest suite is the real check; this file only gives the
 sanitizers a small, varied workload (odd vocabularies, K = 0, all-(-inf) rows, every logit dtype).
@@ -20,10 +20,11 @@ from s2d_ext.ops.exit_head_reference import exit_head_reference
 from s2d_ext.ops.kv_compact_reference import kv_compact_reference
 
 
-def verify_cases(backend: str) -> int:
+def verify_cases(backend: str, small: bool = False) -> int:
     checked = 0
     gen = torch.Generator().manual_seed(0)
-    for batch, num_spec, vocab in [(3, 4, 1000), (2, 0, 77), (5, 3, 4099), (1, 8, 128256)]:
+    shapes = [(3, 4, 1000), (2, 0, 77), (5, 3, 4099)] + ([] if small else [(1, 8, 128256)])
+    for batch, num_spec, vocab in shapes:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for with_q in (False, True):
                 logits = torch.randn(batch, num_spec + 1, vocab, generator=gen) * 3
@@ -76,8 +77,12 @@ def other_ops() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--verify-only", action="store_true")
+    # NOTE: racecheck instruments every shared-memory access; with the V=128256 case it did not
+    # finish in the 120 s a step gets (session 3), so it runs the smaller shapes only (4099 still
+    # spans two first-pass chunks and several race blocks).
+    parser.add_argument("--small", action="store_true", help="skip the V=128256 case")
     args = parser.parse_args()
-    n = verify_cases("cuda")
+    n = verify_cases("cuda", small=args.small)
     if n < 0:
         return 1
     if not args.verify_only:
