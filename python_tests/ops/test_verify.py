@@ -138,17 +138,26 @@ def test_all_accepted_emits_bonus_and_pads(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), CPP_BACKENDS)
-@pytest.mark.parametrize("layout", ["flat", "rising", "peaked"])
+@pytest.mark.parametrize("layout", ["flat", "rising", "peaked", "jump"])
 def test_race_on_chunked_exps_is_exact(device, backend, layout):
     """Regression for the C++ race: it reads p from pass 1's exps, kept relative to each chunk's
     running max, and sums them per race block. Many rows, a vocabulary of three 2048-entry chunks
     plus a partial race block, and layouts where the max arrives late ("rising", so every chunk is
-    rescaled) or p is nearly a point mass ("peaked")."""
+    rescaled), p is nearly a point mass ("peaked"), or the last chunk's max jumps by more than the
+    cheap accept pass's headroom over the earlier ones ("jump": that pass redoes the chunk)."""
     batch, num_spec, vocab = 192, 3, 2 * 2048 + 100 + 3
-    spread = {"flat": 0.3, "rising": 1.0, "peaked": 6.0}[layout]
+    spread = {"flat": 0.3, "rising": 1.0, "peaked": 6.0, "jump": 1.0}[layout]
     logits, tokens, q, seeds = make_inputs(batch, num_spec, vocab, device=device, seed=11, spread=spread)
     if layout == "rising":
         logits = logits + torch.linspace(0.0, 8.0, vocab, device=device)
+    if layout == "jump":
+        logits[..., -40:] += 100.0
+        # The draft follows the jump too, so that the accept tests are close calls, not certain rejects.
+        gen = torch.Generator().manual_seed(12)
+        noise = torch.randn(batch, num_spec, vocab, generator=gen).to(device) * 0.3
+        q = torch.softmax(logits[:, :num_spec] + noise, dim=-1)
+        tokens = torch.multinomial(q.reshape(-1, vocab).cpu(), 1, generator=gen).reshape(batch, num_spec)
+        tokens = tokens.to(device)
     generator = torch.Generator().manual_seed(2)
     num_draft = torch.randint(0, num_spec + 1, (batch,), generator=generator).to(device)
     temperature = torch.where(torch.arange(batch) % 3 == 0, 1.0, 0.7).to(device)
@@ -203,6 +212,17 @@ def test_accept_boundary_is_decided_exactly(device, backend, dtype, temperature,
     got = assert_same(backend, args, {})
     # Both verdicts occur (the reference's own decision is u q < p, so eps < 0 accepts).
     assert got[1].min() == 0 and got[1].max() == num_spec
+
+
+@pytest.mark.parametrize(("device", "backend"), CPP_BACKENDS)
+def test_vocabulary_beyond_the_cheap_pass_limit(device, backend):
+    """The C++ kernel's cheap accept pass is certified only up to V = 2**20 (the exact pass's
+    rounding grows with V); beyond it every position runs exactly. One vocabulary past the limit."""
+    batch, num_spec, vocab = 2, 2, 2**20 + 37
+    logits, tokens, q, seeds = make_inputs(batch, num_spec, vocab, device=device, seed=13, spread=1.0)
+    temperature = torch.tensor([1.0, 0.8], device=device)
+    for draft_probs in (q, None):
+        assert_same(backend, (logits, tokens, draft_probs, None, temperature, 0, 1.0, seeds, 3), {})
 
 
 @needs_native
