@@ -323,6 +323,20 @@ struct Scratch {
   float* block_sums;  // [round_up(ceil(V / kRaceBlock), kRaceBlock)] the race's stage-1 weights
 };
 
+// `count` rounded up to a multiple of 2 kVec, the length score_chunk pads a chunk's scores to.
+S2D_CPU_INLINE int64_t padded_count(int64_t count) {
+  return (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
+}
+
+// Bytes of the next chunk of logits to prefetch while the chunk at `start` computes: a whole
+// chunk, but nothing past `prefetch_ahead` ids from the position's start (the last the row reads).
+template <class Storage>
+S2D_CPU_INLINE int64_t next_chunk_bytes(int64_t prefetch_ahead, int64_t start) {
+  int64_t next_count = prefetch_ahead - start - kChunk;
+  next_count = next_count < 0 ? 0 : (next_count > kChunk ? kChunk : next_count);
+  return next_count * static_cast<int64_t>(sizeof(Storage));
+}
+
 // Processed scores of one chunk (count <= kChunk ids) into `out`, -inf padded up to a multiple of
 // 2 kVec; returns their max.
 // NOTE: this and exp_chunk are functions of their own, not inlined into the row loop: inlined,
@@ -343,7 +357,7 @@ S2D_CPU_NOINLINE float score_chunk(const typename Logits::Storage* chunk, int64_
     max0 = vmax(max0, s0);
     max1 = vmax(max1, s1);
   }
-  const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
+  const int64_t padded = padded_count(count);
   float chunk_max = horizontal_max(vmax(max0, max1));
   for (int64_t i = full; i < padded; ++i) {
     const float s = i < count ? processed_score<kDivide, kThreshold>(Logits::load(chunk[i]),
@@ -409,7 +423,7 @@ S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logit
     float* out = scratch.exps + start;
     const float chunk_max =
         score_chunk<Logits, kDivide, kThreshold>(chunk, count, temperature, threshold, out);
-    const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
+    const int64_t padded = padded_count(count);
     if (chunk_max == -kInf) {
       // NOTE: zeros, not exp(-inf - running_max): that is NaN while running_max is still -inf.
       for (int64_t i = 0; i < padded; i += kVec) store_vec(out + i, splat(0.0f));
@@ -423,11 +437,9 @@ S2D_CPU_INLINE PositionStats sampled_stats(const typename Logits::Storage* logit
     scratch.chunk_ref[chunk_index] = running_max;
     // NOTE: the exps are pure compute, during which the hardware prefetcher alone leaves memory
     // idle; so the next chunk of logits (possibly the next position's) is fetched meanwhile.
-    int64_t next_count = prefetch_ahead - start - kChunk;
-    next_count = next_count < 0 ? 0 : (next_count > kChunk ? kChunk : next_count);
     running_sum +=
         exp_chunk(out, padded, running_max, reinterpret_cast<const char*>(chunk + kChunk),
-                  next_count * static_cast<int64_t>(sizeof(Storage)));
+                  next_chunk_bytes<Storage>(prefetch_ahead, start));
   }
   PositionStats stats;
   stats.dead = running_max == -kInf;
@@ -567,12 +579,10 @@ S2D_CPU_INLINE Verdict approx_accept(const typename Logits::Storage* logits, int
       running_sum *= std::exp(static_cast<double>(running_max) - chunk_max);
       running_max = chunk_max;
     }
-    const int64_t padded = (count + 2 * kVec - 1) & ~static_cast<int64_t>(2 * kVec - 1);
-    int64_t next_count = prefetch_ahead - start - kChunk;
-    next_count = next_count < 0 ? 0 : (next_count > kChunk ? kChunk : next_count);
+    const int64_t padded = padded_count(count);
     running_sum +=
         approx_exp_sum(scores, padded, running_max, reinterpret_cast<const char*>(chunk + kChunk),
-                       next_count * static_cast<int64_t>(sizeof(Storage)));
+                       next_chunk_bytes<Storage>(prefetch_ahead, start));
   }
   if (running_max == -kInf) return Verdict::kUnsure;  // every score -inf: left to the exact pass
   // NOTE: exactly token_prob's numerator (same call, same operands: the max is the same float).
