@@ -18,7 +18,7 @@ CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clan
 # extension instead of testing the libraries built from the previous sources.
 NATIVE_SOURCES := $(shell find csrc -type f 2>/dev/null)
 
-$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(NATIVE_SOURCES)
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt tools/native_build.py $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
@@ -37,7 +37,7 @@ lint: install
 
 cuda-check: install
 	@if command -v nvcc >/dev/null 2>&1 || test -x /usr/local/cuda/bin/nvcc; then \
-		PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/dev_build.py --cuda-check; \
+		$(PY) tools/dev_build.py --cuda-check; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 	$(PY) tools/triton_compile_check.py
 

@@ -1,17 +1,27 @@
-"""Drives CMake (CMakeLists.txt owns sources, flags and CUDA architectures).
+"""Builds the native op libraries with CMake against the torch installed in this environment.
 
-Build against the installed torch: ``pip install --no-build-isolation -e .``
+Install (README, Install)::
+
+    python -m pip install torch==2.13.0 cmake ninja setuptools wheel
+    python -m pip install --no-build-isolation .        # or -e . for development
+
+NOTE: ``--no-build-isolation`` is the route, as for vLLM and flash-attn: the kernels link against torch's C++
+ABI, so they must be built against the very torch that runs them. pip's default isolated build would install
+some other torch into a throw-away environment; there torch is not importable, and this file stops at once
+with the command above (it never downloads a torch of its own).
+
 Environment:
   TORCH_CUDA_ARCH_LIST  CUDA architectures, torch syntax ("8.0;9.0a"); default "8.0;9.0a".
-  S2D_WITH_CUDA=0|1     force the CUDA kernels off/on (default: on when torch has CUDA and nvcc exists).
+  S2D_WITH_CUDA=0|1     force the CUDA kernels off/on (default: on when torch has CUDA and a CUDA
+                        toolkit exists).
+  S2D_BUILD_DIR         CMake build folder (default: build/<python>-<torch>-<cpu|cuXX>-<hash>, one per
+                        environment, so two environments never share a CMake cache).
   MAX_JOBS              parallel compile jobs.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,27 +29,24 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tools"))
+import native_build  # noqa: E402  (tools/native_build.py: stdlib only)
+
 OPS = ("verify", "exit_head", "kv_compact")
 
 
-def _cmake_cuda_archs() -> str:
-    torch_style = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    archs = []
-    for arch in torch_style.replace(",", ";").replace(" ", ";").split(";"):
-        arch = arch.strip().replace("+PTX", "")
-        if arch:
-            archs.append(arch.replace(".", ""))
-    return ";".join(archs)
+def _fail(error: Exception) -> None:
+    # NOTE: one line, no traceback from deep inside setuptools: SystemExit with a string prints just that.
+    raise SystemExit(f"error: {error}")
 
 
-def _want_cuda() -> bool:
-    forced = os.environ.get("S2D_WITH_CUDA")
-    if forced is not None:
-        return forced == "1"
-    import torch
-
-    nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin/nvcc")
-    return torch.version.cuda is not None and Path(nvcc).exists()
+def _torch_or_fail():
+    try:
+        torch = native_build.import_torch()
+        native_build.check_torch_range(torch)
+    except native_build.BuildError as error:
+        _fail(error)
+    return torch
 
 
 class CMakeExtension(Extension):
@@ -50,40 +57,49 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extensions(self) -> None:
-        import torch
+        import os
 
-        # NOTE: a fixed folder (not pip's temporary one) keeps rebuilds incremental.
-        build_dir = Path(os.environ.get("S2D_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
-        build_dir.mkdir(parents=True, exist_ok=True)
-        configure = [
-            "cmake",
-            "-S",
-            str(ROOT),
-            "-B",
-            str(build_dir),
-            "-G",
-            "Ninja",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DS2D_WITH_CUDA={'ON' if _want_cuda() else 'OFF'}",
-            f"-DS2D_CUDA_ARCHS={_cmake_cuda_archs()}",
-        ]
-        cuda_home = os.environ.get("CUDA_HOME")
-        if cuda_home:
-            configure.append(f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc")
-        subprocess.check_call(configure)
-        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        targets = [ext.target for ext in self.extensions]
-        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs, "--target", *targets])
+        torch = _torch_or_fail()
+        try:
+            with_cuda, why_not = native_build.want_cuda(torch)
+            if not with_cuda:
+                print(f"s2d_ext: CUDA kernels off ({why_not}); building the CPU kernels", file=sys.stderr)
+            key = native_build.environment_key(torch, with_cuda)
+            build_dir = Path(os.environ.get("S2D_BUILD_DIR") or ROOT / "build" / key).resolve()
+            native_build.configure(build_dir, with_cuda=with_cuda)
+            native_build.build(build_dir, [ext.target for ext in self.extensions])
+        except native_build.BuildError as error:
+            _fail(error)
+        package_dir = None
         for ext in self.extensions:
             built = build_dir / f"{ext.target}.so"
             destination = Path(self.get_ext_fullpath(ext.name))
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(built, destination)
+            package_dir = destination.parent
+        self._build_info = native_build.build_info(torch, with_cuda)
+        if package_dir is not None:
+            native_build.write_build_info(package_dir, self._build_info)
 
+    def copy_extensions_to_source(self) -> None:
+        # NOTE: editable installs copy the libraries into the source package; their record goes with them.
+        super().copy_extensions_to_source()
+        if getattr(self, "_build_info", None) is not None:
+            native_build.write_build_info(ROOT / "s2d_ext", self._build_info)
+
+
+# NOTE: checked when pip asks what the build needs (the first thing it runs), so an isolated build stops in
+# seconds with the working command, before any compiler runs. ``setup.py --version`` and similar queries
+# do not need torch.
+if any(
+    arg.startswith(("egg_info", "bdist", "build", "develop", "editable", "dist_info", "install"))
+    for arg in sys.argv[1:]
+):
+    _torch_or_fail()
 
 setup(
     packages=find_packages(include=["s2d_ext", "s2d_ext.*"]),
+    package_data={"s2d_ext": [native_build.BUILD_INFO], "s2d_ext.bench": ["data/*.jsonl"]},
     ext_modules=[
         CMakeExtension(f"s2d_ext._{op}_C", f"_{op}_C")
         for op in OPS
