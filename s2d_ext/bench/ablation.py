@@ -6,7 +6,14 @@ Speedup is over plain ``generate`` on the same prompts, measured in the same cal
 
 from __future__ import annotations
 
-from bench.spec_bench import encode_prompt, left_pad, load_models, load_questions, run_generate, run_speculate
+from s2d_ext.bench.spec_bench import (
+    encode_prompt,
+    left_pad,
+    load_models,
+    load_questions,
+    run_generate,
+    run_speculate,
+)
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.5, 0.9)
 DRAFT_LENGTHS = (3, 6)

@@ -1,11 +1,12 @@
 """One report of the kernel benchmarks (verify, exit_head, kv_compact) against the memory bandwidth.
 
-    python -m s2d_ext bench kernels            # or: python bench/kernel_report.py
-    python bench/kernel_report.py --rerun      # first re-run the three benchmarks on this machine
+    s2d bench kernels                          # or: python -m s2d_ext.bench.kernel_report
+    python -m s2d_ext.bench.kernel_report --rerun   # in a checkout: first re-run the three benchmarks
 
-It reads ``bench/results/{verify,exit_head,kv_compact}_<device>.json``, measures this machine's read
-bandwidth (a torch reduction over 256 MiB, best of 5), and writes ``bench/results/kernels_<device>.md`` with
-each result's effective bandwidth and its share of the measured one. Where a benchmark measured the
+It reads ``bench/results/{verify,exit_head,kv_compact}_<device>.json`` (``--out``; the checkout's
+``bench/verify.py``, ``bench/exit_head.py`` and ``bench/kv_compact.py`` write them), measures this machine's
+read bandwidth (a torch reduction over 256 MiB, best of 5), and writes ``kernels_<device>.md`` beside them
+with each result's effective bandwidth and its share of the measured one. Where a benchmark measured the
 bandwidth in its own run (verify does), that figure is used for its rows, since it is the one taken in the
 same run as the timings.
 """
@@ -23,8 +24,7 @@ import torch
 
 from s2d_ext._machine import cpu_name
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path("bench") / "results"
 
 
 def measure_read_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5) -> float:
@@ -42,10 +42,10 @@ def measure_read_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5
     return x.numel() * 4 / best / 1e9
 
 
-def _rows(device: str) -> list[dict]:
+def _rows(results: Path, device: str) -> list[dict]:
     """(kernel, shape, ms, GB/s, bandwidth of the same run or None) from each benchmark's JSON."""
     rows = []
-    verify = RESULTS / f"verify_{device}.json"
+    verify = results / f"verify_{device}.json"
     if verify.exists():
         data = json.loads(verify.read_text())
         for r in data["rows"]:
@@ -61,7 +61,7 @@ def _rows(device: str) -> list[dict]:
                     bandwidth=data.get("measured_bandwidth_GBs"),
                 )
             )
-    exit_head = RESULTS / f"exit_head_{device}.json"
+    exit_head = results / f"exit_head_{device}.json"
     if exit_head.exists():
         for r in json.loads(exit_head.read_text())["results"]:
             shape = f"N={r['rows']} d={r['dim']} V={r['vocab']} {r['dtype']}"
@@ -75,7 +75,7 @@ def _rows(device: str) -> list[dict]:
                     bandwidth=None,
                 )
             )
-    kv = RESULTS / f"kv_compact_{device}.json"
+    kv = results / f"kv_compact_{device}.json"
     if kv.exists():
         for r in json.loads(kv.read_text())["results"]:
             shape = f"B={r['B']} H={r['H']} S={r['S']}->{r['S_out']} D={r['D']} {r['dtype']}"
@@ -86,6 +86,15 @@ def _rows(device: str) -> list[dict]:
 
 
 def write_kernel_report(out: Path = RESULTS, device: str = "cpu") -> Path:
+    """Writes ``<out>/kernels_<device>.md`` from the benchmark JSONs in ``out``; returns its path."""
+    out = Path(out)
+    rows = _rows(out, device)
+    if not rows:
+        raise FileNotFoundError(
+            f"no kernel benchmark results in {out} (verify_{device}.json, exit_head_{device}.json, "
+            f"kv_compact_{device}.json): run bench/verify.py, bench/exit_head.py and bench/kv_compact.py "
+            "from a source checkout, or pass --out FOLDER"
+        )
     measured = measure_read_bandwidth(device)
     machine = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     lines = [
@@ -100,13 +109,13 @@ def write_kernel_report(out: Path = RESULTS, device: str = "cpu") -> Path:
         "| kernel | shape | ms | GB/s | share of bandwidth |",
         "|---|---|---:|---:|---:|",
     ]
-    for row in _rows(device):
+    for row in rows:
         bandwidth = row["bandwidth"] or measured
         share = row["gbs"] / bandwidth if bandwidth else 0.0
         lines.append(
             f"| {row['kernel']} | {row['shape']} | {row['ms']:.3f} | {row['gbs']:.2f} | {share:.0%} |"
         )
-    path = Path(out) / f"kernels_{device}.md"
+    path = out / f"kernels_{device}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -116,12 +125,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rerun", action="store_true", help="re-run the three benchmarks first")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (./bench/results)")
+    parser.add_argument(
+        "--rerun", action="store_true", help="re-run the three benchmarks first (from a source checkout)"
+    )
     args = parser.parse_args()
     if args.rerun:
         for script in ("verify.py", "exit_head.py", "kv_compact.py"):
-            subprocess.check_call([sys.executable, str(ROOT / "bench" / script), "--device", args.device])
-    print(f"wrote {write_kernel_report(RESULTS, args.device)}")
+            path = Path("bench") / script
+            if not path.is_file():
+                raise SystemExit(f"error: --rerun runs {path} of a source checkout; run it from the checkout")
+            subprocess.check_call([sys.executable, str(path), "--device", args.device])
+    print(f"wrote {write_kernel_report(args.out, args.device)}")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 
 from s2d_ext._machine import cpu_name
+from s2d_ext.bench.arguments import add_arguments
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT / "bench" / "data" / "spec_bench_question.jsonl"
 PAPER_THRESHOLD = 0.5
 # A small grid keeps calibration to a few minutes on a CPU; pass a finer one on a GPU.
 CALIBRATION_DRAFT_LENGTHS = (3, 6)
@@ -390,31 +389,8 @@ def machine_description(targets) -> dict:
     return described
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default="bench", choices=["tiny", "bench"], help="local model family")
-    parser.add_argument("--targets", nargs="*", help="target checkpoints (instead of the family)")
-    parser.add_argument("--draft", help="sorted draft checkpoint (with --targets)")
-    parser.add_argument("--exits", help="draft exits, e.g. 6,9,12 (default: from the draft's config)")
-    parser.add_argument("--dtype", default=None, help="torch dtype for checkpoints, e.g. bfloat16")
-    parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Spec-Bench question.jsonl")
-    parser.add_argument("--limit", type=int, default=2, help="questions per category (quick run: 1)")
-    parser.add_argument("--calibration-prompts", type=int, default=4, help="held-out prompts for calibrate()")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--methods", nargs="*", help="subset of methods (generate always runs)")
-    parser.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--ablation", action="store_true", help="also run the threshold x draft-length grid")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--tag", default=None, help="results file stem (default: spec_bench_<device>)")
-
-
 def main(argv: list[str] | None = None) -> None:
-    from bench.spec_bench_report import write_reports
+    from s2d_ext.bench.spec_bench_report import write_reports
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -427,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
 def run_and_report(args, write_reports) -> None:
     result = run(args)
     if args.ablation:
-        from bench.ablation import run_ablation
+        from s2d_ext.bench.ablation import run_ablation
 
         result["ablation"] = run_ablation(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +414,4 @@ def run_and_report(args, write_reports) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     main()

@@ -1,4 +1,4 @@
-"""Turns the records of ``bench/spec_bench.py`` into JSON, a markdown table and PNG plots.
+"""Turns the records of ``s2d_ext.bench.spec_bench`` into JSON, a markdown table and PNG plots.
 
 Speedups divide a method's tokens/s by plain ``generate``'s tokens/s for the same target, setting and
 category, all taken in the same run. At batch 1 every record is one prompt, so results are given per

@@ -1,0 +1,34 @@
+"""The command-line arguments of the Spec-Bench harness (no torch import: ``s2d --help`` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# NOTE: the prompts ship inside the package, so `s2d bench` works from a wheel; results go to ./bench/results
+# (in a checkout: the committed results folder) unless --out says otherwise.
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "spec_bench_question.jsonl"
+DEFAULT_OUT = Path("bench") / "results"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", default="bench", choices=["tiny", "bench"], help="local model family")
+    parser.add_argument("--targets", nargs="*", help="target checkpoints (instead of the family)")
+    parser.add_argument("--draft", help="sorted draft checkpoint (with --targets)")
+    parser.add_argument("--exits", help="draft exits, e.g. 6,9,12 (default: from the draft's config)")
+    parser.add_argument("--dtype", default=None, help="torch dtype for checkpoints, e.g. bfloat16")
+    parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Spec-Bench question.jsonl")
+    parser.add_argument("--limit", type=int, default=2, help="questions per category (quick run: 1)")
+    parser.add_argument("--calibration-prompts", type=int, default=4, help="held-out prompts for calibrate()")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--methods", nargs="*", help="subset of methods (generate always runs)")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ablation", action="store_true", help="also run the threshold x draft-length grid")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (./bench/results)")
+    parser.add_argument("--tag", default=None, help="results file stem (default: spec_bench_<device>)")
