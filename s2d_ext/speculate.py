@@ -112,7 +112,7 @@ def speculate(
         [B, L] (1 = token), on ``input_ids``' device. None: all ones, or ``input_ids != pad_token_id``
         when the prompts contain the pad token (as ``generate()`` does).
     max_new_tokens : int
-        At most this many new tokens per row.
+        At most this many new tokens per row, >= 1 (``generate()`` rejects 0 too).
     num_draft_tokens : int
         Draft tokens per step (the start value of "heuristic", the cap of "confidence").
     draft_length : str
@@ -126,8 +126,10 @@ def speculate(
         Philox seed(s), see the module docstring.
     eos_token_id, stop_token_ids : int or sequence of int, optional
         A row stops after emitting any of them (kept in the output, like ``generate()`` keeps EOS).
+        ``eos_token_id=None`` takes ``target.generation_config.eos_token_id``, as ``generate()`` does.
     pad_token_id : int, optional
-        Fills rows that stopped early; default: the first EOS id, else 0.
+        Fills rows that stopped early; default: ``target.generation_config.pad_token_id``, else the first
+        EOS id, else 0 (``generate()``'s choice).
     streamer : transformers streamer, optional
         Gets ``put(prompt [B, L])`` first, then the new tokens column by column (all of a batch-1 step
         at once), then ``end()``.

@@ -20,7 +20,6 @@ from s2d_ext.speculate import (
     DRAFT_LENGTHS,
     Settings,
     SpeculateOutput,
-    SpeculateStats,
     TargetGroup,
     run_speculation,
 )
@@ -169,8 +168,14 @@ class Speculator:
                 f"input_ids is on {input_ids.device}; put it on the CPU or the target's input device "
                 f"({', '.join(sorted(str(d) for d in allowed if d.type != 'cpu')) or 'cpu'})"
             )
-        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, low=0)
+        # NOTE: generate() (and so custom_generate) rejects max_new_tokens=0; speculate() does the same.
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, low=1)
         temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
+        # NOTE: as generate() does, unset eos / pad come from the target's generation_config.
+        if eos_token_id is None:
+            eos_token_id = _generation_default(self.targets, used, "eos_token_id")
+        if pad_token_id is None:
+            pad_token_id = _generation_default(self.targets, used, "pad_token_id")
         eos = _token_list("eos_token_id", eos_token_id, vocab)
         stops = eos + _token_list("stop_token_ids", stop_token_ids, vocab)
         if pad_token_id is not None:
@@ -186,9 +191,6 @@ class Speculator:
             _check_context(name, self.targets[name], longest, max_new_tokens)
         seeds = _seeds(seed, batch)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        if max_new_tokens == 0:
-            return SpeculateOutput(sequences=input_ids.clone(), stats=_empty_stats(batch))
-
         overrides = {
             "num_draft_tokens": num_draft_tokens,
             "draft_length": draft_length,
@@ -392,6 +394,27 @@ def _token_list(name: str, value: Any, vocab: int) -> list[int]:
     return values
 
 
+def _generation_default(targets: Mapping[str, Any], used: Sequence[str], field: str) -> Any:
+    """``generation_config.<field>`` of the targets in use (None if unset); they must agree."""
+    values = {}
+    for name in used:
+        config = getattr(targets[name], "generation_config", None)
+        value = getattr(config, field, None)
+        if isinstance(value, torch.Tensor):
+            value = value.flatten().tolist()
+        if isinstance(value, (list, tuple)):
+            value = list(value) if len(value) != 1 else value[0]
+        values[name] = value
+    distinct = {repr(v) for v in values.values()}
+    if len(distinct) > 1:
+        shown = ", ".join(f"{n!r}: {v!r}" for n, v in values.items())
+        raise ValueError(
+            f"{field}: the targets of this call have different generation_config.{field} ({shown}); "
+            f"pass {field} explicitly"
+        )
+    return next(iter(values.values()), None)
+
+
 def _seeds(seed: Any, batch: int) -> torch.Tensor:
     """[B] int64 (CPU) Philox seeds."""
     if seed is None:
@@ -423,7 +446,3 @@ def _batch_prompts(
             ids[i, width - len(r) :] = r
             mask[i, width - len(r) :] = 1
     return ids, mask
-
-
-def _empty_stats(batch: int) -> SpeculateStats:
-    return SpeculateStats(new_tokens=[0] * batch, mat_per_row=[0.0] * batch)
