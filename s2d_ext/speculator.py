@@ -2,12 +2,14 @@
 
 The draft proposes for the whole batch in one pass (each row with its own target's exit thresholds and
 draft length); each target verifies only its own rows. ``calibrate`` measures tokens/s over a small grid
-of thresholds and draft lengths and keeps the best for that target.
+of thresholds, fixed exits and draft lengths (several alternating rounds, medians) and keeps the best for
+that target.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -234,55 +236,120 @@ class Speculator:
         max_new_tokens: int = 32,
         num_draft_grid: Sequence[int] | None = None,
         threshold_grid: Sequence[float] | None = None,
+        fixed_exits: bool = True,
+        rounds: int = 3,
+        refine: int | None = None,
         **generate_kwargs: Any,
     ) -> dict[str, Any]:
         """Pick the exit thresholds and draft length with the best measured tokens/s on ``prompts``.
 
-        The grid is small on purpose: draft lengths ``num_draft_grid`` (default 2, 4, 6, 8) times, for a
-        draft with early exits, one shared threshold for every early exit from ``threshold_grid``
-        (default 0.4, 0.6, 0.8, 0.95). Each setting runs ``prompts`` once (after one warm-up run).
-        The winner is kept in ``self.settings[target_name]``.
+        Candidates: every draft length of ``num_draft_grid`` (default 2, 4, 6, 8) times, for a draft with
+        early exits, every shared early-exit threshold of ``threshold_grid`` (default 0.05, 0.1, 0.2, 0.3,
+        0.4, 0.6, 0.8) and, with ``fixed_exits``, every single fixed exit (exit i always fires, the exits
+        before it are off: thresholds 1, ..., 1, 0, ...), so calibrated S2D is never slower than the best
+        fixed-exit draft on these prompts, up to timing noise.
+
+        Timing: one warm-up run, then ``rounds`` rounds that time every candidate once each, in an order
+        that alternates (forward, then backward) so slow drifts of the machine hit all candidates alike;
+        then the ``refine`` best candidates by median (default: a quarter of them, at least 2) get
+        ``rounds`` more rounds. A candidate's score is the median tokens/s of all its runs. Sampling runs
+        use ``seed=0`` unless a seed is given, so every run of a candidate emits the same tokens and only
+        the timing varies. The winner is kept in ``self.settings[target_name]``.
 
         Returns
         -------
         dict
-            ``{"thresholds", "num_draft_tokens", "tokens_per_second", "mat", "results": [...]}``.
+            ``{"thresholds", "num_draft_tokens", "tokens_per_second", "mat", "fixed_exit", "results"}``:
+            the winner, and ``results``, one entry per candidate timed (``thresholds``,
+            ``num_draft_tokens``, ``fixed_exit`` (the exit layer, or None), ``tokens_per_second`` (the
+            median), ``timings`` (tokens/s of every run), ``mat``), best first.
         """
         if target_name not in self.targets:
             raise ValueError(
                 f"target {target_name!r} is not held by this Speculator (it has {sorted(self.targets)})"
             )
+        rounds = _check_int("rounds", rounds, low=1)
         input_ids, attention_mask = _batch_prompts(prompts, attention_mask)
-        n_exits = len(self.draft.exits)
-        drafts = list(num_draft_grid) if num_draft_grid is not None else [2, 4, 6, 8]
-        if n_exits > 1:
-            taus = list(threshold_grid) if threshold_grid is not None else [0.4, 0.6, 0.8, 0.95]
-            threshold_options = [tuple([t] * (n_exits - 1) + [0.0]) for t in taus]
-        else:
-            threshold_options = [None]
+        candidates = _calibration_candidates(self.draft.exits, num_draft_grid, threshold_grid, fixed_exits)
+        refine = max(2, -(-len(candidates) // 4)) if refine is None else _check_int("refine", refine, low=0)
         kwargs = {"max_new_tokens": max_new_tokens, **generate_kwargs}
-        run = lambda **o: self.generate(input_ids, attention_mask, target=target_name, **kwargs, **o)  # noqa: E731
-        run(num_draft_tokens=drafts[0], thresholds=threshold_options[0])  # warm-up
+        if kwargs.get("temperature", 0.0) > 0:
+            kwargs.setdefault("seed", 0)
+
+        def run(candidate: dict[str, Any]) -> tuple[float, float]:
+            start = time.perf_counter()
+            out = self.generate(
+                input_ids,
+                attention_mask,
+                target=target_name,
+                num_draft_tokens=candidate["num_draft_tokens"],
+                thresholds=candidate["thresholds"],
+                **kwargs,
+            )
+            elapsed = time.perf_counter() - start
+            speed = sum(out.stats.new_tokens) / elapsed if elapsed > 0 else math.inf
+            return speed, out.stats.mat
+
+        run(candidates[0])  # warm-up
+        for index in range(rounds):
+            _time_round(candidates, index, run)
+        ranked = sorted(candidates, key=lambda c: -statistics.median(c["timings"]))
+        finalists = ranked[: min(refine, len(ranked))]
+        if len(finalists) > 1:
+            for index in range(rounds):
+                _time_round(finalists, index, run)
         results = []
-        for tau in threshold_options:
-            for n in drafts:
-                start = time.perf_counter()
-                out = run(num_draft_tokens=n, thresholds=tau)
-                elapsed = time.perf_counter() - start
-                speed = sum(out.stats.new_tokens) / elapsed if elapsed > 0 else math.inf
-                results.append(
-                    {
-                        "thresholds": tau,
-                        "num_draft_tokens": n,
-                        "tokens_per_second": speed,
-                        "mat": out.stats.mat,
-                    }
-                )
-        best = max(results, key=lambda r: r["tokens_per_second"])
+        for c in candidates:
+            results.append({**c, "tokens_per_second": statistics.median(c["timings"])})
+        results.sort(key=lambda r: -r["tokens_per_second"])
+        best = results[0]
         self.settings[target_name]["num_draft_tokens"] = best["num_draft_tokens"]
         if best["thresholds"] is not None:
             self.settings[target_name]["thresholds"] = best["thresholds"]
-        return {**best, "results": results}
+        winner = {
+            k: best[k] for k in ("thresholds", "num_draft_tokens", "tokens_per_second", "mat", "fixed_exit")
+        }
+        return {**winner, "results": results}
+
+
+def _calibration_candidates(exits, num_draft_grid, threshold_grid, fixed_exits) -> list[dict[str, Any]]:
+    """Every (thresholds, draft length) pair ``calibrate`` times, each with an empty ``timings`` list."""
+    lengths = list(num_draft_grid) if num_draft_grid is not None else [2, 4, 6, 8]
+    if not lengths:
+        raise ValueError("num_draft_grid must hold at least one draft length")
+    for n in lengths:
+        _check_int("num_draft_grid", n, low=1)
+    n_exits = len(exits)
+    options: list[tuple[tuple[float, ...] | None, int | None]] = []
+    if n_exits > 1:
+        taus = list(threshold_grid) if threshold_grid is not None else [0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8]
+        for t in taus:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold_grid must hold thresholds in [0, 1], got {t!r}")
+        options += [(tuple([float(t)] * (n_exits - 1) + [0.0]), None) for t in taus]
+        if fixed_exits:
+            # NOTE: threshold 1 turns an early exit off (its head is skipped) and 0 always fires, so
+            # exit i alone costs what a draft cut at exit i costs.
+            options += [(tuple([1.0] * i + [0.0] * (n_exits - i)), exits[i]) for i in range(n_exits)]
+    else:
+        options.append((None, exits[0]))
+    unique = list(dict.fromkeys(options))
+    if not unique:
+        raise ValueError("calibrate has no candidate: give threshold_grid values or fixed_exits=True")
+    return [
+        {"thresholds": tau, "num_draft_tokens": n, "fixed_exit": fixed, "timings": [], "mat": None}
+        for tau, fixed in unique
+        for n in lengths
+    ]
+
+
+def _time_round(candidates: list[dict[str, Any]], index: int, run) -> None:
+    """One timed run of every candidate; odd rounds go backwards (slow drifts then even out)."""
+    order = candidates if index % 2 == 0 else candidates[::-1]
+    for candidate in order:
+        speed, mat = run(candidate)
+        candidate["timings"].append(speed)
+        candidate["mat"] = mat
 
 
 # ------------------------------------------------------------------------------------------ validation
