@@ -553,6 +553,15 @@ class SortedDraft:
         top_p = _per_row("top_p", top_p, batch, device, torch.float32)
         if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
             raise ValueError("temperature must be finite and >= 0")
+        # NOTE: checked once here, so the exit op skips its per-call value checks (validate=False).
+        if bool((top_k < 0).any()):
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not bool(((top_p > 0) & (top_p <= 1)).all()):
+            raise ValueError("top_p must be in (0, 1]")
+        if num_tokens > 2**16:
+            raise ValueError(
+                f"num_tokens must be at most {2**16} (Philox holds the draft position in 16 bits)"
+            )
         sampled = temperature > 0
         any_sampled = bool(sampled.any())
         if any_sampled:
@@ -626,6 +635,8 @@ class SortedDraft:
                     if head_off[group] or not bool(need.any()):
                         continue
                     rows = rows_all[need]
+                    # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
+                    every = rows.shape[0] == batch
                     hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
                     last = group == reachable - 1
                     head, ids = self._exit_head_rows(group)
@@ -635,17 +646,18 @@ class SortedDraft:
                             norm.weight,
                             head,
                             eps,
-                            temperature[rows],
-                            top_k[rows],
-                            top_p[rows],
-                            seeds[rows],
-                            offsets[rows],
+                            temperature if every else temperature[rows],
+                            top_k if every else top_k[rows],
+                            top_p if every else top_p[rows],
+                            seeds if every else seeds[rows],
+                            offsets if every else offsets[rows],
                             j,
-                            0.0 if last else tau_fire[rows, group],
+                            0.0 if last else (tau_fire[:, group] if every else tau_fire[rows, group]),
                             probs_flat,
                             rows * k + j,
                             vocab_ids=ids,
                             filters=filters,
+                            validate=False,
                         )
                     else:
                         r_tokens, r_conf, _ = exit_head(hidden, norm.weight, head, eps, 0.0)

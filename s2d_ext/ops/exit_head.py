@@ -130,7 +130,7 @@ def exit_head_probs(
     return probs, torch.where(greedy, torch.ones_like(confidence), confidence)
 
 
-def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature) -> tuple:
+def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature, check_values: bool = True) -> tuple:
     hidden = check_tensor("hidden", hidden, ndim=2, dtypes=HIDDEN_DTYPES)
     device, dtype = hidden.device, hidden.dtype
     batch, dim = hidden.shape
@@ -154,7 +154,8 @@ def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature) -> tuple:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
     if (
-        batch
+        check_values
+        and batch
         and not is_tracing(device)
         and (not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()))
     ):

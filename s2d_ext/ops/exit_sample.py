@@ -42,6 +42,8 @@ def exit_sample(
     vocab_ids: torch.Tensor | None = None,
     filters: bool | None = None,
     backend: str = "auto",
+    *,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decide one exit of a draft step for each row: confidence, fire, and (where fired) q and a sample.
 
@@ -75,6 +77,11 @@ def exit_sample(
         ``top_k`` / ``top_p`` (one reduction when they are tensors).
     backend : str
         "auto", "reference", "cpu", "triton" or "cuda".
+    validate : bool
+        False skips the value checks (one device reduction each: temperatures, top-k / top-p ranges,
+        positions, thresholds, the probs rows, vocab_ids) for a caller that checked them once per call
+        of its own (``SortedDraft.propose`` calls this op at every exit of every draft step). Shapes,
+        dtypes and devices are always checked.
 
     Returns
     -------
@@ -86,11 +93,11 @@ def exit_sample(
         [N] bool: ``confidence >= threshold``.
     """
     hidden, norm_weight, lm_head_weight, eps, temperature = _normalise(
-        hidden, norm_weight, lm_head_weight, eps, temperature
+        hidden, norm_weight, lm_head_weight, eps, temperature, check_values=validate
     )
     args = _normalise_sampling(
         hidden.shape[0], lm_head_weight.shape[0], hidden.device, temperature, top_k, top_p, seeds, offsets,
-        positions, threshold, probs, probs_rows, vocab_ids, filters,
+        positions, threshold, probs, probs_rows, vocab_ids, filters, validate,
     )  # fmt: skip
     chosen = resolve_backend("exit_head", backend, hidden.device)
     if hidden.shape[0] == 0:
@@ -118,6 +125,8 @@ def sample_logits(
     vocab_ids: torch.Tensor | None = None,
     filters: bool | None = None,
     backend: str = "auto",
+    *,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`exit_sample` from given logits [N, Vh] (float32, bfloat16 or float16) instead of a head.
 
@@ -129,11 +138,16 @@ def sample_logits(
         raise ValueError("logits must have a vocabulary of at least one token (dim 1)")
     temperature = per_row("temperature", temperature, rows, logits.device, torch.float32)
     tracing = is_tracing(logits.device)
-    if rows and not tracing and not bool((torch.isfinite(temperature) & (temperature >= 0)).all()):
+    if (
+        validate
+        and rows
+        and not tracing
+        and not bool((torch.isfinite(temperature) & (temperature >= 0)).all())
+    ):
         raise ValueError("temperature must be finite and >= 0")
     args = _normalise_sampling(
         rows, head_vocab, logits.device, temperature, top_k, top_p, seeds, offsets, positions, threshold,
-        probs, probs_rows, vocab_ids, filters,
+        probs, probs_rows, vocab_ids, filters, validate,
     )  # fmt: skip
     chosen = resolve_backend("exit_head", backend, logits.device)
     logits = logits.contiguous()
@@ -150,7 +164,7 @@ def sample_logits(
 
 def _normalise_sampling(
     rows, head_vocab, device, temperature, top_k, top_p, seeds, offsets, positions, threshold, probs,
-    probs_rows, vocab_ids, filters,
+    probs_rows, vocab_ids, filters, validate=True,
 ) -> tuple:  # fmt: skip
     """The per-row arguments as [N] tensors, checked; returns them in the ops' order."""
     probs = check_tensor("probs", probs, ndim=2, dtypes=(torch.float32,), device=device)
@@ -187,7 +201,7 @@ def _normalise_sampling(
     tracing = is_tracing(device)
     if filters is None:
         filters = True if tracing or not rows else bool(((top_k > 0) | (top_p < 1)).any())
-    if rows and not tracing:
+    if validate and rows and not tracing:
         _check_values(rows, vocab, probs.shape[0], top_k, top_p, positions, threshold, probs_rows, vocab_ids)
     return (
         temperature,
