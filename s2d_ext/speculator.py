@@ -237,6 +237,7 @@ class Speculator:
         num_draft_grid: Sequence[int] | None = None,
         threshold_grid: Sequence[float] | None = None,
         fixed_exits: bool = True,
+        draft_length_grid: Sequence[str] | None = None,
         rounds: int = 3,
         refine: int | None = None,
         **generate_kwargs: Any,
@@ -247,7 +248,9 @@ class Speculator:
         early exits, every shared early-exit threshold of ``threshold_grid`` (default 0.05, 0.1, 0.2, 0.3,
         0.4, 0.6, 0.8) and, with ``fixed_exits``, every single fixed exit (exit i always fires, the exits
         before it are off: thresholds 1, ..., 1, 0, ...), so calibrated S2D is never slower than the best
-        fixed-exit draft on these prompts, up to timing noise.
+        fixed-exit draft on these prompts, up to timing noise. ``draft_length_grid`` adds draft-length
+        policies as a dimension ("fixed", "heuristic", "confidence"; default: the one in
+        ``generate_kwargs``, else this target's setting).
 
         Timing: one warm-up run, then ``rounds`` rounds that time every candidate once each, in an order
         that alternates (forward, then backward) so slow drifts of the machine hit all candidates alike;
@@ -259,10 +262,11 @@ class Speculator:
         Returns
         -------
         dict
-            ``{"thresholds", "num_draft_tokens", "tokens_per_second", "mat", "fixed_exit", "results"}``:
+            ``{"thresholds", "num_draft_tokens", "draft_length", "tokens_per_second", "mat", "fixed_exit",
+            "results"}``:
             the winner, and ``results``, one entry per candidate timed (``thresholds``,
-            ``num_draft_tokens``, ``fixed_exit`` (the exit layer, or None), ``tokens_per_second`` (the
-            median), ``timings`` (tokens/s of every run), ``mat``), best first.
+            ``num_draft_tokens``, ``draft_length``, ``fixed_exit`` (the exit layer, or None),
+            ``tokens_per_second`` (the median), ``timings`` (tokens/s of every run), ``mat``), best first.
         """
         if target_name not in self.targets:
             raise ValueError(
@@ -270,7 +274,15 @@ class Speculator:
             )
         rounds = _check_int("rounds", rounds, low=1)
         input_ids, attention_mask = _batch_prompts(prompts, attention_mask)
-        candidates = _calibration_candidates(self.draft.exits, num_draft_grid, threshold_grid, fixed_exits)
+        policy = generate_kwargs.pop("draft_length", None) or self.settings[target_name]["draft_length"]
+        policies = list(draft_length_grid) if draft_length_grid is not None else [policy]
+        if not policies or any(p not in DRAFT_LENGTHS for p in policies):
+            raise ValueError(f"draft_length_grid must name policies from {DRAFT_LENGTHS}, got {policies!r}")
+        candidates = [
+            {**c, "draft_length": p}
+            for p in policies
+            for c in _calibration_candidates(self.draft.exits, num_draft_grid, threshold_grid, fixed_exits)
+        ]
         refine = max(2, -(-len(candidates) // 4)) if refine is None else _check_int("refine", refine, low=0)
         kwargs = {"max_new_tokens": max_new_tokens, **generate_kwargs}
         if kwargs.get("temperature", 0.0) > 0:
@@ -284,6 +296,7 @@ class Speculator:
                 target=target_name,
                 num_draft_tokens=candidate["num_draft_tokens"],
                 thresholds=candidate["thresholds"],
+                draft_length=candidate["draft_length"],
                 **kwargs,
             )
             elapsed = time.perf_counter() - start
@@ -304,11 +317,11 @@ class Speculator:
         results.sort(key=lambda r: -r["tokens_per_second"])
         best = results[0]
         self.settings[target_name]["num_draft_tokens"] = best["num_draft_tokens"]
+        self.settings[target_name]["draft_length"] = best["draft_length"]
         if best["thresholds"] is not None:
             self.settings[target_name]["thresholds"] = best["thresholds"]
-        winner = {
-            k: best[k] for k in ("thresholds", "num_draft_tokens", "tokens_per_second", "mat", "fixed_exit")
-        }
+        keys = ("thresholds", "num_draft_tokens", "draft_length", "tokens_per_second", "mat", "fixed_exit")
+        winner = {k: best[k] for k in keys}
         return {**winner, "results": results}
 
 

@@ -129,6 +129,7 @@ def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatc
     calls = []
 
     def fake_generate(self, input_ids, attention_mask=None, **kwargs):
+        assert kwargs["draft_length"] in ("fixed", "heuristic")
         calls.append((kwargs["thresholds"], kwargs["num_draft_tokens"], kwargs.get("seed")))
         return SimpleNamespace(stats=SimpleNamespace(new_tokens=[4], mat=2.0))
 
@@ -142,6 +143,14 @@ def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatc
     assert n == (7 + 3) * 4
     assert len(calls) == 1 + 3 * n + 3 * max(2, -(-n // 4))  # warm-up, 3 rounds, 3 rounds of finalists
     assert {seed for *_, seed in calls} == {0}  # sampled calibration runs with a fixed seed
+    # draft-length policies as one more dimension; the winner's policy is kept
+    calls.clear()
+    both = spec.calibrate("t", [[1, 2, 3]], num_draft_grid=[3], draft_length_grid=["fixed", "heuristic"])
+    assert len(both["results"]) == 2 * 10
+    assert {r["draft_length"] for r in both["results"]} == {"fixed", "heuristic"}
+    assert spec.settings["t"]["draft_length"] == both["draft_length"]
+    with pytest.raises(ValueError, match="draft_length_grid"):
+        spec.calibrate("t", [[1, 2, 3]], draft_length_grid=["sometimes"])
 
 
 def test_calibrate_rejects_bad_grids():
