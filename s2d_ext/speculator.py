@@ -240,6 +240,7 @@ class Speculator:
         draft_length_grid: Sequence[str] | None = None,
         rounds: int = 3,
         refine: int | None = None,
+        batch_size: int | None = None,
         **generate_kwargs: Any,
     ) -> dict[str, Any]:
         """Pick the exit thresholds and draft length with the best measured tokens/s on ``prompts``.
@@ -255,7 +256,9 @@ class Speculator:
         Timing: one warm-up run, then ``rounds`` rounds that time every candidate once each, in an order
         that alternates (forward, then backward) so slow drifts of the machine hit all candidates alike;
         then the ``refine`` best candidates by median (default: a quarter of them, at least 2) get
-        ``rounds`` more rounds. A candidate's score is the median tokens/s of all its runs. Sampling runs
+        ``rounds`` more rounds. A candidate's score is the median tokens/s of all its runs. A run
+        generates every prompt, in batches of ``batch_size`` (default: all at once; pass the batch size the
+        settings will serve, since the best settings differ between batch 1 and larger batches). Sampling runs
         use ``seed=0`` unless a seed is given, so every run of a candidate emits the same tokens and only
         the timing varies. The winner is kept in ``self.settings[target_name]``.
 
@@ -274,6 +277,7 @@ class Speculator:
             )
         rounds = _check_int("rounds", rounds, low=1)
         input_ids, attention_mask = _batch_prompts(prompts, attention_mask)
+        batches = _split_batches(input_ids, attention_mask, batch_size)
         policy = generate_kwargs.pop("draft_length", None) or self.settings[target_name]["draft_length"]
         policies = list(draft_length_grid) if draft_length_grid is not None else [policy]
         if not policies or any(p not in DRAFT_LENGTHS for p in policies):
@@ -289,19 +293,23 @@ class Speculator:
             kwargs.setdefault("seed", 0)
 
         def run(candidate: dict[str, Any]) -> tuple[float, float]:
+            new_tokens, steps = 0, 0.0
             start = time.perf_counter()
-            out = self.generate(
-                input_ids,
-                attention_mask,
-                target=target_name,
-                num_draft_tokens=candidate["num_draft_tokens"],
-                thresholds=candidate["thresholds"],
-                draft_length=candidate["draft_length"],
-                **kwargs,
-            )
+            for ids, mask in batches:
+                out = self.generate(
+                    ids,
+                    mask,
+                    target=target_name,
+                    num_draft_tokens=candidate["num_draft_tokens"],
+                    thresholds=candidate["thresholds"],
+                    draft_length=candidate["draft_length"],
+                    **kwargs,
+                )
+                new_tokens += sum(out.stats.new_tokens)
+                steps += sum(n / m for n, m in zip(out.stats.new_tokens, out.stats.mat_per_row) if m)
             elapsed = time.perf_counter() - start
-            speed = sum(out.stats.new_tokens) / elapsed if elapsed > 0 else math.inf
-            return speed, out.stats.mat
+            speed = new_tokens / elapsed if elapsed > 0 else math.inf
+            return speed, (new_tokens / steps if steps else 0.0)
 
         run(candidates[0])  # warm-up
         for index in range(rounds):
@@ -354,6 +362,25 @@ def _calibration_candidates(exits, num_draft_grid, threshold_grid, fixed_exits) 
         for tau, fixed in unique
         for n in lengths
     ]
+
+
+def _split_batches(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The prompts in batches of ``batch_size`` rows (None: one batch), each without all-padding columns."""
+    if batch_size is None:
+        return [(input_ids, attention_mask)]
+    batch_size = _check_int("batch_size", batch_size, low=1)
+    batches = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size]
+        mask = None if attention_mask is None else attention_mask[start : start + batch_size]
+        if mask is not None:
+            # NOTE: left padding: drop the columns no row of this batch uses.
+            first = int((mask != 0).any(0).int().argmax())
+            ids, mask = ids[:, first:], mask[:, first:]
+        batches.append((ids, mask))
+    return batches
 
 
 def _time_round(candidates: list[dict[str, Any]], index: int, run) -> None:

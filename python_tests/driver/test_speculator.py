@@ -131,7 +131,10 @@ def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatc
     def fake_generate(self, input_ids, attention_mask=None, **kwargs):
         assert kwargs["draft_length"] in ("fixed", "heuristic")
         calls.append((kwargs["thresholds"], kwargs["num_draft_tokens"], kwargs.get("seed")))
-        return SimpleNamespace(stats=SimpleNamespace(new_tokens=[4], mat=2.0))
+        rows = input_ids.shape[0]
+        return SimpleNamespace(
+            stats=SimpleNamespace(new_tokens=[4] * rows, mat=2.0, mat_per_row=[2.0] * rows)
+        )
 
     monkeypatch.setattr(speculator.Speculator, "generate", fake_generate)
     chosen = spec.calibrate("t", [[1, 2, 3]], max_new_tokens=4, temperature=1.0)
@@ -151,6 +154,20 @@ def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatc
     assert spec.settings["t"]["draft_length"] == both["draft_length"]
     with pytest.raises(ValueError, match="draft_length_grid"):
         spec.calibrate("t", [[1, 2, 3]], draft_length_grid=["sometimes"])
+    # batch_size: every run generates the prompts in batches of that size, without all-padding columns
+    shapes = []
+    monkeypatch.setattr(
+        speculator.Speculator,
+        "generate",
+        lambda self, ids, mask=None, **kw: (
+            shapes.append(tuple(ids.shape)) or fake_generate(self, ids, mask, **kw)
+        ),
+    )
+    result = spec.calibrate(
+        "t", [[1, 2, 3], [4], [5, 6]], num_draft_grid=[3], threshold_grid=[], batch_size=2
+    )
+    assert set(shapes) == {(2, 3), (1, 2)}
+    assert result["mat"] == 2.0 and len(shapes) == 2 * (1 + 3 * 3 + 3 * 2)  # 3 fixed exits, 2 finalists
 
 
 def test_calibrate_rejects_bad_grids():

@@ -44,3 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-names", nargs="*", help="only these targets of the family (e.g. target-large)"
     )
     parser.add_argument("--calibration-rounds", type=int, default=3, help="timed rounds per candidate (3)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="evaluation rounds over the prompts (every method each round)"
+    )

@@ -18,7 +18,9 @@ For every target and every setting (greedy / temperature 1, batch 1 / batch 8) i
 vocabulary: the N most frequent tokens of the family's training data.
 
 Speedup is tokens/s over plain decoding of the same target, setting and category, measured in the same
-run. Results: ``<out>/spec_bench.json``, ``<out>/spec_bench.md`` and PNG plots.
+run; every method runs on a prompt before the next prompt starts (``--rounds`` passes, alternating the
+method order), so a drifting machine load reaches all methods alike. Results: ``<out>/spec_bench.json``,
+``<out>/spec_bench.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -176,7 +178,8 @@ def run_speculate(
         thresholds=thresholds,
         temperature=settings["temperature"],
         seed=settings["seed"],
-        eos_token_id=None if settings["ignore_eos"] else settings["eos_id"],
+        # NOTE: [] (no stop token), not None: None means "the target's generation_config EOS".
+        eos_token_id=[] if settings["ignore_eos"] else settings["eos_id"],
         pad_token_id=settings["pad_id"],
     )
     _sync(device)
@@ -268,7 +271,7 @@ def paper_thresholds(draft) -> tuple[float, ...]:
 
 # ------------------------------------------------------------------------------------------- main
 def run(args) -> dict:
-    from s2d_ext import SortedDraft, Speculator
+    from s2d_ext import SortedDraft
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -295,35 +298,12 @@ def run(args) -> dict:
     for target_name, target in targets.items():
         device = target.get_input_embeddings().weight.device
         for temperature in args.temperatures:
-            key = f"{target_name} T={temperature:g}"
-            if len(draft.exits) > 1:
-                spec = Speculator(draft, targets={target_name: target})
-                calib_ids, calib_mask = left_pad(calib_encoded, pad_id)
-                found = spec.calibrate(
-                    target_name,
-                    calib_ids,
-                    calib_mask,
-                    max_new_tokens=min(32, args.max_new_tokens),
-                    num_draft_grid=CALIBRATION_DRAFT_LENGTHS,
-                    threshold_grid=CALIBRATION_THRESHOLDS,
-                    draft_length_grid=CALIBRATION_POLICIES,
-                    rounds=args.calibration_rounds,
-                    temperature=temperature,
-                    pad_token_id=pad_id,
-                )
-                calibrated[key] = {k: v for k, v in found.items() if k != "results"}
-                calibration_runs[key] = [
-                    {k: v for k, v in r.items() if k in ("thresholds", "num_draft_tokens", "draft_length")}
-                    | {
-                        "fixed_exit": r["fixed_exit"],
-                        "tokens_per_second": r["tokens_per_second"],
-                        "runs": len(r["timings"]),
-                        "spread": (min(r["timings"]), max(r["timings"])),
-                        "mat": r["mat"],
-                    }
-                    for r in found["results"]
-                ]
             for batch_size in args.batch_sizes:
+                key = f"{target_name} T={temperature:g} B={batch_size}"
+                if len(draft.exits) > 1:
+                    calibrated[key], calibration_runs[key] = _calibrate(
+                        args, draft, target_name, target, calib_encoded, pad_id, temperature, batch_size
+                    )
                 settings = dict(
                     max_new_tokens=args.max_new_tokens,
                     temperature=temperature,
@@ -341,10 +321,15 @@ def run(args) -> dict:
                 ]
                 label = f"{target_name} T={temperature} B={batch_size}"
                 _warm_up(target, draft, encoded[0], pad_id, settings)
-                for method in tqdm(method_names, desc=label, leave=False):
-                    reset_peak_memory(device)
-                    for rows in tqdm(batches, desc=method, leave=False):
-                        input_ids, mask = left_pad([encoded[r] for r in rows], pad_id)
+                # NOTE: every method runs on a prompt before the next prompt starts, in an order that
+                # alternates between rounds: on a shared machine the load drifts within minutes, and
+                # running the methods one after another would hand each method its own load.
+                runs = [(r, rows) for r in range(args.rounds) for rows in batches]
+                for round_index, rows in tqdm(runs, desc=label, leave=False):
+                    order = method_names if round_index % 2 == 0 else method_names[::-1]
+                    input_ids, mask = left_pad([encoded[r] for r in rows], pad_id)
+                    for method in order:
+                        reset_peak_memory(device)
                         result = _run_method(
                             method,
                             target,
@@ -361,12 +346,13 @@ def run(args) -> dict:
                                 temperature=temperature,
                                 batch_size=batch_size,
                                 method=method,
+                                round=round_index,
                                 categories=[questions[r]["category"] for r in rows],
                                 **{k: v for k, v in asdict(result).items() if k != "sequences"},
                                 sequences=result.sequences if temperature == 0 else [],
+                                peak_memory_mib=peak_memory_mib(device),
                             )
                         )
-                    records[-1]["peak_memory_mib"] = peak_memory_mib(device)
     return dict(
         machine=machine_description(targets),
         load_average_at_start=load_start,
@@ -377,6 +363,44 @@ def run(args) -> dict:
         draft_vocab=None if draft.draft_vocab is None else int(draft.draft_vocab.numel()),
         records=records,
     )
+
+
+def _calibrate(args, draft, target_name, target, prompts, pad_id, temperature, batch_size):
+    """Speculator.calibrate on the held-out prompts at this temperature and batch size: the settings it
+    kept, and every candidate it timed."""
+    from s2d_ext import Speculator
+
+    spec = Speculator(draft, targets={target_name: target})
+    ids, mask = left_pad(prompts, pad_id)
+    found = spec.calibrate(
+        target_name,
+        ids,
+        mask,
+        max_new_tokens=min(32, args.max_new_tokens),
+        num_draft_grid=CALIBRATION_DRAFT_LENGTHS,
+        threshold_grid=CALIBRATION_THRESHOLDS,
+        draft_length_grid=CALIBRATION_POLICIES,
+        rounds=args.calibration_rounds,
+        batch_size=batch_size,
+        temperature=temperature,
+        pad_token_id=pad_id,
+        **({"eos_token_id": []} if args.ignore_eos else {}),
+    )
+    kept = {k: v for k, v in found.items() if k != "results"}
+    candidates = [
+        {
+            "thresholds": r["thresholds"],
+            "num_draft_tokens": r["num_draft_tokens"],
+            "draft_length": r["draft_length"],
+            "fixed_exit": r["fixed_exit"],
+            "tokens_per_second": r["tokens_per_second"],
+            "runs": len(r["timings"]),
+            "spread": (min(r["timings"]), max(r["timings"])),
+            "mat": r["mat"],
+        }
+        for r in found["results"]
+    ]
+    return kept, candidates
 
 
 def _warm_up(target, draft, prompt, pad_id, settings) -> None:

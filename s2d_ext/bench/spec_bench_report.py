@@ -101,12 +101,21 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
         + json.dumps(
             {
                 k: result["args"].get(k)
-                for k in ("family", "targets", "target_names", "limit", "max_new_tokens", "threads")
+                for k in (
+                    "family",
+                    "targets",
+                    "target_names",
+                    "limit",
+                    "max_new_tokens",
+                    "threads",
+                    "ignore_eos",
+                    "rounds",
+                )
             }
         ),
         f"Load average at the start {_load(result.get('load_average_at_start'))}, at the end "
-        f"{_load(result.get('load_average_at_end'))} (on a shared machine the methods of a setting still run "
-        "one after another, so load drifts reach them unevenly).",
+        f"{_load(result.get('load_average_at_end'))}; the methods run interleaved, prompt by prompt "
+        f"({result['args'].get('rounds', 1)} rounds), so load drifts reach them alike.",
         "Draft vocabulary: "
         + (
             f"the {result['draft_vocab']} most frequent training tokens, for every draft method."
@@ -173,7 +182,7 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
         lines += [f"- {k}: {_fmt(v, 3)}" for k, v in sorted(matches.items())]
         lines.append("")
     if result.get("calibrated"):
-        lines += ["Calibrated settings per target and temperature:", ""]
+        lines += ["Calibrated settings per target, temperature and batch size:", ""]
         lines += [f"- {k}: {json.dumps(v)}" for k, v in result["calibrated"].items()]
         lines.append("")
     for key, candidates in (result.get("calibration") or {}).items():
