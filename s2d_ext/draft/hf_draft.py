@@ -97,6 +97,10 @@ class HFDraft:
         tokens = torch.zeros((batch, num_tokens), dtype=torch.int64, device=self.device)
         confidence = torch.zeros((batch, num_tokens), dtype=torch.float32, device=self.device)
         sampled = bool((temperature > 0).any())
+        if sampled and seeds is None:
+            raise ValueError("seeds are required when a row samples (temperature > 0)")
+        seeds = 0 if seeds is None else seeds  # NOTE: greedy rows draw no random number
+        offsets = 0 if offsets is None else offsets
         probs = torch.zeros((batch, num_tokens, self.vocab_size), device=self.device) if sampled else None
         # NOTE: a greedy call writes its one-hots into a one-step scratch instead of a [B, k, V] q.
         if sampled:
