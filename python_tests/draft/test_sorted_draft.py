@@ -120,6 +120,8 @@ def _check_kv_against_full_forward(draft, state, model):
             out = model(filled_tokens[None], use_cache=True)
         for group, (lo, hi) in enumerate(zip((0, *draft.exits[:-1]), draft.exits, strict=True)):
             upto = int(state.filled[group, b])
+            if upto <= pad:  # NOTE: a deeper group that has not run yet (begin prefills group 0 only)
+                continue
             for layer in range(lo, hi):
                 ref_k = out.past_key_values.layers[layer].keys[0, :, : upto - pad]
                 ref_v = out.past_key_values.layers[layer].values[0, :, : upto - pad]
@@ -194,4 +196,19 @@ def test_groups_past_an_exit_that_always_fires_never_run():
     assert set(prop.exits.flatten().tolist()) == {EXITS[2]}
     draft.advance(state, torch.tensor([2, 2, 2]), torch.tensor([1, 2, 3]))
     draft.flush(state)
+    _check_kv_against_full_forward(draft, state, model)
+
+
+def test_begin_prefills_the_first_group_and_deeper_ones_catch_up():
+    model = tiny_model("llama")
+    draft = SortedDraft.from_pretrained(model, exits=EXITS, thresholds=(1.0, 1.0, 0.0))
+    ids, mask = left_pad(PROMPTS)
+    state = draft.begin(ids, mask, max_length=40)
+    assert torch.equal(state.filled[0], torch.full((3,), ids.shape[1] - 1))
+    assert bool((state.filled[1:] == 0).all())
+    reference = ReferenceCascade(model, EXITS, (1.0, 1.0, 0.0))
+    prop = draft.propose(state, 3, torch.full((3,), 3))  # every token at the last exit: both catch up
+    for b, prompt in enumerate(PROMPTS):
+        assert prop.tokens[b].tolist() == reference.draft(prompt, 3)[0]
+    assert torch.equal(state.filled[1], state.filled[0]) and torch.equal(state.filled[2], state.filled[0])
     _check_kv_against_full_forward(draft, state, model)

@@ -324,8 +324,11 @@ class SortedDraft:
         attention_mask: torch.Tensor | None,  # [B, L], 1 = token
         max_length: int,
     ) -> SortedDraftState:
-        """Prefill ``input_ids[:, :-1]`` through every layer; the last token becomes the pending input.
+        """Prefill ``input_ids[:, :-1]`` through the first exit group; the last token becomes the pending
+        input.
 
+        The deeper groups catch up on the prompt (deferred fill) when a token first reaches them, so a
+        draft used at a fixed first exit never runs them at all; :meth:`flush` fills them at once.
         ``max_length`` is the number of tokens (prompt + generated + one step of drafts) a row may
         reach, padding excluded; the caches hold ``max_length + max(pad)`` slots.
         """
@@ -400,9 +403,9 @@ class SortedDraft:
             group.refresh()
         with torch.no_grad():
             if prompt_len > 1:
-                self._flush(
-                    state, stop=torch.full((batch,), prompt_len - 1, dtype=torch.int64, device=device)
-                )
+                # NOTE: group 0 only: a deeper group's prefill is deferred like any other lag.
+                stop = torch.full((batch,), prompt_len - 1, dtype=torch.int64, device=device)
+                self._run_group(state, 0, stop)
         return state
 
     def flush(self, state: SortedDraftState) -> None:
