@@ -171,6 +171,7 @@ def run_speculate(
         seed=settings["seed"],
         eos_token_id=None if settings["ignore_eos"] else settings["eos_id"],
         pad_token_id=settings["pad_id"],
+        profile=True,  # NOTE: the report shows the draft / target / verify / other split
     )
     _sync(device)
     seconds = time.perf_counter() - start
