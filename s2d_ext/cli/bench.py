@@ -9,7 +9,7 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from s2d_ext.bench.spec_bench import add_arguments
+    from s2d_ext.bench.arguments import add_arguments  # NOTE: no torch import: `s2d --help` stays fast
 
     parser = subparsers.add_parser(
         "bench",

@@ -268,7 +268,7 @@ class Engine:
             )
         seed = params.seed if params.seed is not None else seeds_for(None, 1)[0]
         batch = self._batches[target]
-        length = int(batch.policy.initial(1)[0])
+        length = host_reads.host_list(batch.policy.initial(1))[0]
         request = _Request(request_id, target, params, prompt, seed, processors_for(params), length)
         self._requests[request_id] = request
         self._waiting.append(request)

@@ -168,15 +168,17 @@ def seeds_for(seed: Any, batch: int) -> list[int]:
     row), or a sequence / [B] tensor of ints."""
     import torch
 
+    from s2d_ext.engine.host_reads import host_list
+
     if seed is None:
-        return torch.randint(_INT64_MIN, _INT64_MAX, (batch,), dtype=torch.int64).tolist()
+        return host_list(torch.randint(_INT64_MIN, _INT64_MAX, (batch,), dtype=torch.int64))
     if isinstance(seed, int) and not isinstance(seed, bool):
         return [seed] * batch
     if isinstance(seed, (torch.Tensor, Sequence)):
         seeds = torch.as_tensor(seed.cpu() if isinstance(seed, torch.Tensor) else list(seed))
         if seeds.dtype.is_floating_point or seeds.dtype == torch.bool or tuple(seeds.shape) != (batch,):
             raise ValueError(f"seed must be an int or {batch} ints (one per row), got {seed!r}")
-        return seeds.to(torch.int64).tolist()
+        return host_list(seeds.to(torch.int64))
     raise TypeError(f"seed must be an int, a sequence of ints or a [B] tensor, got {type(seed).__name__}")
 
 
