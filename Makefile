@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # NOTE: the venv sees system site-packages, so a user's existing CUDA torch is kept, never replaced.
 RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
-TEST_DEPS := pytest scipy ruff clang-format
+TEST_DEPS := pytest scipy ruff clang-format fastapi uvicorn httpx
 # NOTE: resolved when a recipe runs (after install): the venv's own copy, else the one already on PATH.
 CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clang-format || command -v clang-format)
 

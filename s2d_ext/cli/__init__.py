@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "soft": "s2d_ext.cli.soft",
     "family": "s2d_ext.cli.family",
     "bench": "s2d_ext.cli.bench",
+    "serve": "s2d_ext.cli.serve",
 }
 
 
