@@ -115,3 +115,25 @@ def test_one_draft_two_targets_with_their_own_settings():
     got = collect(engine, schedule)
     for i in range(4):
         assert got[str(i)]["tokens"] == run_alone(make, prompts[i], params[i], target=names[i])["tokens"]
+
+
+def test_max_running_queues_the_rest_in_order(target):
+    draft = SortedDraft.truncate(target, 2)
+    make = lambda: Engine(draft, target)  # noqa: E731
+    engine = Engine(draft, target, max_running=2)
+    prompts = _prompts(5, seed=5)
+    params = [SamplingParams(max_new_tokens=6 + 3 * i, temperature=1.0, seed=i) for i in range(5)]
+    for i in range(5):
+        engine.add_request(prompts[i], params[i], request_id=str(i))
+    running = []
+    got = {}
+    while engine.has_unfinished():
+        outs = engine.step()
+        running.append(len({o.request_id for o in outs}))
+        for o in outs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert max(running) <= 2
+    for i in range(5):
+        assert got[str(i)] == run_alone(make, prompts[i], params[i])["tokens"]
+    with pytest.raises(ValueError, match="max_running"):
+        Engine(draft, target, max_running=0)

@@ -177,6 +177,8 @@ class Engine:
     profile : bool
         Split the time into draft / target / verify / other (:attr:`clock`); this synchronises the
         devices several times a step. Off by default.
+    max_running : int, optional
+        At most this many requests in the batch; the others wait (in arrival order). None: no limit.
     """
 
     def __init__(
@@ -189,8 +191,14 @@ class Engine:
         thresholds: Sequence[float] | None = None,
         stop_threshold: float | None = None,
         profile: bool = False,
+        max_running: int | None = None,
     ) -> None:
         self.draft = as_draft(draft)
+        if max_running is not None and (
+            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+        ):
+            raise ValueError(f"max_running must be an int >= 1 or None, got {max_running!r}")
+        self.max_running = max_running
         if isinstance(targets, torch.nn.Module):
             targets = {"target": targets}
         if not isinstance(targets, Mapping) or not targets:
@@ -283,6 +291,10 @@ class Engine:
         if request in self._waiting:
             self._waiting.remove(request)
         request.finished, request.reason = True, "abort"
+
+    def request_ids(self) -> list[str]:
+        """The unfinished requests (waiting or running)."""
+        return list(self._requests)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -558,6 +570,9 @@ class Engine:
     def _admit(self, outputs: list[RequestOutput]) -> None:
         """Drop finished rows (batched: a cache gather each) and prefill + append waiting requests."""
         joining, self._waiting = self._waiting, []
+        if self.max_running is not None:
+            room = max(0, self.max_running - sum(not r.finished for r in self._rows))
+            joining, self._waiting = joining[:room], joining[room:]
         done = sum(r.finished for r in self._rows)
         # NOTE: dropping costs one cache gather: batch it (a quarter of the rows done, or a join).
         drop_draft = bool(done) and (4 * done >= len(self._rows) or bool(joining))

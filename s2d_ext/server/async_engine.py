@@ -127,7 +127,7 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> list[RequestOutput]:
         failed = []
-        for request_id in list(self.engine._requests):
+        for request_id in self.engine.request_ids():
             with contextlib.suppress(ValueError):
                 self.engine.abort(request_id)
             failed.append(
