@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="heuristic",
         help="(heuristic)",
     )
+    parser.add_argument(
+        "--max-running", type=positive_int, default=None, help="most requests in the batch (default: no cap)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="listen port (8000)")
     add_runtime_args(parser)
@@ -85,7 +88,7 @@ def run(args) -> int:
         name = Path(args.target).name or "target"
     name = args.model_name or name
     config = TargetConfig(target, args.num_draft_tokens, args.draft_length, args.thresholds)
-    engine = AsyncEngine(Engine(draft, {name: config}))
+    engine = AsyncEngine(Engine(draft, {name: config}, max_running=args.max_running))
     print(f"serving {name!r} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1")
     serve(build_app(engine, tokenizer), args.host, args.port)
     return 0
