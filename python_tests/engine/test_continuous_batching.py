@@ -137,3 +137,27 @@ def test_max_running_queues_the_rest_in_order(target):
         assert got[str(i)] == run_alone(make, prompts[i], params[i])["tokens"]
     with pytest.raises(ValueError, match="max_running"):
         Engine(draft, target, max_running=0)
+
+
+def test_static_draft_shapes_keep_every_output(target):
+    """Padded draft batch (a multiple of 4) and a fixed draft capacity, as CUDA graphs need: the draft
+    sees only a few shapes while requests come and go, and no request's output changes."""
+    draft = SortedDraft.truncate(target, 2, exits=(1, 2), thresholds=(0.5, 0.0))
+    make = lambda: Engine(draft, target)  # noqa: E731
+    engine = Engine(draft, target, draft_batch_multiple=4, draft_capacity=200)
+    prompts = _prompts(len(PARAMS), seed=6)
+    add = lambda i: lambda e: e.add_request(prompts[i], PARAMS[i], request_id=f"r{i}")  # noqa: E731
+    shapes = set()
+    original_step = engine.step
+
+    def step():
+        out = original_step()
+        if engine._state is not None:
+            shapes.add((engine._state.batch_size, engine._state.capacity))
+        return out
+
+    engine.step = step
+    got = collect(engine, {0: add(0), 1: add(1), 2: add(2), 4: lambda e: (add(3)(e), add(4)(e)), 6: add(5)})
+    for i, params in enumerate(PARAMS):
+        assert got[f"r{i}"]["tokens"] == run_alone(make, prompts[i], params)["tokens"], i
+    assert all(b % 4 == 0 for b, _ in shapes) and {c for _, c in shapes} == {200}, shapes

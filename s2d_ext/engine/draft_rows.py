@@ -59,23 +59,32 @@ def select_rows(state: Any, rows: torch.Tensor) -> Any:
     raise TypeError(f"cannot select rows of a {type(state).__name__}")
 
 
-def concat_states(states: Sequence[Any], max_pads: Sequence[int]) -> Any:
+def with_capacity(state: Any, capacity: int) -> Any:
+    """``state`` with at least ``capacity`` slots per row (static shapes for CUDA graphs)."""
+    from s2d_ext.draft.static_cache import SortedDraftState
+
+    if not isinstance(state, SortedDraftState) or state.capacity >= capacity:
+        return state
+    return concat_states([state], [0], min_capacity=capacity)
+
+
+def concat_states(states: Sequence[Any], max_pads: Sequence[int], min_capacity: int = 0) -> Any:
     """One state holding the rows of ``states`` in order.
 
     ``max_pads[i]`` is the largest left padding of ``states[i]``'s rows (known to the caller, so no
-    device read is needed here).
+    device read is needed here). ``min_capacity``: slots per row at least (SortedDraftState).
     """
     from s2d_ext.draft.hf_draft import HFDraftState
     from s2d_ext.draft.static_cache import SortedDraftState
 
     first = states[0]
-    if len(states) == 1:
+    if len(states) == 1 and (not isinstance(first, SortedDraftState) or first.capacity >= min_capacity):
         return first
     if isinstance(first, SortedDraftState):
         max_length = max(s.max_length for s in states)
         # NOTE: slot = pad + position, so a row keeps its slots; only the capacity (and with it the
         # trash slot, always the last one) grows to fit every row's pad + max_length.
-        capacity = max(max(s.capacity for s in states), max(max_pads) + max_length)
+        capacity = max(max(s.capacity for s in states), max(max_pads) + max_length, min_capacity)
         widen = lambda t, s: _widen_slots(t, s.capacity, capacity)  # noqa: E731
         cat = lambda ts: torch.cat(ts, dim=0)  # noqa: E731
         n_layers, n_groups = len(first.k_cache), len(first.hidden)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from s2d_ext.engine import host_reads
-from s2d_ext.engine.draft_rows import concat_states, select_rows, supports_row_ops
+from s2d_ext.engine.draft_rows import concat_states, select_rows, supports_row_ops, with_capacity
 from s2d_ext.engine.filters import filtered_scores, min_p_logits
 from s2d_ext.engine.models import TargetConfig, as_draft, check_length, draft_limit, target_window
 from s2d_ext.engine.params import RequestError, SamplingParams, seeds_for
@@ -48,6 +48,8 @@ from s2d_ext.engine.processors import processors_for
 from s2d_ext.engine.profile import Clock
 from s2d_ext.ops import verify
 from s2d_ext.target import CachedLM, input_device
+
+_PADDING = "padding"  # the reason of an idle draft row (static draft shapes)
 
 
 @dataclasses.dataclass
@@ -179,6 +181,11 @@ class Engine:
         devices several times a step. Off by default.
     max_running : int, optional
         At most this many requests in the batch; the others wait (in arrival order). None: no limit.
+    draft_batch_multiple, draft_capacity : int, optional
+        Static draft shapes, so that a compiled draft (``SortedDraft(compile=True,
+        compile_mode="reduce-overhead")``: CUDA graphs) replays the same few graphs while requests come
+        and go: the draft's batch is padded with idle rows to a multiple of ``draft_batch_multiple``, and
+        its caches hold at least ``draft_capacity`` slots per row. A SortedDraft only.
     """
 
     def __init__(
@@ -192,6 +199,8 @@ class Engine:
         stop_threshold: float | None = None,
         profile: bool = False,
         max_running: int | None = None,
+        draft_batch_multiple: int | None = None,
+        draft_capacity: int | None = None,
     ) -> None:
         self.draft = as_draft(draft)
         if max_running is not None and (
@@ -199,6 +208,8 @@ class Engine:
         ):
             raise ValueError(f"max_running must be an int >= 1 or None, got {max_running!r}")
         self.max_running = max_running
+        self.draft_batch_multiple = draft_batch_multiple
+        self.draft_capacity = draft_capacity
         if isinstance(targets, torch.nn.Module):
             targets = {"target": targets}
         if not isinstance(targets, Mapping) or not targets:
@@ -573,7 +584,7 @@ class Engine:
         if self.max_running is not None:
             room = max(0, self.max_running - sum(not r.finished for r in self._rows))
             joining, self._waiting = joining[:room], joining[room:]
-        done = sum(r.finished for r in self._rows)
+        done = sum(r.finished and r.reason != _PADDING for r in self._rows)
         # NOTE: dropping costs one cache gather: batch it (a quarter of the rows done, or a join).
         drop_draft = bool(done) and (4 * done >= len(self._rows) or bool(joining))
         changed = False
@@ -584,6 +595,7 @@ class Engine:
                 changed = True
         if drop_draft:
             self._drop_draft_rows()
+            self._pad_draft_rows()
         elif changed:
             self._refresh_rows()
         if not joining:
@@ -620,11 +632,13 @@ class Engine:
             self._state, self._rows = state, list(joining)
         elif supports_row_ops(self._state):
             max_pads = [max(r.draft_pad for r in self._rows), max(pads)]
-            self._state = concat_states([self._state, state], max_pads)
+            self._state = concat_states([self._state, state], max_pads, self.draft_capacity or 0)
             self._rows = self._rows + list(joining)
         else:
             self._rows = self._rows + list(joining)
             self._state = self._rebuild_draft(self._rows)
+        if self.draft_capacity:
+            self._state = with_capacity(self._state, self.draft_capacity)
         for name, (runner, pending, reqs) in per_target.items():
             tb = self._batches[name]
             if tb.runner is None or not tb.requests:
@@ -633,6 +647,7 @@ class Engine:
                 tb.runner = CachedLM.concat([tb.runner, runner])
                 tb.pending = torch.cat([tb.pending, pending])
                 tb.requests = tb.requests + reqs
+        self._pad_draft_rows()
         self._refresh_rows()
         self.clock.lap("other")
 
@@ -695,6 +710,23 @@ class Engine:
         else:
             self._rows = rows
             self._state = self._rebuild_draft(rows)
+        self._refresh_rows()
+
+    def _pad_draft_rows(self) -> None:
+        """Idle rows (copies of row 0, never drafting) up to a multiple of ``draft_batch_multiple``."""
+        m = self.draft_batch_multiple
+        if not m or not self._rows or not supports_row_ops(self._state):
+            return
+        missing = -len(self._rows) % m
+        if not missing:
+            return
+        copies = select_rows(self._state, host_reads.to_device([0] * missing, torch.int64, self.draft.device))
+        pad = self._rows[0].draft_pad
+        self._state = concat_states([self._state, copies], [max(r.draft_pad for r in self._rows), pad])
+        for _ in range(missing):
+            idle = _Request(_PADDING, self._rows[0].target, self._rows[0].params, [], 0, [], 0)
+            idle.finished, idle.reason, idle.draft_pad = True, _PADDING, pad
+            self._rows.append(idle)
         self._refresh_rows()
 
     def _refresh_rows(self) -> None:
