@@ -176,3 +176,15 @@ def test_bad_requests_get_a_4xx_with_a_message(served, path, body, status, match
         assert r.status_code == status, r.text
         assert match in r.json()["error"]["message"]
         assert client.get(f"{url}/health").json()["status"] == "ok"  # the server carries on
+
+
+def test_serve_command_refuses_incomplete_arguments(capsys):
+    from s2d_ext.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--family", "tiny", "--port", "9001", "--max-running", "8"])
+    assert args.family == "tiny" and args.port == 9001 and args.max_running == 8
+    for argv in (["serve"], ["serve", "--target", "T"], ["serve", "--family", "tiny", "--target", "T"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert "--draft" in capsys.readouterr().err
