@@ -117,8 +117,23 @@ def test_a_toolkit_is_nvcc_with_its_headers(tmp_path, monkeypatch):
     _fake_tool(home / "bin", "nvcc", "13.0")
     monkeypatch.setenv("CUDA_HOME", str(home))
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    monkeypatch.setattr(native_build, "DEFAULT_CUDA_HOMES", ())
     nvcc, why = native_build.cuda_toolkit()
     assert nvcc is None and "cuda_runtime.h" in why
     (home / "include").mkdir()
     (home / "include" / "cuda_runtime.h").write_text("")
     assert native_build.cuda_toolkit()[0] == (home / "bin" / "nvcc").resolve()
+
+
+def test_an_nvcc_wrapper_without_headers_does_not_hide_the_toolkit(tmp_path, monkeypatch):
+    # NOTE: this machine's /usr/local/bin/nvcc is `exec /usr/local/cuda-13.0/bin/nvcc "$@"`, with no headers.
+    _fake_tool(tmp_path / "bin", "nvcc", "13.0")
+    real = tmp_path / "cuda-13.0"
+    _fake_tool(real / "bin", "nvcc", "13.0")
+    (real / "include").mkdir()
+    (real / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(native_build, "DEFAULT_CUDA_HOMES", (real,))
+    assert native_build.cuda_toolkit()[0] == (real / "bin" / "nvcc").resolve()
