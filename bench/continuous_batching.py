@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the results file stem")
     args = parser.parse_args()
     load_before = load()
     tokenizer, name, target, draft = load_models(args)
@@ -144,7 +145,7 @@ def main() -> None:
         "runs": {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in runs.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("continuous_batching_cpu" + ("_random" if args.random else ""))
+    stem = args.out / ("continuous_batching_cpu" + ("_random" if args.random else "") + args.tag)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Continuous vs static batching (same engine, draft and batch cap)",

@@ -108,6 +108,8 @@ def main() -> None:
                 "ratio_median": statistics.median(ratios),
                 "ratio_min": min(ratios),
                 "ratio_max": max(ratios),
+                "old_ms_per_round": [1e3 * x for x in runs["old"]],
+                "engine_ms_per_round": [1e3 * x for x in runs["engine"]],
             }
         )
         print(results[-1], flush=True)

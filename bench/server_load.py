@@ -95,6 +95,7 @@ def main() -> None:
             seed=i,
             ignore_eos=True,
             return_token_ids=True,
+            stream=True,
         )
         for i, p in enumerate(texts)
     ]
