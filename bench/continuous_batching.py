@@ -145,8 +145,9 @@ def main() -> None:
         "runs": {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in runs.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("continuous_batching_cpu" + ("_random" if args.random else "") + args.tag)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = "continuous_batching_cpu" + ("_random" if args.random else "") + args.tag.replace(".", "p")
+    json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Continuous vs static batching (same engine, draft and batch cap)",
         "",
@@ -173,7 +174,7 @@ def main() -> None:
         + ", ".join(f"{r:.2f}x" for r in rounds)
         + "). Target: >= 1.3x.",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    md_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
