@@ -85,7 +85,8 @@ def test_processors_from_the_config_and_the_caller_run_losslessly(pair):
         do_sample=False,
         pad_token_id=0,
         repetition_penalty=1.5,
-        bad_words_ids=[[int(new[0, 2])], [int(new[1, 3]), int(new[1, 4])]],
+        # NOTE: the last bad word is the EOS id, which generate() drops from its bad words
+        bad_words_ids=[[int(new[0, 2])], [int(new[1, 3]), int(new[1, 4])], [int(new[0, 1])]],
         min_new_tokens=5,
         eos_token_id=int(new[0, 1]),
         logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor([int(new[1, 0])])]),

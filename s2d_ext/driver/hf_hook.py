@@ -113,10 +113,16 @@ def generate(
         raise ValueError(
             "generation_config.temperature=0 with do_sample=True; use do_sample=False for greedy"
         )
+    eos = _ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id)
     extra = {
         "min_p": float(config.min_p or 0.0) if sampling else 0.0,
         "repetition_penalty": float(getattr(config, "repetition_penalty", None) or 1.0),
-        "bad_words_ids": [list(w) for w in (getattr(config, "bad_words_ids", None) or [])],
+        # NOTE: as generate()'s NoBadWordsLogitsProcessor, a one-token bad word that is an EOS id is dropped.
+        "bad_words_ids": [
+            list(w)
+            for w in (getattr(config, "bad_words_ids", None) or [])
+            if not (len(w) == 1 and w[0] in (eos or []))
+        ],
         # NOTE: min_length counts the (padded) prompt, as MinLengthLogitsProcessor does.
         "min_new_tokens": max(
             int(getattr(config, "min_new_tokens", None) or 0),
