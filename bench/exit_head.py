@@ -1,15 +1,16 @@
 """Fused exit head vs torch's norm -> lm_head -> softmax -> max: time and intermediate memory.
 
     python bench/exit_head.py                    # CPU: the C++ kernel, writes bench/results/exit_head_cpu.*
-    python bench/exit_head.py --device cuda      # CUDA kernel and Triton, writes exit_head_cuda.*
+    python bench/exit_head.py --device cuda      # CUDA (chunked matmul + reduction), Triton: exit_head_cuda.*
     python bench/exit_head.py --quick            # a reduced sweep
 
 The baseline is what a Hugging Face draft does per exit: ``RMSNorm`` (HF Llama), ``lm_head`` in the
 model dtype, ``.float()`` logits, ``softmax``, ``max`` / ``argmax`` (plus ``logsumexp``). Intermediate
 memory is the bytes of the [N, V] tensors the baseline materialises (logits in the model dtype, float32
 logits and float32 probabilities), counted analytically; the fused op materialises no [N, V] tensor,
-only its normed rows [N, d] float32 and per-chunk row states (and, on CPU, one float32 lm_head tile
-per thread). Every ratio comes from one run on one machine.
+only its normed rows [N, d] and per-chunk row states, plus on CPU one float32 lm_head tile per thread,
+and on CUDA one float32 [N, C] buffer of matmul results (C ids per chunk, at most 8 MiB; see
+csrc/include/s2d/exit_head_chunked.h). Every ratio comes from one run on one machine.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def baseline_intermediate_bytes(rows, vocab, dtype) -> int:
 
 def fused_intermediate_bytes(rows, dim, vocab, device, threads) -> int:
     if device == "cuda":
-        chunks = -(-vocab // 256)
-        return rows * dim * 4 + chunks * rows * 16
+        # NOTE: as exit_head_chunked.h plans it: C columns per chunk, 2048 logits per partial state.
+        cols = min(vocab, max(4096, (8 * 2**20) // (4 * rows) // 2048 * 2048))
+        parts = sum(-(-min(cols, vocab - begin) // 2048) for begin in range(0, vocab, cols))
+        return rows * dim * 4 + rows * cols * 4 + parts * rows * 16
     chunks = -(-vocab // 512)
     tile = 192 * 1024 if rows > 4 else 0  # converted lm_head tile per thread (bf16/f16, N > 4)
     return rows * dim * 4 + chunks * rows * 16 + threads * (tile + 4 * 4 * 48)

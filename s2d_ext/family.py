@@ -493,11 +493,16 @@ def build_family(
     progress: bool = True,
     device: str | None = None,
     log=None,
+    draft_vocab: int | None = None,
 ) -> Path:
     """Build (or complete/repair) the family of ``size`` in its cache folder; returns that folder.
 
     Does nothing when the cache is complete and intact (unless ``force``). Parts whose folder is missing,
     corrupt or from another spec are rebuilt together with everything that depends on them.
+
+    ``draft_vocab=N`` also writes the draft's reduced vocabulary (the N most frequent tokens of the SoFT
+    data, ``draft/draft_vocab.safetensors``); on a complete cache it adds (or replaces) only that file. It is
+    not part of the models' checksums: the models do not change with it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -509,6 +514,16 @@ def build_family(
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not force and check_family(spec, cache_dir) is None:
         say(f"family {spec.size!r}: cache at {root} is complete")
+        if draft_vocab is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            blocks = _train_blocks(spec, tokenizer, stdlib_corpus(spec)[0])
+            manifest = json.loads((root / MANIFEST).read_text())
+            manifest["draft_vocab"] = _write_draft_vocab(spec, root, blocks, draft_vocab, say)
+            tmp = root / f".{MANIFEST}.tmp"
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(tmp, root / MANIFEST)
         return root
     fp = spec.fingerprint()
     dev = _device(spec, device)
@@ -535,8 +550,7 @@ def build_family(
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     timings["tokenizer"] = time.perf_counter() - t0
 
-    max_tokens = max(max(t.steps for t in spec.targets), spec.draft.steps) * spec.batch_size * spec.seq_len
-    train_blocks = soft.tokenize_blocks(corpus, tokenizer, spec.seq_len, max_tokens=max_tokens)
+    train_blocks = _train_blocks(spec, tokenizer, corpus)
     heldout_blocks = soft.tokenize_blocks(
         heldout_docs, tokenizer, spec.seq_len, max_tokens=spec.heldout_tokens
     )
@@ -636,6 +650,9 @@ def build_family(
             f"family {spec.size!r}: draft held-out loss per exit "
             f"{dict(zip(d.exits, [round(x, 3) for x in losses]))}"
         )
+    vocab_record = None
+    if draft_vocab is not None:
+        vocab_record = _write_draft_vocab(spec, root, train_blocks, draft_vocab, say)
     timings["total"] = time.perf_counter() - t_start
 
     models = {}
@@ -668,11 +685,53 @@ def build_family(
         },
         "complete": True,
     }
+    if vocab_record is not None:
+        manifest["draft_vocab"] = vocab_record
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, root / MANIFEST)
     say(f"family {spec.size!r}: built in {timings['total']:.0f} s at {root}")
     return root
+
+
+def _train_blocks(spec: FamilySpec, tokenizer, corpus: Sequence[str]) -> torch.Tensor:
+    """The training token blocks every model of the family (and the draft's SoFT) draws from."""
+    from s2d_ext import soft
+
+    max_tokens = max(max(t.steps for t in spec.targets), spec.draft.steps) * spec.batch_size * spec.seq_len
+    return soft.tokenize_blocks(corpus, tokenizer, spec.seq_len, max_tokens=max_tokens)
+
+
+def _write_draft_vocab(spec: FamilySpec, root: Path, blocks: torch.Tensor, n: int, say) -> dict:
+    """Save the N most frequent tokens of ``blocks`` as the draft's vocabulary; returns its manifest entry."""
+    from transformers import AutoConfig
+
+    from s2d_ext.draft.draft_vocab import DRAFT_VOCAB_FILE, most_frequent_tokens, save_draft_vocab
+
+    vocab_size = int(AutoConfig.from_pretrained(root / spec.draft.name).vocab_size)
+    vocab = most_frequent_tokens(blocks, vocab_size, n)
+    save_draft_vocab(root / spec.draft.name, vocab)
+    counts = torch.bincount(blocks.flatten(), minlength=vocab_size)
+    coverage = float(counts[vocab].sum()) / max(int(counts.sum()), 1)
+    say(f"family {spec.size!r}: draft vocabulary of {n} ids covers {coverage:.1%} of the training tokens")
+    return {"path": f"{spec.draft.name}/{DRAFT_VOCAB_FILE}", "size": n, "train_token_coverage": coverage}
+
+
+def family_draft_vocab(
+    size: str | FamilySpec, n: int, cache_dir: str | os.PathLike | None = None
+) -> torch.Tensor:
+    """The N most frequent tokens of a built family's training data (what ``build_family(draft_vocab=N)``
+    saves), computed without writing anything."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from s2d_ext.draft.draft_vocab import most_frequent_tokens
+
+    spec = get_spec(size)
+    root = family_dir(spec, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    blocks = _train_blocks(spec, tokenizer, stdlib_corpus(spec)[0])
+    vocab_size = int(AutoConfig.from_pretrained(root / spec.draft.name).vocab_size)
+    return most_frequent_tokens(blocks, vocab_size, n)
 
 
 def total_train_tokens(spec: FamilySpec, models: dict, name: str) -> int:
@@ -753,6 +812,8 @@ def load_family(
         except ImportError:
             SortedDraft = None
         if SortedDraft is not None:
+            from s2d_ext.draft.draft_vocab import load_draft_vocab
+
             model = AutoModelForCausalLM.from_pretrained(draft_path, dtype=dtype).to(device).eval()
-            draft = SortedDraft.from_pretrained(model)
+            draft = SortedDraft.from_pretrained(model, draft_vocab=load_draft_vocab(draft_path))
     return Family(tokenizer=tokenizer, targets=targets, draft=draft, root=root, manifest=manifest)

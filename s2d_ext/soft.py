@@ -417,6 +417,7 @@ class SoftConfig:
     distill_weights: tuple[float, ...] = ()
     distill_temperature: float = 1.0
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    draft_vocab: int = 0  # > 0: save the N most frequent tokens of the data as the draft vocabulary
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in soft_config.json
 
     def lr_at(self, step: int) -> float:
@@ -447,6 +448,9 @@ def _check_config(config: SoftConfig) -> None:
         raise ValueError(f"lr must be > 0, got {config.lr}")
     if config.warmup_steps < 0 or config.save_every < 0:
         raise ValueError("warmup_steps and save_every must be >= 0")
+    vocab = config.draft_vocab
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 0:
+        raise ValueError(f"draft_vocab must be an int >= 0 (0 = none), got {config.draft_vocab!r}")
 
 
 def _batch_indices(step: int, micro: int, config: SoftConfig, n_blocks: int) -> torch.Tensor:
@@ -503,9 +507,11 @@ def save_checkpoint(
     config=None,
     history=None,
     tokens_seen: int = 0,
+    draft_vocab: torch.Tensor | None = None,
 ) -> Path:
     """Save ``model`` with ``save_pretrained`` (safetensors) plus the resume state, atomically: everything is
-    written to a sibling temporary folder that then replaces ``out_dir``."""
+    written to a sibling temporary folder that then replaces ``out_dir``. ``draft_vocab`` (ids) is saved
+    as ``draft_vocab.safetensors`` (:mod:`s2d_ext.draft.draft_vocab`)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -516,6 +522,10 @@ def save_checkpoint(
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if draft_vocab is not None:
+        from s2d_ext.draft.draft_vocab import save_draft_vocab
+
+        save_draft_vocab(tmp, draft_vocab)
     torch.save(
         {
             "step": step,
@@ -570,6 +580,9 @@ def train_soft(
     resume : continue from the checkpoint in ``out_dir`` (loads weights, optimizer state and step)
     overwrite : replace a SoFT checkpoint already in ``out_dir``
 
+    With ``config.draft_vocab = N`` every checkpoint also holds the draft vocabulary: the N most frequent
+    tokens of ``blocks`` (:func:`s2d_ext.draft.draft_vocab.most_frequent_tokens`).
+
     NOTE: deterministic on the CPU given ``config.seed`` (and a fixed torch thread count): data order is a
     pure function of the seed and step, and the model has no dropout in train mode by default.
     """
@@ -584,6 +597,14 @@ def train_soft(
         config.exits if config.exits is not None else model_exits(model), _num_layers(model)
     )
     set_exit_config(model, exits, config.thresholds)
+    draft_vocab = None
+    if config.draft_vocab:
+        from s2d_ext.draft.draft_vocab import most_frequent_tokens
+
+        vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        if config.draft_vocab > vocab_size:
+            raise ValueError(f"draft_vocab={config.draft_vocab} exceeds the model vocabulary ({vocab_size})")
+        draft_vocab = most_frequent_tokens(blocks, vocab_size, config.draft_vocab)
     targets = list(targets)
     distill = list(config.distill_weights) if config.distill_weights else [1.0] * len(targets)
     if len(distill) != len(targets):
@@ -670,6 +691,7 @@ def train_soft(
                 config=config,
                 history=history,
                 tokens_seen=tokens_seen,
+                draft_vocab=draft_vocab,
             )
     bar.close()
     model.eval()
@@ -683,6 +705,7 @@ def train_soft(
             config=config,
             history=history,
             tokens_seen=tokens_seen,
+            draft_vocab=draft_vocab,
         )
     return SoftResult(model=model, step=step, history=history, tokens_seen=tokens_seen)
 
@@ -693,8 +716,11 @@ def _load_resume_state(model, out_dir) -> dict:
     out = Path(out_dir)
     state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
     weights = {}
+    from s2d_ext.draft.draft_vocab import DRAFT_VOCAB_FILE
+
     for f in sorted(out.glob("*.safetensors")):
-        weights.update(load_file(f))
+        if f.name != DRAFT_VOCAB_FILE:  # NOTE: the draft vocabulary sits beside the weights
+            weights.update(load_file(f))
     if not weights:
         raise ValueError(f"cannot resume: no safetensors weights in {str(out)!r}")
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -13,10 +13,11 @@ compile error, a kernel whose arguments no longer match its table below, or a ke
 shared memory than the architecture has), 0 otherwise, and 0 with a message where Triton (or its
 NVIDIA backend) is not installed.
 
-What is compiled: the kernels that ``s2d_ext/triton/{verify,exit_head,kv_compact}.py`` launch, with
-the argument dtypes, constexpr values and ``num_warps`` their launchers pass on a CUDA device (not
-the interpreter's smaller tiles). ``s2d_ext/triton/philox.py`` launches nothing; its ``@triton.jit``
-helpers are compiled inside the verify kernels. The combinations (one table per kernel, below):
+What is compiled: the kernels that ``s2d_ext/triton/{verify,exit_head,exit_sample,kv_compact}.py``
+launch, with the argument dtypes, constexpr values and ``num_warps`` their launchers pass on a CUDA
+device (not the interpreter's smaller tiles). ``s2d_ext/triton/philox.py`` launches nothing; its
+``@triton.jit`` helpers are compiled inside the verify and exit_sample kernels. The combinations (one
+table per kernel, below):
 
 - verify ``_position_stats_kernel``: logits fp32/bf16/fp16 x HAS_MIN_LOGIT, BLOCK_V=2048, 8 warps.
 - verify ``_race_kernel``: logits fp32/bf16/fp16 x HAS_Q x HAS_MIN_LOGIT, BLOCK_V=2048, 8 warps.
@@ -28,6 +29,7 @@ helpers are compiled inside the verify kernels. The combinations (one table per 
   with the large-vocabulary tiles CHUNK=512, BLOCK_V=64, BLOCK_D=64, plus the smallest tiles a tiny model
   gets (CHUNK=64, BLOCK_D=16) on fp32 and bf16.
 - exit_head ``_merge_kernel``: BLOCK_N=64 (its only value).
+- exit_sample ``_sample_kernel``: HAS_IDS x HAS_MIN_LOGIT, BLOCK=1024, RACE_TILE=16 (the CUDA launch).
 - kv_compact ``_kv_compact_kernel``: the cache as i8/i16/i32/i64 (fp8, 16-, 32-, 64-bit floats) with
   head dim 128 (BLOCK_I=32, BLOCK_D=128), plus on i16: one output slot (BLOCK_I=1), head dim 256
   (BLOCK_I=16, BLOCK_D=256) and head dim 1 (BLOCK_I=4096, BLOCK_D=1).
@@ -186,6 +188,15 @@ TABLES = [
         | {"rows": "i32", "num_chunks": "i32", "inv_vocab": "fp32", "log_vocab": "fp32"},
         combos=[dict(BLOCK_N=64)],
         may_be_one=("rows", "num_chunks"),
+    ),
+    KernelTable(
+        module="exit_sample",
+        kernel="_sample_kernel",
+        args={"logits_ptr": "*fp32", "vocab_ids_ptr": "*i64", "temperature_ptr": "*fp32"}
+        | {"min_logit_ptr": "*fp32", "threshold_ptr": "*fp32", "seeds_ptr": "*i64", "offsets_ptr": "*i64"}
+        | {"positions_ptr": "*i64", "probs_ptr": "*fp32", "probs_rows_ptr": "*i64", "tokens_ptr": "*i64"}
+        | {"confidence_ptr": "*fp32", "fired_ptr": "*i8", "head_vocab": "i32", "vocab": "i32"},
+        combos=product(HAS_IDS=BOOLS, HAS_MIN_LOGIT=BOOLS, BLOCK=(1024,), RACE_TILE=(16,)),
     ),
     KernelTable(
         module="kv_compact",

@@ -86,20 +86,39 @@ def last_logits(model: torch.nn.Module, context: list[int]) -> torch.Tensor:
 
 
 class ReferenceCascade:
-    """The slow sorted draft: per token, full recompute of every exit's truncated model, no caches."""
+    """The slow sorted draft: per token, full recompute of every exit's truncated model, no caches.
 
-    def __init__(self, hf_model: torch.nn.Module, exits: tuple[int, ...], thresholds: tuple[float, ...]):
+    With ``vocab_ids`` (a reduced draft vocabulary) an exit's confidence is the top probability within the
+    subset (softmax over the subset's logits) and its token the argmax within it; ``final_full`` keeps the
+    whole vocabulary at the last exit. A threshold of 1 turns an early exit off.
+    """
+
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        exits: tuple[int, ...],
+        thresholds: tuple[float, ...],
+        vocab_ids: torch.Tensor | None = None,
+        final_full: bool = False,
+    ):
         self.models = [truncated_hf_model(hf_model, e) for e in exits]
         self.exits = exits
         self.thresholds = thresholds
+        self.vocab_ids = vocab_ids
+        self.final_full = final_full
 
     def step(self, context: list[int]) -> tuple[int, int, float]:
         """(token, exit layer, confidence) of the next greedy draft token."""
         for i, (model, tau) in enumerate(zip(self.models, self.thresholds, strict=True)):
+            last = i == len(self.models) - 1
             logits = last_logits(model, context)
+            ids = None if self.vocab_ids is None or (last and self.final_full) else self.vocab_ids
+            if ids is not None:
+                logits = logits[ids]
             confidence = float(torch.softmax(logits, -1).max())
-            if confidence >= tau or i == len(self.models) - 1:
-                return int(logits.argmax()), self.exits[i], confidence
+            if last or (tau < 1.0 and confidence >= tau):
+                token = int(logits.argmax())
+                return (token if ids is None else int(ids[token])), self.exits[i], confidence
         raise AssertionError("unreachable")
 
     def draft(self, context: list[int], k: int) -> tuple[list[int], list[int], list[float]]:

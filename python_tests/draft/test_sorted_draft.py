@@ -160,12 +160,38 @@ def test_deferred_positions_are_filled_when_a_deeper_group_runs():
 
 def test_max_deferred_caps_the_lag():
     model = tiny_model("llama")
-    draft = SortedDraft.from_pretrained(model, exits=EXITS, thresholds=(0.0, 0.0, 0.0), max_deferred=3)
+    # NOTE: thresholds just above 0: every token exits at the first exit, yet the deeper groups stay
+    # reachable, so their deferred fill must keep up within max_deferred.
+    draft = SortedDraft.from_pretrained(model, exits=EXITS, thresholds=(1e-6, 1e-6, 0.0), max_deferred=3)
     ids, mask = left_pad(PROMPTS)
     state = draft.begin(ids, mask, max_length=40)
     for _ in range(3):
-        draft.propose(state, 4, torch.full((3,), 4))
+        prop = draft.propose(state, 4, torch.full((3,), 4))
+        assert set(prop.exits.flatten().tolist()) == {EXITS[0]}
         draft.advance(state, torch.tensor([4, 4, 4]), torch.tensor([1, 2, 3]))
         lag = state.filled[:-1] - state.filled[1:]
         assert int(lag.max()) <= 3 + 1
+    _check_kv_against_full_forward(draft, state, model)
+
+
+def test_groups_past_an_exit_that_always_fires_never_run():
+    """Threshold 0 at exit 1 for every row: the deeper groups are unreachable and do no work (not even the
+    deferred fill); a later proposal that can reach them catches up, with the same KV as a full forward."""
+    model = tiny_model("llama")
+    draft = SortedDraft.from_pretrained(model, exits=EXITS, thresholds=(0.0, 0.0, 0.0), max_deferred=3)
+    ids, mask = left_pad(PROMPTS)
+    state = draft.begin(ids, mask, max_length=48)
+    deep = state.filled[1:].clone()
+    for _ in range(3):
+        draft.propose(state, 4, torch.full((3,), 4))
+        draft.advance(state, torch.tensor([4, 4, 4]), torch.tensor([1, 2, 3]))
+    assert torch.equal(state.filled[1:], deep)
+    # Exit 2 fixed (exit 1 turned off with threshold 1): group 1 runs, group 2 still does not.
+    prop = draft.propose(state, 2, torch.full((3,), 2), thresholds=torch.tensor([1.0, 0.0, 0.0]))
+    assert set(prop.exits.flatten().tolist()) == {EXITS[1]}
+    assert torch.equal(state.filled[2], deep[1])
+    prop = draft.propose(state, 2, torch.full((3,), 2), thresholds=torch.tensor([1.0, 1.0, 0.0]))
+    assert set(prop.exits.flatten().tolist()) == {EXITS[2]}
+    draft.advance(state, torch.tensor([2, 2, 2]), torch.tensor([1, 2, 3]))
+    draft.flush(state)
     _check_kv_against_full_forward(draft, state, model)

@@ -137,6 +137,13 @@ def test_propose_bad_input(model):
         draft.propose(state, 2, temperature=1.0)
     with pytest.raises(ValueError, match="temperature"):
         draft.propose(state, 2, temperature=-1.0)
+    # NOTE: checked by propose itself: the fused exit op skips its value checks inside propose.
+    with pytest.raises(ValueError, match="top_k"):
+        draft.propose(state, 2, temperature=1.0, seeds=1, top_k=torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="top_p"):
+        draft.propose(state, 2, temperature=1.0, seeds=1, top_p=torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="top_p"):
+        draft.propose(state, 2, temperature=1.0, seeds=1, top_p=0.0)
     with pytest.raises(TypeError, match="state"):
         draft.propose(object(), 2)
     # After the failed calls the state is intact and usable.

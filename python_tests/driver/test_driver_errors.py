@@ -122,3 +122,14 @@ def test_generation_may_fill_the_context_exactly(pair, draft_kind):
     ids, mask = left_padded([12, 20])
     out = s2d_ext.speculate(target, draft, ids, mask, max_new_tokens=12, num_draft_tokens=6)
     assert out.stats.new_tokens == [12, 12]
+
+
+def test_hf_draft_needs_seeds_only_when_sampling():
+    target = make_target("llama")
+    draft = HFDraft(make_draft_model(target))
+    state = draft.begin(torch.tensor([[1, 2, 3]]), None, 20)
+    common = dict(top_k=torch.zeros(1, dtype=torch.int64), top_p=torch.ones(1), offsets=None)
+    greedy = draft.propose(state, 3, torch.tensor([3]), temperature=torch.zeros(1), seeds=None, **common)
+    assert greedy.probs is None and greedy.num_draft.tolist() == [3]
+    with pytest.raises(ValueError, match="seeds are required"):
+        draft.propose(state, 3, torch.tensor([3]), temperature=torch.ones(1), seeds=None, **common)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -90,15 +93,92 @@ def test_calibrate_picks_and_keeps_settings():
     draft = SortedDraft.truncate(target, 2, exits=(1, 2))
     spec = s2d_ext.Speculator(draft, targets={"t": target})
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    chosen = spec.calibrate("t", prompts, max_new_tokens=8, num_draft_grid=[2, 4], threshold_grid=[0.5, 0.9])
-    assert len(chosen["results"]) == 4
-    assert chosen["tokens_per_second"] == max(r["tokens_per_second"] for r in chosen["results"])
+    chosen = spec.calibrate(
+        "t", prompts, max_new_tokens=8, num_draft_grid=[2, 4], threshold_grid=[0.3, 0.9], rounds=2
+    )
+    results = chosen["results"]
+    # 2 shared thresholds + the 2 fixed exits, times 2 draft lengths: every candidate is reported
+    assert len(results) == 8
+    assert {r["thresholds"] for r in results} == {(0.3, 0.0), (0.9, 0.0), (0.0, 0.0), (1.0, 0.0)}
+    assert {r["fixed_exit"] for r in results if r["thresholds"] in ((0.0, 0.0), (1.0, 0.0))} == {1, 2}
+    assert all(r["fixed_exit"] is None for r in results if r["thresholds"] in ((0.3, 0.0), (0.9, 0.0)))
+    # every candidate ran every round; the finalists (a quarter, at least 2) twice as many times
+    counts = sorted(len(r["timings"]) for r in results)
+    assert counts == [2] * 6 + [4] * 2
+    for r in results:
+        assert r["tokens_per_second"] == statistics.median(r["timings"]) and r["mat"] >= 1.0
+    assert [r["tokens_per_second"] for r in results] == sorted(
+        (r["tokens_per_second"] for r in results), reverse=True
+    )
+    assert chosen["tokens_per_second"] == results[0]["tokens_per_second"]
     assert spec.settings["t"]["num_draft_tokens"] == chosen["num_draft_tokens"]
     assert spec.settings["t"]["thresholds"] == chosen["thresholds"]
     # calibration changes speed only: greedy output is still the target's
     ids, mask = left_padded([4, 7])
     out = spec.generate(ids, mask, target="t", max_new_tokens=10, pad_token_id=0)
     assert torch.equal(out.sequences, greedy_reference(target, ids, mask, 10))
+
+
+def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatch):
+    """The default grid goes below 0.4 and holds each fixed exit; runs are counted without timing them."""
+    from s2d_ext.driver import speculator
+
+    target = make_target("llama", seed=2)
+    draft = SortedDraft.truncate(target, 3, exits=(1, 2, 3))
+    spec = s2d_ext.Speculator(draft, targets={"t": target})
+    calls = []
+
+    def fake_generate(self, input_ids, attention_mask=None, **kwargs):
+        assert kwargs["draft_length"] in ("fixed", "heuristic")
+        calls.append((kwargs["thresholds"], kwargs["num_draft_tokens"], kwargs.get("seed")))
+        rows = input_ids.shape[0]
+        return SimpleNamespace(
+            stats=SimpleNamespace(new_tokens=[4] * rows, mat=2.0, mat_per_row=[2.0] * rows)
+        )
+
+    monkeypatch.setattr(speculator.Speculator, "generate", fake_generate)
+    chosen = spec.calibrate("t", [[1, 2, 3]], max_new_tokens=4, temperature=1.0)
+    taus = {r["thresholds"] for r in chosen["results"]}
+    assert min(t[0] for t in taus if t not in ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0))) < 0.4
+    assert {(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0)} <= taus
+    assert {r["fixed_exit"] for r in chosen["results"]} == {None, 1, 2, 3}
+    n = len(chosen["results"])
+    assert n == (7 + 3) * 4
+    assert len(calls) == 1 + 3 * n + 3 * max(2, -(-n // 4))  # warm-up, 3 rounds, 3 rounds of finalists
+    assert {seed for *_, seed in calls} == {0}  # sampled calibration runs with a fixed seed
+    # draft-length policies as one more dimension; the winner's policy is kept
+    calls.clear()
+    both = spec.calibrate("t", [[1, 2, 3]], num_draft_grid=[3], draft_length_grid=["fixed", "heuristic"])
+    assert len(both["results"]) == 2 * 10
+    assert {r["draft_length"] for r in both["results"]} == {"fixed", "heuristic"}
+    assert spec.settings["t"]["draft_length"] == both["draft_length"]
+    with pytest.raises(ValueError, match="draft_length_grid"):
+        spec.calibrate("t", [[1, 2, 3]], draft_length_grid=["sometimes"])
+    # batch_size: every run generates the prompts in batches of that size, without all-padding columns
+    shapes = []
+    monkeypatch.setattr(
+        speculator.Speculator,
+        "generate",
+        lambda self, ids, mask=None, **kw: (
+            shapes.append(tuple(ids.shape)) or fake_generate(self, ids, mask, **kw)
+        ),
+    )
+    result = spec.calibrate(
+        "t", [[1, 2, 3], [4], [5, 6]], num_draft_grid=[3], threshold_grid=[], batch_size=2
+    )
+    assert set(shapes) == {(2, 3), (1, 2)}
+    assert result["mat"] == 2.0 and len(shapes) == 2 * (1 + 3 * 3 + 3 * 2)  # 3 fixed exits, 2 finalists
+
+
+def test_calibrate_rejects_bad_grids():
+    target = make_target("llama", seed=2)
+    spec = s2d_ext.Speculator(SortedDraft.truncate(target, 2, exits=(1, 2)), targets={"t": target})
+    with pytest.raises(ValueError, match="threshold_grid"):
+        spec.calibrate("t", [[1, 2]], threshold_grid=[1.5])
+    with pytest.raises(ValueError, match="num_draft_grid"):
+        spec.calibrate("t", [[1, 2]], num_draft_grid=[])
+    with pytest.raises(ValueError, match="rounds"):
+        spec.calibrate("t", [[1, 2]], rounds=0)
 
 
 def test_unknown_target_name(setup):

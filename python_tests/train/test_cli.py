@@ -139,10 +139,15 @@ def test_soft_then_generate_end_to_end(tmp_path, tiny_checkpoint, capsys):
                 "1,2",
                 "--distill-target",
                 str(tiny_checkpoint),
+                "--draft-vocab",
+                "40",
             )
         )
         == 0
     )
+    from s2d_ext.draft.draft_vocab import load_draft_vocab
+
+    assert load_draft_vocab(out).numel() == 40  # generate below drafts with it: still lossless
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["s2d_exits"] == [1, 2]
     assert (out / "tokenizer.json").is_file() and (out / "soft_state.pt").is_file()

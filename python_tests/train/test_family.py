@@ -156,3 +156,21 @@ def test_grown_target_starts_as_its_source():
         torch.testing.assert_close(grown(x).logits, source(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="hidden_size"):
         family._grow(tiny_llama(num_layers=4, hidden_size=48), source)
+
+
+def test_draft_vocab_is_added_to_a_complete_cache(built):
+    from s2d_ext.draft.draft_vocab import load_draft_vocab
+
+    cache, root = built
+    before = _weights(root)
+    family.build_family(SPEC, cache, progress=False, log=lambda msg: None, draft_vocab=50)
+    vocab = load_draft_vocab(root / "draft")
+    assert vocab.numel() == 50 and vocab.tolist() == family.family_draft_vocab(SPEC, 50, cache).tolist()
+    manifest = json.loads((root / family.MANIFEST).read_text())
+    record = manifest["draft_vocab"]
+    assert record["size"] == 50 and 0.5 < record["train_token_coverage"] <= 1
+    assert family.check_family(SPEC, cache) is None  # the models are untouched
+    after = _weights(root)
+    assert all(torch.equal(before[n][k], after[n][k]) for n in NAMES for k in before[n])
+    _, _, draft = family.load_family(SPEC, cache, build=False)
+    assert draft.draft_vocab.tolist() == vocab.tolist()

@@ -138,6 +138,23 @@ def test_checkpoint_round_trip_and_sorted_draft_format(tmp_path):
     assert record["step"] == 3 and record["exits"] == [1, 2, 3]
 
 
+def test_draft_vocab_is_counted_on_the_data_and_saved_with_every_checkpoint(tmp_path):
+    from s2d_ext import SortedDraft
+    from s2d_ext.draft.draft_vocab import load_draft_vocab, most_frequent_tokens
+
+    blocks = _pattern_blocks()
+    draft = soft.truncate_model(tiny_llama(num_layers=3), 2, (1, 2))
+    cfg = soft.SoftConfig(max_steps=2, batch_size=4, warmup_steps=1, draft_vocab=12)
+    soft.train_soft(draft, blocks, cfg, out_dir=tmp_path / "out", progress=False)
+    saved = load_draft_vocab(tmp_path / "out")
+    assert saved.tolist() == most_frequent_tokens(blocks, 64, 12).tolist()
+    assert SortedDraft.from_pretrained(tmp_path / "out").draft_vocab.tolist() == saved.tolist()
+    with pytest.raises(ValueError, match="draft_vocab"):
+        soft.train_soft(draft, blocks, soft.SoftConfig(max_steps=1, draft_vocab=65), progress=False)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        soft.train_soft(draft, blocks, soft.SoftConfig(max_steps=1, draft_vocab=-1), progress=False)
+
+
 def test_resume_is_exact_and_deterministic(tmp_path):
     blocks = _pattern_blocks()
     cfg = soft.SoftConfig(exits=(1, 2), max_steps=4, batch_size=4, warmup_steps=1, save_every=2)

@@ -32,3 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", action="store_true", help="also run the threshold x draft-length grid")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (./bench/results)")
     parser.add_argument("--tag", default=None, help="results file stem (default: spec_bench_<device>)")
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the draft's reduced vocabulary for every draft method: the N most frequent tokens of the "
+        "family's training data (0: none; default: the draft checkpoint's own, if any)",
+    )
+    parser.add_argument(
+        "--target-names", nargs="*", help="only these targets of the family (e.g. target-large)"
+    )
+    parser.add_argument("--calibration-rounds", type=int, default=3, help="timed rounds per candidate (3)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="evaluation rounds over the prompts (every method each round)"
+    )

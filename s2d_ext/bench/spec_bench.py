@@ -10,11 +10,17 @@ For every target and every setting (greedy / temperature 1, batch 1 / batch 8) i
                         transformers refuses larger batches);
 ``sd-exit<e>``          vanilla speculative decoding with the draft cut at exit ``e``;
 ``s2d-paper``           S2D with adaptive exits at the paper's thresholds (0.5, ..., 0.5, 0);
-``s2d-calibrated``      S2D with the thresholds and draft length ``Speculator.calibrate`` picked on
-                        held-out prompts (prompts that are not in the evaluated subset).
+``s2d-calibrated``      S2D with the thresholds, draft length and policy ``Speculator.calibrate`` picked
+                        on held-out prompts (not in the evaluated subset), per target and temperature;
+                        its candidates include every fixed exit.
+
+``--draft-vocab N`` gives every draft method (sd-exit*, s2d-*, not assisted) the same reduced draft
+vocabulary: the N most frequent tokens of the family's training data.
 
 Speedup is tokens/s over plain decoding of the same target, setting and category, measured in the same
-run. Results: ``<out>/spec_bench.json``, ``<out>/spec_bench.md`` and PNG plots.
+run; every method runs on a prompt before the next prompt starts (``--rounds`` passes, alternating the
+method order), so a drifting machine load reaches all methods alike. Results: ``<out>/spec_bench.json``,
+``<out>/spec_bench.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import time
 from collections import defaultdict
@@ -34,9 +41,11 @@ from s2d_ext._machine import cpu_name
 from s2d_ext.bench.arguments import add_arguments
 
 PAPER_THRESHOLD = 0.5
-# A small grid keeps calibration to a few minutes on a CPU; pass a finer one on a GPU.
-CALIBRATION_DRAFT_LENGTHS = (3, 6)
-CALIBRATION_THRESHOLDS = (0.05, 0.2, 0.5)
+# A small grid keeps calibration to a few minutes on a CPU (every fixed exit is added to the thresholds,
+# and each policy doubles the grid); pass a finer one on a GPU.
+CALIBRATION_DRAFT_LENGTHS = (3, 5)
+CALIBRATION_THRESHOLDS = (0.05, 0.2)
+CALIBRATION_POLICIES = ("fixed", "heuristic")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -169,7 +178,8 @@ def run_speculate(
         thresholds=thresholds,
         temperature=settings["temperature"],
         seed=settings["seed"],
-        eos_token_id=None if settings["ignore_eos"] else settings["eos_id"],
+        # NOTE: [] (no stop token), not None: None means "the target's generation_config EOS".
+        eos_token_id=[] if settings["ignore_eos"] else settings["eos_id"],
         pad_token_id=settings["pad_id"],
         profile=True,  # NOTE: the report shows the draft / target / verify / other split
     )
@@ -218,13 +228,31 @@ def load_models(args) -> tuple:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=args.device_map)
             targets[Path(path).name] = model.eval()
         exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
-        draft = SortedDraft.from_pretrained(args.draft, exits=exits, torch_dtype=dtype)
+        n_vocab = getattr(args, "draft_vocab", None)
+        if n_vocab:
+            raise ValueError(
+                "--draft-vocab N counts the family's training data; a checkpoint brings its own "
+                "draft_vocab.safetensors (soft --draft-vocab N), or pass --draft-vocab 0 for none"
+            )
+        draft = SortedDraft.from_pretrained(
+            args.draft, exits=exits, torch_dtype=dtype, draft_vocab=False if n_vocab == 0 else None
+        )
         return tokenizer, targets, draft
-    from s2d_ext.family import load_family
+    from s2d_ext.family import family_draft_vocab, load_family
 
     tokenizer, targets, draft = load_family(args.family)
     if not isinstance(draft, SortedDraft):
         draft = SortedDraft.from_pretrained(draft)
+    n_vocab = getattr(args, "draft_vocab", None)
+    if n_vocab is not None:
+        vocab = family_draft_vocab(args.family, n_vocab) if n_vocab > 0 else None
+        draft = SortedDraft(draft.hf_model, draft.exits, draft.thresholds, draft_vocab=vocab)
+    names = getattr(args, "target_names", None)
+    if names:
+        unknown = sorted(set(names) - set(targets))
+        if unknown:
+            raise ValueError(f"--target-names: the family has no {unknown} (it has {sorted(targets)})")
+        targets = {name: model for name, model in targets.items() if name in names}
     return tokenizer, {name: model.eval() for name, model in targets.items()}, draft
 
 
@@ -244,10 +272,11 @@ def paper_thresholds(draft) -> tuple[float, ...]:
 
 # ------------------------------------------------------------------------------------------- main
 def run(args) -> dict:
-    from s2d_ext import SortedDraft, Speculator
+    from s2d_ext import SortedDraft
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    load_start = os.getloadavg()
     tokenizer, targets, draft = load_models(args)
     questions = load_questions(args.data, args.limit)
     # NOTE: calibration prompts are held out: the next question of each category after the evaluated ones.
@@ -257,36 +286,25 @@ def run(args) -> dict:
         pad_id = 0
     encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in questions]
     calib_encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in calibration]
-    fixed_exit_drafts = {e: SortedDraft.truncate(draft.hf_model, e, exits=(e,)) for e in draft.exits}
+    fixed_exit_drafts = {
+        e: SortedDraft.truncate(draft.hf_model, e, exits=(e,), draft_vocab=draft.draft_vocab)
+        for e in draft.exits
+    }
 
     from tqdm.auto import tqdm
 
     records = []  # one per (target, setting, method, batch)
-    calibrated = {}
+    calibrated = {}  # "target T=t" -> the settings calibrate() kept
+    calibration_runs = {}  # "target T=t" -> every candidate it timed
     for target_name, target in targets.items():
         device = target.get_input_embeddings().weight.device
-        if len(draft.exits) > 1:
-            spec = Speculator(draft, targets={target_name: target})
-            calib_ids, calib_mask = left_pad(calib_encoded, pad_id)
-            found = spec.calibrate(
-                target_name,
-                calib_ids,
-                calib_mask,
-                max_new_tokens=min(32, args.max_new_tokens),
-                num_draft_grid=CALIBRATION_DRAFT_LENGTHS,
-                threshold_grid=CALIBRATION_THRESHOLDS,
-                draft_length="fixed",
-                pad_token_id=pad_id,
-            )
-            calibrated[target_name] = dict(
-                thresholds=found["thresholds"],
-                num_draft_tokens=found["num_draft_tokens"],
-                draft_length="fixed",
-                mat=found.get("mat"),
-                tokens_per_second=found.get("tokens_per_second"),
-            )
         for temperature in args.temperatures:
             for batch_size in args.batch_sizes:
+                key = f"{target_name} T={temperature:g} B={batch_size}"
+                if len(draft.exits) > 1:
+                    calibrated[key], calibration_runs[key] = _calibrate(
+                        args, draft, target_name, target, calib_encoded, pad_id, temperature, batch_size
+                    )
                 settings = dict(
                     max_new_tokens=args.max_new_tokens,
                     temperature=temperature,
@@ -304,10 +322,15 @@ def run(args) -> dict:
                 ]
                 label = f"{target_name} T={temperature} B={batch_size}"
                 _warm_up(target, draft, encoded[0], pad_id, settings)
-                for method in tqdm(method_names, desc=label, leave=False):
-                    reset_peak_memory(device)
-                    for rows in tqdm(batches, desc=method, leave=False):
-                        input_ids, mask = left_pad([encoded[r] for r in rows], pad_id)
+                # NOTE: every method runs on a prompt before the next prompt starts, in an order that
+                # alternates between rounds: on a shared machine the load drifts within minutes, and
+                # running the methods one after another would hand each method its own load.
+                runs = [(r, rows) for r in range(args.rounds) for rows in batches]
+                for round_index, rows in tqdm(runs, desc=label, leave=False):
+                    order = method_names if round_index % 2 == 0 else method_names[::-1]
+                    input_ids, mask = left_pad([encoded[r] for r in rows], pad_id)
+                    for method in order:
+                        reset_peak_memory(device)
                         result = _run_method(
                             method,
                             target,
@@ -316,7 +339,7 @@ def run(args) -> dict:
                             input_ids,
                             mask,
                             settings,
-                            calibrated.get(target_name),
+                            calibrated.get(key),
                         )
                         records.append(
                             dict(
@@ -324,18 +347,61 @@ def run(args) -> dict:
                                 temperature=temperature,
                                 batch_size=batch_size,
                                 method=method,
+                                round=round_index,
                                 categories=[questions[r]["category"] for r in rows],
                                 **{k: v for k, v in asdict(result).items() if k != "sequences"},
                                 sequences=result.sequences if temperature == 0 else [],
+                                peak_memory_mib=peak_memory_mib(device),
                             )
                         )
-                    records[-1]["peak_memory_mib"] = peak_memory_mib(device)
     return dict(
         machine=machine_description(targets),
+        load_average_at_start=load_start,
+        load_average_at_end=os.getloadavg(),
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         calibrated=calibrated,
+        calibration=calibration_runs,
+        draft_vocab=None if draft.draft_vocab is None else int(draft.draft_vocab.numel()),
         records=records,
     )
+
+
+def _calibrate(args, draft, target_name, target, prompts, pad_id, temperature, batch_size):
+    """Speculator.calibrate on the held-out prompts at this temperature and batch size: the settings it
+    kept, and every candidate it timed."""
+    from s2d_ext import Speculator
+
+    spec = Speculator(draft, targets={target_name: target})
+    ids, mask = left_pad(prompts, pad_id)
+    found = spec.calibrate(
+        target_name,
+        ids,
+        mask,
+        max_new_tokens=min(32, args.max_new_tokens),
+        num_draft_grid=CALIBRATION_DRAFT_LENGTHS,
+        threshold_grid=CALIBRATION_THRESHOLDS,
+        draft_length_grid=CALIBRATION_POLICIES,
+        rounds=args.calibration_rounds,
+        batch_size=batch_size,
+        temperature=temperature,
+        pad_token_id=pad_id,
+        **({"eos_token_id": []} if args.ignore_eos else {}),
+    )
+    kept = {k: v for k, v in found.items() if k != "results"}
+    candidates = [
+        {
+            "thresholds": r["thresholds"],
+            "num_draft_tokens": r["num_draft_tokens"],
+            "draft_length": r["draft_length"],
+            "fixed_exit": r["fixed_exit"],
+            "tokens_per_second": r["tokens_per_second"],
+            "runs": len(r["timings"]),
+            "spread": (min(r["timings"]), max(r["timings"])),
+            "mat": r["mat"],
+        }
+        for r in found["results"]
+    ]
+    return kept, candidates
 
 
 def _warm_up(target, draft, prompt, pad_id, settings) -> None:

@@ -85,6 +85,10 @@ def _fmt(value, digits=2, suffix="") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+def _load(values) -> str:
+    return str(tuple(round(v, 2) for v in values)) if values else "n/a"
+
+
 def markdown(result: dict, table: dict, matches: dict) -> str:
     machine = result["machine"]
     where = f"{machine.get('gpu') or machine.get('cpu')} ({machine['device']}, {machine['threads']} threads)"
@@ -94,7 +98,30 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
         f"Machine: {where},",
         f"torch {machine['torch']}, transformers {machine['transformers']}.",
         "Run: "
-        + json.dumps({k: result["args"][k] for k in ("family", "targets", "limit", "max_new_tokens")}),
+        + json.dumps(
+            {
+                k: result["args"].get(k)
+                for k in (
+                    "family",
+                    "targets",
+                    "target_names",
+                    "limit",
+                    "max_new_tokens",
+                    "threads",
+                    "ignore_eos",
+                    "rounds",
+                )
+            }
+        ),
+        f"Load average at the start {_load(result.get('load_average_at_start'))}, at the end "
+        f"{_load(result.get('load_average_at_end'))}; the methods run interleaved, prompt by prompt "
+        f"({result['args'].get('rounds', 1)} rounds), so load drifts reach them alike.",
+        "Draft vocabulary: "
+        + (
+            f"the {result['draft_vocab']} most frequent training tokens, for every draft method."
+            if result.get("draft_vocab")
+            else "none (the full vocabulary)."
+        ),
         "",
         "Speedup = tokens/s over plain `generate` of the same target and setting, same run. "
         "MAT = emitted tokens per target forward. "
@@ -155,8 +182,23 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
         lines += [f"- {k}: {_fmt(v, 3)}" for k, v in sorted(matches.items())]
         lines.append("")
     if result.get("calibrated"):
-        lines += ["Calibrated settings per target:", ""]
+        lines += ["Calibrated settings per target, temperature and batch size:", ""]
         lines += [f"- {k}: {json.dumps(v)}" for k, v in result["calibrated"].items()]
+        lines.append("")
+    for key, candidates in (result.get("calibration") or {}).items():
+        lines += [
+            f"Calibration candidates, {key} (held-out prompts; median tokens/s of every run, best first):",
+            "",
+            "| thresholds | fixed exit | policy | k | tokens/s | runs | min-max | MAT |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in candidates:
+            low, high = c["spread"]
+            lines.append(
+                f"| {c['thresholds']} | {c['fixed_exit'] or '-'} | {c['draft_length']} | "
+                f"{c['num_draft_tokens']} | {c['tokens_per_second']:.1f} | {c['runs']} | "
+                f"{low:.1f}-{high:.1f} | {_fmt(c['mat'])} |"
+            )
         lines.append("")
     if result.get("ablation"):
         lines += [

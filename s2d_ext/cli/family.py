@@ -23,6 +23,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", default=None, help="cache root (default: $S2D_FAMILY_DIR or ~/.cache)")
     build.add_argument("--force", action="store_true", help="rebuild even when the cache is complete")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also save the draft's reduced vocabulary: the N most frequent training tokens (added to a "
+        "complete cache without rebuilding it)",
+    )
     add_runtime_args(build, dtype=False)
     build.set_defaults(device=None)
     check = actions.add_parser("check", help="say whether the cached family is complete; print its manifest")
@@ -78,7 +86,12 @@ def run(args) -> int:
         return 0
     apply_runtime(args)
     root = family.build_family(
-        args.size, args.cache_dir, force=args.force, progress=not args.no_progress, device=args.device
+        args.size,
+        args.cache_dir,
+        force=args.force,
+        progress=not args.no_progress,
+        device=args.device,
+        draft_vocab=args.draft_vocab,
     )
     manifest = json.loads((root / family.MANIFEST).read_text())
     print(format_manifest(manifest))

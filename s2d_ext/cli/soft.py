@@ -83,6 +83,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ce-weight", type=non_negative_float, default=1.0, help="weight of the CE term (1.0)"
     )
+    parser.add_argument(
+        "--draft-vocab",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="also save the N most frequent data tokens as the draft vocabulary (draft_vocab.safetensors)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_runtime_args(parser)
     return parser
@@ -171,6 +178,7 @@ def run(args) -> int:
         distill_weights=distill_weights,
         distill_temperature=args.distill_temperature,
         save_every=args.save_every,
+        draft_vocab=args.draft_vocab,
         extra={"base": str(args.base), "data": str(args.data), "distill_targets": list(args.distill_target)},
     )
     result = soft.train_soft(

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from s2d_ext.draft.protocol import Proposal
-from s2d_ext.ops.philox import STREAM_DRAFT
-from s2d_ext.ops.verify_reference import exponential_race, logit_threshold, processed_probs, sanitize
+from s2d_ext.ops.exit_sample import sample_logits
 from s2d_ext.target import CachedLM, context_length, input_device, output_vocab_size
 
 
@@ -98,7 +97,18 @@ class HFDraft:
         tokens = torch.zeros((batch, num_tokens), dtype=torch.int64, device=self.device)
         confidence = torch.zeros((batch, num_tokens), dtype=torch.float32, device=self.device)
         sampled = bool((temperature > 0).any())
+        if sampled and seeds is None:
+            raise ValueError("seeds are required when a row samples (temperature > 0)")
+        seeds = 0 if seeds is None else seeds  # NOTE: greedy rows draw no random number
+        offsets = 0 if offsets is None else offsets
         probs = torch.zeros((batch, num_tokens, self.vocab_size), device=self.device) if sampled else None
+        # NOTE: a greedy call writes its one-hots into a one-step scratch instead of a [B, k, V] q.
+        if sampled:
+            buffer = probs.view(-1, self.vocab_size)
+        else:
+            buffer = torch.zeros((batch, self.vocab_size), device=self.device)
+        filters = sampled and bool(((top_k > 0) | (top_p < 1)).any())
+        rows = torch.arange(batch, device=self.device)
         fed = torch.zeros(batch, dtype=torch.int64, device=self.device)
         # NOTE: the pending block always runs (even for num_tokens == 0) so it never grows past two tokens.
         logits = runner.forward(state.pending, state.pending_live, logits_to_keep=1)
@@ -106,14 +116,25 @@ class HFDraft:
             num_tokens if stop_threshold is not None else min(num_tokens, int(n_draft.max()) if batch else 0)
         )
         for j in range(steps):
-            token, q, conf = self._choose(
-                logits[:, -1:].float(), sampled, temperature, top_k, top_p, seeds, offsets, j
-            )
             drafting = j < n_draft
+            slot = rows * num_tokens + j if sampled else rows
+            token, conf, _ = sample_logits(
+                logits[:, -1],
+                temperature,
+                top_k,
+                top_p,
+                seeds,
+                offsets,
+                j,
+                0.0,
+                buffer,
+                slot,
+                filters=filters,
+            )
             tokens[:, j] = torch.where(drafting, token, 0)
             confidence[:, j] = torch.where(drafting, conf, 0)
-            if probs is not None:
-                probs[:, j] = q * drafting[:, None]
+            if sampled:
+                probs[:, j] *= drafting[:, None]
             if stop_threshold is not None:
                 stop = drafting & (conf < stop_threshold)
                 n_draft = torch.where(stop, torch.full_like(n_draft, j + 1), n_draft)
@@ -129,23 +150,6 @@ class HFDraft:
             torch.arange(num_tokens, device=self.device) < n_draft[:, None], self.exits[0], -1
         )
         return Proposal(tokens, probs, n_draft, exits, confidence)
-
-    def _choose(self, logits, sampled, temperature, top_k, top_p, seeds, offsets, position):
-        """Draft token [B], processed distribution q [B, V] and confidence [B] from logits [B, 1, V]."""
-        argmax = sanitize(logits[:, 0]).argmax(-1)
-        if not sampled:
-            return argmax, None, torch.softmax(sanitize(logits[:, 0]), -1).amax(-1)
-        greedy = temperature <= 0
-        min_logit = None
-        if bool(((top_k > 0) | (top_p < 1)).any()):
-            min_logit = logit_threshold(logits, temperature, top_k, top_p)
-        q = processed_probs(logits, temperature, min_logit)[:, 0]  # [B, V]
-        race = exponential_race(q, seeds, offsets, torch.full_like(seeds, position), stream=STREAM_DRAFT)
-        token = torch.where(greedy, argmax, race)
-        one_hot = torch.nn.functional.one_hot(token, q.shape[-1]).to(q.dtype)
-        q = torch.where(greedy[:, None], one_hot, q)
-        conf = torch.where(greedy, torch.softmax(sanitize(logits[:, 0]), -1).amax(-1), q.amax(-1))
-        return token, q, conf
 
     def advance(
         self,

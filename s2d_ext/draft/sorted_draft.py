@@ -4,7 +4,14 @@ A Llama-family decoder of ``N`` layers with exits after e.g. layers ``(6, 9, 12)
 the hidden state through the shared final norm and ``lm_head``. Each draft token runs the layers up
 to the first exit, and stops there if that exit's confidence (its top softmax probability; for
 sampled rows, the top of the processed q) reaches the exit's threshold; otherwise it continues from
-that hidden state to the next exit. The last exit always fires.
+that hidden state to the next exit. The last exit always fires; a threshold of 1 turns an early exit
+off (it never fires and its head is not computed).
+
+With a reduced draft vocabulary (:mod:`s2d_ext.draft.draft_vocab`) every exit head scores only its N ids:
+the confidence is the top probability *within the subset* (its log-sum-exp over the subset), a greedy
+token the argmax within it, and q is zero outside it. So a token that does not exit early pays N / V of
+a full head at each early exit it passes (the cheap exit decision). ``final_exit_vocab="full"`` keeps
+the full vocabulary at the last exit only.
 
 The draft runs its own lean forward (:mod:`s2d_ext.draft.lean_llama`) over static per-layer caches
 (:mod:`s2d_ext.draft.static_cache`), with deferred KV fill for the layers an early exit skipped.
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2d_ext.draft.draft_vocab import check_draft_vocab, load_draft_vocab, save_draft_vocab
 from s2d_ext.draft.lean_llama import (
     LeanLayers,
     attention_bias,
@@ -33,11 +41,11 @@ from s2d_ext.draft.lean_llama import (
 )
 from s2d_ext.draft.protocol import Proposal
 from s2d_ext.draft.static_cache import SortedDraftState
-from s2d_ext.ops.exit_head import exit_head, exit_head_probs
-from s2d_ext.ops.philox import STREAM_DRAFT
-from s2d_ext.ops.verify_reference import exponential_race
+from s2d_ext.ops.exit_head import exit_head
+from s2d_ext.ops.exit_sample import exit_sample
 
 DEFAULT_MAX_DEFERRED = 16
+FINAL_EXIT_VOCABS = ("draft", "full")
 
 
 def _validate_exits(exits: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -100,7 +108,8 @@ class SortedDraft:
     exits : sequence of int
         Strictly increasing layer counts, the last equal to ``num_hidden_layers``.
     thresholds : sequence of float
-        One per exit, in [0, 1]; the last exit always fires whatever its value.
+        One per exit, in [0, 1]; the last exit always fires whatever its value, and an early exit with
+        threshold 1 never fires (its head is skipped: 1 turns the exit off).
     compile : bool
         Wrap each exit group's layer step in ``torch.compile`` (``compile_backend``); the attention then
         always spans the whole static cache so shapes depend only on (batch, window).
@@ -109,7 +118,14 @@ class SortedDraft:
     compile_mode : str or None
         ``torch.compile`` mode (e.g. "reduce-overhead" for CUDA graphs; not exercised by the CPU tests).
     max_deferred : int
-        Cap on the positions an exit group may lag behind the one before it (deferred KV fill).
+        Cap on the positions an exit group may lag behind the one before it (deferred KV fill), while the
+        thresholds let a token reach it (past an exit with threshold 0 for every row, nothing runs).
+    draft_vocab : torch.Tensor or sequence of int, optional
+        A reduced draft vocabulary: unique ascending target token ids ([N] int64, see
+        :mod:`s2d_ext.draft.draft_vocab`). Every exit head then scores only these ids.
+    final_exit_vocab : str
+        "draft" (default): the last exit uses ``draft_vocab`` too; "full": the last exit scores every id
+        (only the early exits' heads, and so their exit decisions, are reduced).
     """
 
     def __init__(
@@ -122,6 +138,8 @@ class SortedDraft:
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
         max_deferred: int = DEFAULT_MAX_DEFERRED,
+        draft_vocab: torch.Tensor | Sequence[int] | None = None,
+        final_exit_vocab: str = "draft",
     ) -> None:
         config = hf_model.config
         check_architecture(config)
@@ -141,6 +159,15 @@ class SortedDraft:
             torch.compile(group, backend=compile_backend, mode=compile_mode) if compile else group
             for group in self._groups
         ]
+        if final_exit_vocab not in FINAL_EXIT_VOCABS:
+            raise ValueError(f"final_exit_vocab must be one of {FINAL_EXIT_VOCABS}, got {final_exit_vocab!r}")
+        self.final_exit_vocab = final_exit_vocab
+        self.draft_vocab: torch.Tensor | None = None
+        self._subset_head: tuple | None = None  # (key, [N, d] rows of lm_head) cache, see _exit_head_rows
+        self._tau_cache: tuple | None = None  # (thresholds tensor, its version, host copy), see propose
+        if draft_vocab is not None:
+            vocab = check_draft_vocab(draft_vocab, self.vocab_size)
+            self.draft_vocab = vocab.to(self.device)
         self.hf_model.eval()
 
     # ------------------------------------------------------------------ construction
@@ -157,6 +184,8 @@ class SortedDraft:
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
         max_deferred: int = DEFAULT_MAX_DEFERRED,
+        draft_vocab: torch.Tensor | Sequence[int] | bool | None = None,
+        final_exit_vocab: str = "draft",
         **hf_kwargs: Any,
     ) -> SortedDraft:
         """A draft from an HF model object or a checkpoint path.
@@ -166,7 +195,17 @@ class SortedDraft:
         ``0.0`` for the last when only ``exits`` is given). ``hf_kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained``. A model object is used in place: ``dtype`` / ``device``
         cast and move it (``nn.Module.to``), and it is put in eval mode.
+
+        ``draft_vocab``: None loads the checkpoint's ``draft_vocab.safetensors`` when the path has one;
+        False ignores it; ids (a tensor or sequence) are used as given.
         """
+        saved_vocab = None
+        if isinstance(model_or_path, (str, os.PathLike)) and draft_vocab is None:
+            saved_vocab = load_draft_vocab(model_or_path)
+        if draft_vocab is None or draft_vocab is False:
+            draft_vocab = saved_vocab
+        elif draft_vocab is True:
+            raise ValueError("draft_vocab must be token ids, None (the checkpoint's, if any) or False (none)")
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -206,6 +245,8 @@ class SortedDraft:
             compile_backend=compile_backend,
             compile_mode=compile_mode,
             max_deferred=max_deferred,
+            draft_vocab=draft_vocab,
+            final_exit_vocab=final_exit_vocab,
         )
 
     @classmethod
@@ -236,10 +277,13 @@ class SortedDraft:
         return cls(draft_model, exits, thresholds, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
-        """Save an ordinary HF checkpoint whose config carries ``s2d_exits`` and ``s2d_thresholds``."""
+        """Save an ordinary HF checkpoint whose config carries ``s2d_exits`` and ``s2d_thresholds``, plus
+        ``draft_vocab.safetensors`` when the draft has a draft vocabulary."""
         self.config.s2d_exits = list(self.exits)
         self.config.s2d_thresholds = list(self.thresholds)
         self.hf_model.save_pretrained(path, **kwargs)
+        if self.draft_vocab is not None:
+            save_draft_vocab(path, self.draft_vocab)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -261,12 +305,16 @@ class SortedDraft:
     def to(self, *args: Any, **kwargs: Any) -> SortedDraft:
         """Move / cast the HF model (states made before must be recreated)."""
         self.hf_model.to(*args, **kwargs)
+        if self.draft_vocab is not None:
+            self.draft_vocab = self.draft_vocab.to(self.device)
         return self
 
     def __repr__(self) -> str:
         return (
             f"SortedDraft({self.config.model_type}, layers={self.num_layers}, exits={self.exits}, "
-            f"thresholds={self.thresholds}, dtype={self.dtype}, device={self.device})"
+            f"thresholds={self.thresholds}, dtype={self.dtype}, device={self.device}"
+            + (f", draft_vocab={self.draft_vocab.numel()} ids" if self.draft_vocab is not None else "")
+            + ")"
         )
 
     # ------------------------------------------------------------------ state
@@ -410,32 +458,35 @@ class SortedDraft:
         state.filled[group] = torch.maximum(start, stop)
         return out, n
 
-    def _exit_stats(
-        self,
-        hidden: torch.Tensor,  # [R, d]
-        temperature: torch.Tensor,  # [R]
-        top_k: torch.Tensor,  # [R]
-        top_p: torch.Tensor,  # [R]
-        sampled: torch.Tensor,  # [R] bool
-        any_sampled: bool,
-        all_sampled: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """tokens [R] (argmax; samples replace it later), confidence [R], q [R, V] (None: no sampled row)."""
-        norm = self.hf_model.model.norm
+    def _exit_head_rows(self, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head rows exit ``group`` scores ([Vh, d]) and their token ids ([Vh] int64, None: all ids).
+
+        NOTE: the rows of a draft vocabulary are gathered once into a contiguous [N, d] copy (re-gathered
+        when the head's storage or contents change), so each head streams N rows, not V.
+        """
         head = self.hf_model.lm_head.weight
-        eps = float(norm.variance_epsilon)
-        if not any_sampled:
-            tokens, confidence, _ = exit_head(hidden, norm.weight, head, eps, 0.0)
-            return tokens, confidence, None
-        if all_sampled:
-            q, confidence = exit_head_probs(hidden, norm.weight, head, eps, temperature, top_k, top_p)
-            return q.argmax(dim=-1), confidence, q
-        # NOTE: mixed batch. Greedy rows' confidence is the raw softmax top (exit_head with T=0);
-        # exit_head_probs would give them a one-hot (confidence 1). Their q is that one-hot.
-        tokens, confidence, _ = exit_head(hidden, norm.weight, head, eps, 0.0)
-        q, q_conf = exit_head_probs(hidden, norm.weight, head, eps, temperature, top_k, top_p)
-        confidence = torch.where(sampled, q_conf, confidence)
-        return tokens, confidence, q
+        if self.draft_vocab is None or (group == len(self.exits) - 1 and self.final_exit_vocab == "full"):
+            return head, None
+        key = (head.data_ptr(), head._version, head.device, head.dtype, self.draft_vocab.data_ptr())
+        if self._subset_head is None or self._subset_head[0] != key:
+            with torch.no_grad():
+                rows = head.index_select(0, self.draft_vocab).contiguous()
+            self._subset_head = (key, rows)
+        return self._subset_head[1], self.draft_vocab
+
+    def _host_thresholds(self, tau: torch.Tensor, given: Any) -> list[list[float]]:
+        """``tau`` [B, n_exits] on the host, read once per thresholds tensor (the driver passes the same
+        tensor every step), so a step does not wait on the device for it."""
+        if given is None:
+            return [list(self.thresholds)] * tau.shape[0]
+        if isinstance(given, torch.Tensor):
+            cached = self._tau_cache
+            if cached is not None and cached[0] is given and cached[1] == given._version:
+                return cached[2]
+            host = tau.tolist()
+            self._tau_cache = (given, given._version, host)
+            return host
+        return tau.tolist()
 
     # ------------------------------------------------------------------ protocol
     def propose(
@@ -468,7 +519,7 @@ class SortedDraft:
             Philox key / counter offset (stream ``STREAM_DRAFT``, position = j in the step); required when
             a row samples.
         thresholds : [B, n_exits] float32, sequence of floats or None
-            Per-row exit thresholds (None = the draft's own).
+            Per-row exit thresholds (None = the draft's own); an early exit's 1 turns it off.
         stop_threshold : [B] float32, scalar or None
             A row stops after a token whose chosen-exit confidence is below it.
 
@@ -502,9 +553,17 @@ class SortedDraft:
         top_p = _per_row("top_p", top_p, batch, device, torch.float32)
         if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
             raise ValueError("temperature must be finite and >= 0")
+        # NOTE: checked once here, so the exit op skips its per-call value checks (validate=False).
+        if bool((top_k < 0).any()):
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not bool(((top_p > 0) & (top_p <= 1)).all()):
+            raise ValueError("top_p must be in (0, 1]")
+        if num_tokens > 2**16:
+            raise ValueError(
+                f"num_tokens must be at most {2**16} (Philox holds the draft position in 16 bits)"
+            )
         sampled = temperature > 0
         any_sampled = bool(sampled.any())
-        all_sampled = bool(sampled.all())
         if any_sampled:
             if seeds is None:
                 raise ValueError("seeds are required when a row samples (temperature > 0)")
@@ -532,10 +591,25 @@ class SortedDraft:
         exits_out = torch.full((batch, k), -1, dtype=torch.int64, device=device)
         confidence = torch.zeros((batch, k), dtype=torch.float32, device=device)
         probs = torch.zeros((batch, k, vocab), dtype=torch.float32, device=device) if any_sampled else None
+        probs_flat = probs.view(batch * k, vocab) if probs is not None else None
+        filters = any_sampled and bool(((top_k > 0) | (top_p < 1)).any())
         proposed = torch.zeros((batch,), dtype=torch.int64, device=device)
         stopped = torch.zeros((batch,), dtype=torch.bool, device=device)
-        exit_layers = torch.tensor(self.exits, dtype=torch.int64, device=device)
         rows_all = torch.arange(batch, device=device)
+        # NOTE: the exit decisions that do not depend on the data, from the thresholds on the host:
+        # an early exit whose threshold is 1 for every row never fires (its head is skipped), and the
+        # groups past an exit where every row fires unconditionally (threshold 0) never run here at all
+        # (not even their deferred KV fill: a later call that needs them catches up in one window).
+        host_tau = self._host_thresholds(tau, thresholds)
+        head_off = [all(row[g] >= 1.0 for row in host_tau) for g in range(n_exits - 1)] + [False]
+        reachable = n_exits
+        for g in range(n_exits - 1):
+            if all(any(row[i] <= 0.0 for i in range(g + 1)) for row in host_tau):
+                reachable = g + 1
+                break
+        tau_fire = tau.masked_fill(tau >= 1.0, float("inf"))  # threshold 1: never fires
+        norm = self.hf_model.model.norm
+        eps = float(norm.variance_epsilon)
         # NOTE: a proposal not followed by advance() (a repeated propose) left drafts in the caches;
         # forget them so every row restarts from its pending token.
         state.filled.copy_(torch.minimum(state.filled, (state.length - 1)[None, :]))
@@ -551,44 +625,49 @@ class SortedDraft:
                 step_conf = torch.zeros((batch,), dtype=torch.float32, device=device)
                 step_exit = torch.full((batch,), -1, dtype=torch.int64, device=device)
                 need = active.clone()
-                for group in range(n_exits):
+                for group in range(reachable):
                     stop = end if group == 0 else state.filled[group - 1]
                     if group > 0:
                         lag = state.filled[group - 1] - state.filled[group]
                         if not bool(need.any()) and not bool((lag > self.max_deferred).any()):
                             continue
                     out, n = self._run_group(state, group, stop)
-                    if not bool(need.any()):
+                    if head_off[group] or not bool(need.any()):
                         continue
                     rows = rows_all[need]
+                    # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
+                    every = rows.shape[0] == batch
                     hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
-                    r_tokens, r_conf, r_q = self._exit_stats(
-                        hidden,
-                        temperature[rows],
-                        top_k[rows],
-                        top_p[rows],
-                        sampled[rows],
-                        any_sampled,
-                        all_sampled,
-                    )
-                    if r_q is not None:
-                        race = exponential_race(
-                            r_q, seeds[rows], offsets[rows], torch.full_like(rows, j), stream=STREAM_DRAFT
+                    last = group == reachable - 1
+                    head, ids = self._exit_head_rows(group)
+                    if any_sampled:
+                        r_tokens, r_conf, fire = exit_sample(
+                            hidden,
+                            norm.weight,
+                            head,
+                            eps,
+                            temperature if every else temperature[rows],
+                            top_k if every else top_k[rows],
+                            top_p if every else top_p[rows],
+                            seeds if every else seeds[rows],
+                            offsets if every else offsets[rows],
+                            j,
+                            0.0 if last else (tau_fire[:, group] if every else tau_fire[rows, group]),
+                            probs_flat,
+                            rows * k + j,
+                            vocab_ids=ids,
+                            filters=filters,
+                            validate=False,
                         )
-                        r_tokens = torch.where(sampled[rows], race, r_tokens)
-                    if group == n_exits - 1:
-                        fire = torch.ones_like(r_conf, dtype=torch.bool)
                     else:
-                        fire = r_conf >= tau[rows, group]
+                        r_tokens, r_conf, _ = exit_head(hidden, norm.weight, head, eps, 0.0)
+                        if ids is not None:
+                            r_tokens = ids[r_tokens]
+                        fire = torch.ones_like(need[rows]) if last else r_conf >= tau_fire[rows, group]
                     fired = rows[fire]
                     step_token[fired] = r_tokens[fire]
                     step_conf[fired] = r_conf[fire]
-                    step_exit[fired] = exit_layers[group]
-                    if r_q is not None:
-                        fired_q = r_q[fire]
-                        greedy_fired = ~sampled[fired]
-                        one_hot = torch.zeros_like(fired_q).scatter_(1, r_tokens[fire][:, None], 1.0)
-                        probs[fired, j] = torch.where(greedy_fired[:, None], one_hot, fired_q)
+                    step_exit[fired] = self.exits[group]
                     need[fired] = False
                 tokens[:, j] = torch.where(active, step_token, tokens[:, j])
                 confidence[:, j] = torch.where(active, step_conf, confidence[:, j])

@@ -3,12 +3,14 @@
 The draft proposes for the whole batch in one pass (each row with its own target's exit thresholds and
 draft length); each target verifies only its own rows (:class:`s2d_ext.engine.Engine` with one
 :class:`~s2d_ext.engine.TargetConfig` per target). ``calibrate`` measures tokens/s over a small grid
-of thresholds and draft lengths and keeps the best for that target.
+of thresholds, fixed exits and draft lengths (several alternating rounds, medians) and keeps the best for
+that target.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +18,8 @@ from typing import Any
 import torch
 
 from s2d_ext.driver.batch import SpeculateOutput, generate_batch
-from s2d_ext.engine.models import TargetConfig, as_draft, check_target
+from s2d_ext.engine.models import DRAFT_LENGTHS, TargetConfig, as_draft, check_target
+from s2d_ext.engine.params import check_int as _check_int
 
 
 class Speculator:
@@ -146,55 +149,101 @@ class Speculator:
         max_new_tokens: int = 32,
         num_draft_grid: Sequence[int] | None = None,
         threshold_grid: Sequence[float] | None = None,
+        fixed_exits: bool = True,
+        draft_length_grid: Sequence[str] | None = None,
+        rounds: int = 3,
+        refine: int | None = None,
+        batch_size: int | None = None,
         **generate_kwargs: Any,
     ) -> dict[str, Any]:
         """Pick the exit thresholds and draft length with the best measured tokens/s on ``prompts``.
 
-        The grid is small on purpose: draft lengths ``num_draft_grid`` (default 2, 4, 6, 8) times, for a
-        draft with early exits, one shared threshold for every early exit from ``threshold_grid``
-        (default 0.4, 0.6, 0.8, 0.95). Each setting runs ``prompts`` once (after one warm-up run).
-        The winner is kept in ``self.settings[target_name]``.
+        Candidates: every draft length of ``num_draft_grid`` (default 2, 4, 6, 8) times, for a draft with
+        early exits, every shared early-exit threshold of ``threshold_grid`` (default 0.05, 0.1, 0.2, 0.3,
+        0.4, 0.6, 0.8) and, with ``fixed_exits``, every single fixed exit (exit i always fires, the exits
+        before it are off: thresholds 1, ..., 1, 0, ...), so calibrated S2D is never slower than the best
+        fixed-exit draft on these prompts, up to timing noise. ``draft_length_grid`` adds draft-length
+        policies as a dimension ("fixed", "heuristic", "confidence"; default: the one in
+        ``generate_kwargs``, else this target's setting).
+
+        Timing: one warm-up run, then ``rounds`` rounds that time every candidate once each, in an order
+        that alternates (forward, then backward) so slow drifts of the machine hit all candidates alike;
+        then the ``refine`` best candidates by median (default: a quarter of them, at least 2) get
+        ``rounds`` more rounds. A candidate's score is the median tokens/s of all its runs. A run
+        generates every prompt, in batches of ``batch_size`` (default: all at once; pass the batch size the
+        settings will serve, since the best settings differ between batch 1 and larger batches). Sampling runs
+        use ``seed=0`` unless a seed is given, so every run of a candidate emits the same tokens and only
+        the timing varies. The winner is kept in ``self.settings[target_name]``.
 
         Returns
         -------
         dict
-            ``{"thresholds", "num_draft_tokens", "tokens_per_second", "mat", "results": [...]}``.
+            ``{"thresholds", "num_draft_tokens", "draft_length", "tokens_per_second", "mat", "fixed_exit",
+            "results"}``:
+            the winner, and ``results``, one entry per candidate timed (``thresholds``,
+            ``num_draft_tokens``, ``draft_length``, ``fixed_exit`` (the exit layer, or None),
+            ``tokens_per_second`` (the median), ``timings`` (tokens/s of every run), ``mat``), best first.
         """
         if target_name not in self.targets:
             raise ValueError(
                 f"target {target_name!r} is not held by this Speculator (it has {sorted(self.targets)})"
             )
+        rounds = _check_int("rounds", rounds, low=1)
         input_ids, attention_mask = _batch_prompts(prompts, attention_mask)
-        n_exits = len(self.draft.exits)
-        drafts = list(num_draft_grid) if num_draft_grid is not None else [2, 4, 6, 8]
-        if n_exits > 1:
-            taus = list(threshold_grid) if threshold_grid is not None else [0.4, 0.6, 0.8, 0.95]
-            threshold_options = [tuple([t] * (n_exits - 1) + [0.0]) for t in taus]
-        else:
-            threshold_options = [None]
+        batches = _split_batches(input_ids, attention_mask, batch_size)
+        policy = generate_kwargs.pop("draft_length", None) or self.settings[target_name]["draft_length"]
+        policies = list(draft_length_grid) if draft_length_grid is not None else [policy]
+        if not policies or any(p not in DRAFT_LENGTHS for p in policies):
+            raise ValueError(f"draft_length_grid must name policies from {DRAFT_LENGTHS}, got {policies!r}")
+        candidates = [
+            {**c, "draft_length": p}
+            for p in policies
+            for c in _calibration_candidates(self.draft.exits, num_draft_grid, threshold_grid, fixed_exits)
+        ]
+        refine = max(2, -(-len(candidates) // 4)) if refine is None else _check_int("refine", refine, low=0)
         kwargs = {"max_new_tokens": max_new_tokens, **generate_kwargs}
-        run = lambda **o: self.generate(input_ids, attention_mask, target=target_name, **kwargs, **o)  # noqa: E731
-        run(num_draft_tokens=drafts[0], thresholds=threshold_options[0])  # warm-up
-        results = []
-        for tau in threshold_options:
-            for n in drafts:
-                start = time.perf_counter()
-                out = run(num_draft_tokens=n, thresholds=tau)
-                elapsed = time.perf_counter() - start
-                speed = sum(out.stats.new_tokens) / elapsed if elapsed > 0 else math.inf
-                results.append(
-                    {
-                        "thresholds": tau,
-                        "num_draft_tokens": n,
-                        "tokens_per_second": speed,
-                        "mat": out.stats.mat,
-                    }
+        if kwargs.get("temperature", 0.0) > 0:
+            kwargs.setdefault("seed", 0)
+
+        def run(candidate: dict[str, Any]) -> tuple[float, float]:
+            new_tokens, steps = 0, 0.0
+            start = time.perf_counter()
+            for ids, mask in batches:
+                out = self.generate(
+                    ids,
+                    mask,
+                    target=target_name,
+                    num_draft_tokens=candidate["num_draft_tokens"],
+                    thresholds=candidate["thresholds"],
+                    draft_length=candidate["draft_length"],
+                    **kwargs,
                 )
-        best = max(results, key=lambda r: r["tokens_per_second"])
+                new_tokens += sum(out.stats.new_tokens)
+                steps += sum(n / m for n, m in zip(out.stats.new_tokens, out.stats.mat_per_row) if m)
+            elapsed = time.perf_counter() - start
+            speed = new_tokens / elapsed if elapsed > 0 else math.inf
+            return speed, (new_tokens / steps if steps else 0.0)
+
+        run(candidates[0])  # warm-up
+        for index in range(rounds):
+            _time_round(candidates, index, run)
+        ranked = sorted(candidates, key=lambda c: -statistics.median(c["timings"]))
+        finalists = ranked[: min(refine, len(ranked))]
+        if len(finalists) > 1:
+            for index in range(rounds):
+                _time_round(finalists, index, run)
+        results = []
+        for c in candidates:
+            results.append({**c, "tokens_per_second": statistics.median(c["timings"])})
+        results.sort(key=lambda r: -r["tokens_per_second"])
+        best = results[0]
         self.settings[target_name]["num_draft_tokens"] = best["num_draft_tokens"]
+        self.settings[target_name]["draft_length"] = best["draft_length"]
         if best["thresholds"] is not None:
             self.settings[target_name]["thresholds"] = best["thresholds"]
-        return {**best, "results": results}
+        keys = ("thresholds", "num_draft_tokens", "draft_length", "tokens_per_second", "mat", "fixed_exit")
+        winner = {k: best[k] for k in keys}
+        return {**winner, "results": results}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -221,3 +270,62 @@ def _batch_prompts(
             ids[i, width - len(r) :] = r
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def _calibration_candidates(exits, num_draft_grid, threshold_grid, fixed_exits) -> list[dict[str, Any]]:
+    """Every (thresholds, draft length) pair ``calibrate`` times, each with an empty ``timings`` list."""
+    lengths = list(num_draft_grid) if num_draft_grid is not None else [2, 4, 6, 8]
+    if not lengths:
+        raise ValueError("num_draft_grid must hold at least one draft length")
+    for n in lengths:
+        _check_int("num_draft_grid", n, low=1)
+    n_exits = len(exits)
+    options: list[tuple[tuple[float, ...] | None, int | None]] = []
+    if n_exits > 1:
+        taus = list(threshold_grid) if threshold_grid is not None else [0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8]
+        for t in taus:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold_grid must hold thresholds in [0, 1], got {t!r}")
+        options += [(tuple([float(t)] * (n_exits - 1) + [0.0]), None) for t in taus]
+        if fixed_exits:
+            # NOTE: threshold 1 turns an early exit off (its head is skipped) and 0 always fires, so
+            # exit i alone costs what a draft cut at exit i costs.
+            options += [(tuple([1.0] * i + [0.0] * (n_exits - i)), exits[i]) for i in range(n_exits)]
+    else:
+        options.append((None, exits[0]))
+    unique = list(dict.fromkeys(options))
+    if not unique:
+        raise ValueError("calibrate has no candidate: give threshold_grid values or fixed_exits=True")
+    return [
+        {"thresholds": tau, "num_draft_tokens": n, "fixed_exit": fixed, "timings": [], "mat": None}
+        for tau, fixed in unique
+        for n in lengths
+    ]
+
+
+def _split_batches(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The prompts in batches of ``batch_size`` rows (None: one batch), each without all-padding columns."""
+    if batch_size is None:
+        return [(input_ids, attention_mask)]
+    batch_size = _check_int("batch_size", batch_size, low=1)
+    batches = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size]
+        mask = None if attention_mask is None else attention_mask[start : start + batch_size]
+        if mask is not None:
+            # NOTE: left padding: drop the columns no row of this batch uses.
+            first = int((mask != 0).any(0).int().argmax())
+            ids, mask = ids[:, first:], mask[:, first:]
+        batches.append((ids, mask))
+    return batches
+
+
+def _time_round(candidates: list[dict[str, Any]], index: int, run) -> None:
+    """One timed run of every candidate; odd rounds go backwards (slow drifts then even out)."""
+    order = candidates if index % 2 == 0 else candidates[::-1]
+    for candidate in order:
+        speed, mat = run(candidate)
+        candidate["timings"].append(speed)
+        candidate["mat"] = mat

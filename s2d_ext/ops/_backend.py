@@ -21,10 +21,12 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# NOTE: measured on an H100 (bench/results/exit_head_cuda.md): the CUDA exit-head kernel reads the
-# LM head once per row (no reuse across rows), so at 16 or 64 rows it is 1.1 to 13 times slower
-# than Triton's (the gap grows with N, d and V); at one row the two are about even. "auto"
-# therefore prefers Triton for it on a GPU.
+# NOTE: measured on an H100 (bench/results/exit_head_cuda.md), with the CUDA exit head of then (one
+# hand-written kernel that read the LM head once per row): at 16 or 64 rows it was 1.1 to 13 times
+# slower than Triton's, about even at one row, so "auto" prefers Triton for exit_head on a GPU. The
+# CUDA exit head is now torch's tensor-core matmul over chunks of V plus a fused reduction
+# (csrc/include/s2d/exit_head_chunked.h), which has NOT run on a GPU yet (only nvcc and the CPU
+# simulator tests); "auto" keeps Triton first until `bench/exit_head.py --device cuda` compares them.
 _TRITON_FIRST_ON_CUDA = frozenset({"exit_head"})
 
 

@@ -2,8 +2,8 @@
 
 The fused op streams over the vocabulary and never writes the [N, V] logits; it serves greedy
 drafting and the early-exit confidence test. ``exit_head_probs`` returns the processed draft
-distribution q [N, V] for sampled drafting (materialising it is its purpose, so it is the torch
-composition on every backend).
+distribution q [N, V] (through :func:`s2d_ext.ops.exit_sample.exit_sample`, the fused sampled-drafting
+op, on the same backend).
 
 Backends of ``exit_head``: ``"reference"`` (:mod:`s2d_ext.ops.exit_head_reference`, the spec),
 ``"cpu"`` (C++), ``"cuda"`` (both ``torch.ops.s2d.exit_head``) and ``"triton"``
@@ -18,7 +18,7 @@ import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
-from s2d_ext.ops.exit_head_reference import exit_head_probs_reference, exit_head_reference
+from s2d_ext.ops.exit_head_reference import exit_head_reference
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -86,12 +86,13 @@ def exit_head_probs(
     top_p: torch.Tensor | float = 1.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The processed draft distribution q of each row, for sampled drafting.
+    """The processed draft distribution q of each row, materialised as [N, V].
 
     Temperature, then top-k, then top-p, exactly as :func:`s2d_ext.ops.verify_reference.logit_threshold`
     and :func:`~s2d_ext.ops.verify_reference.processed_probs` define them (so a draft sampled from q
     is verified against the same processing); rows with ``temperature == 0`` get a one-hot of the
-    argmax.
+    argmax. It runs :func:`s2d_ext.ops.exit_sample.exit_sample` (the same backend) with every row firing;
+    drafting itself calls that op, which writes q only at the exit that fires.
 
     Parameters
     ----------
@@ -104,7 +105,7 @@ def exit_head_probs(
     top_p : float or torch.Tensor
         Scalar or [N], in (0, 1] (1 = off).
     backend : str
-        Validated like :func:`exit_head`'s; every backend runs the torch composition.
+        "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns
     -------
@@ -113,34 +114,23 @@ def exit_head_probs(
     confidence : torch.Tensor
         [N] float32, ``probs.max(-1)``.
     """
-    hidden, norm_weight, lm_head_weight, eps, temperature = _normalise(
-        hidden, norm_weight, lm_head_weight, eps, temperature
-    )
-    resolve_backend("exit_head", backend, hidden.device)
-    batch = hidden.shape[0]
-    top_k_t = per_row("top_k", top_k, batch, hidden.device, torch.int64)
-    top_p_t = per_row("top_p", top_p, batch, hidden.device, torch.float32)
-    if batch and not is_tracing(hidden.device):
-        if bool((top_k_t < 0).any()):
-            raise ValueError("top_k must be >= 0 (0 disables it)")
-        if bool(torch.isnan(top_p_t).any()) or bool((top_p_t <= 0).any()) or bool((top_p_t > 1).any()):
-            raise ValueError("top_p must be in (0, 1]")
-    if batch == 0:
-        vocab = lm_head_weight.shape[0]
-        return (
-            torch.empty((0, vocab), dtype=torch.float32, device=hidden.device),
-            torch.empty((0,), dtype=torch.float32, device=hidden.device),
-        )
-    if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor):
-        apply_filters = top_k > 0 or top_p < 1.0
-    else:
-        apply_filters = True
-    return exit_head_probs_reference(
-        hidden, norm_weight, lm_head_weight, eps, temperature, top_k_t, top_p_t, apply_filters
-    )
+    from s2d_ext.ops.exit_sample import exit_sample  # NOTE: here, as exit_sample imports this module
+
+    hidden = check_tensor("hidden", hidden, ndim=2, dtypes=HIDDEN_DTYPES)
+    lm_head_weight = check_tensor("lm_head_weight", lm_head_weight, ndim=2)
+    batch, device = hidden.shape[0], hidden.device
+    probs = torch.zeros((batch, lm_head_weight.shape[0]), dtype=torch.float32, device=device)
+    rows = torch.arange(batch, device=device)
+    # NOTE: the race's draw is not returned, so any key does; threshold 0 makes every row fire.
+    _, confidence, _ = exit_sample(
+        hidden, norm_weight, lm_head_weight, eps, temperature, top_k, top_p, 0, 0, 0, 0.0, probs, rows,
+        backend=backend,
+    )  # fmt: skip
+    greedy = per_row("temperature", temperature, batch, device, torch.float32) <= 0
+    return probs, torch.where(greedy, torch.ones_like(confidence), confidence)
 
 
-def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature) -> tuple:
+def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature, check_values: bool = True) -> tuple:
     hidden = check_tensor("hidden", hidden, ndim=2, dtypes=HIDDEN_DTYPES)
     device, dtype = hidden.device, hidden.dtype
     batch, dim = hidden.shape
@@ -164,7 +154,8 @@ def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature) -> tuple:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
     if (
-        batch
+        check_values
+        and batch
         and not is_tracing(device)
         and (not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()))
     ):

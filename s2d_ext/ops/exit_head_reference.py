@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from s2d_ext.ops.verify_reference import logit_threshold, processed_probs, sanitize
+from s2d_ext.ops.verify_reference import sanitize
 
 # NOTE: a bf16/f16 lm_head is converted to float32 this many vocab rows at a time, so the exact
 # float32-accumulated logits never need a float32 copy of the whole [V, d] weight.
@@ -85,28 +85,3 @@ def exit_head_reference(
     lse = torch.logsumexp(scaled, dim=-1)
     confidence = torch.exp(scaled.amax(dim=-1) - lse)
     return tokens, confidence, lse
-
-
-def exit_head_probs_reference(
-    hidden: torch.Tensor,  # [N, d]
-    norm_weight: torch.Tensor,  # [d]
-    lm_head_weight: torch.Tensor,  # [V, d]
-    eps: float,
-    temperature: torch.Tensor,  # [N] float32, 0 = greedy (one-hot of the argmax)
-    top_k: torch.Tensor,  # [N] int64, 0 = off
-    top_p: torch.Tensor,  # [N] float32, 1 = off
-    apply_filters: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The processed draft distribution q [N, V] float32 and its max [N] float32.
-
-    Temperature, then top-k, then top-p, exactly as :func:`verify_reference.logit_threshold` and
-    :func:`verify_reference.processed_probs` define them; rows with ``T == 0`` get a one-hot of the
-    argmax. ``apply_filters=False`` skips the (sorting) threshold when no row uses top-k/top-p.
-    """
-    logits = exit_head_logits(hidden, norm_weight, lm_head_weight, eps)[:, None, :]  # [N, 1, V]
-    min_logit = logit_threshold(logits, temperature, top_k, top_p) if apply_filters else None
-    probs = processed_probs(logits, temperature, min_logit)[:, 0]  # [N, V]
-    argmax = sanitize(logits[:, 0]).argmax(dim=-1)  # [N]
-    one_hot = torch.zeros_like(probs).scatter_(-1, argmax[:, None], 1.0)
-    probs = torch.where((temperature > 0)[:, None], probs, one_hot)
-    return probs, probs.amax(dim=-1)

@@ -323,6 +323,59 @@ inline void reduce_chunk(const float* normed, const void* lm_head, DType dtype, 
   }
 }
 
+// Writes the logits of vocab ids [begin, end) of every row r to out[r * ldo + v].
+// Same tiles and dot blocks as reduce_chunk, so a logit is bit for bit the one exit_head reduces.
+inline void logits_chunk(const float* normed, const void* lm_head, DType dtype, int64_t rows,
+                         int64_t dim, int64_t begin, int64_t end, float* out, int64_t ldo,
+                         std::vector<float>& tile_buffer) {
+  const Kernels& k = kernels();
+  const int64_t tile = tile_vocab(dim);
+  const bool convert = dtype != DType::kFloat32 && rows > kRowBlock;
+  const DType weight_kind = convert ? DType::kFloat32 : dtype;
+  const size_t weight_size = weight_kind == DType::kFloat32 ? sizeof(float) : sizeof(uint16_t);
+  if (convert) tile_buffer.resize(static_cast<size_t>(tile * dim));
+  for (int64_t tile_begin = begin; tile_begin < end; tile_begin += tile) {
+    const int64_t tile_rows = std::min(tile, end - tile_begin);
+    const char* weights;
+    if (convert) {
+      const uint16_t* src = static_cast<const uint16_t*>(lm_head) + tile_begin * dim;
+      convert_tile(src, dtype, tile_rows * dim, tile_buffer.data());
+      weights = reinterpret_cast<const char*>(tile_buffer.data());
+    } else {
+      weights = static_cast<const char*>(lm_head) + tile_begin * dim * weight_size;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+      for (int64_t v0 = 0; v0 < tile_rows; v0 += kVocabBlock) {
+        const int nv = static_cast<int>(std::min<int64_t>(kVocabBlock, tile_rows - v0));
+        k.dot[static_cast<int>(weight_kind)][nr][nv](normed + r0 * dim,
+                                                     weights + v0 * dim * weight_size, dim,
+                                                     out + r0 * ldo + tile_begin + v0, ldo);
+      }
+    }
+  }
+}
+
+// normed [N, d] float32 (rms_norm_row of every row) and the float32 logits [N, V] of the head.
+template <typename ParallelFor>
+void head_logits(const void* hidden, const void* norm_weight, const void* lm_head, DType dtype,
+                 int64_t rows, int64_t dim, int64_t vocab, float eps, float* normed, float* logits,
+                 ParallelFor&& parallel_for) {
+  if (rows == 0) return;
+  parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      rms_norm_row(hidden, norm_weight, dtype, r, dim, eps, normed + r * dim);
+  });
+  parallel_for(0, num_chunks(vocab), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile_buffer;
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = c * kChunkVocab;
+      logits_chunk(normed, lm_head, dtype, rows, dim, first, std::min(vocab, first + kChunkVocab),
+                   logits, vocab, tile_buffer);
+    }
+  });
+}
+
 // ParallelFor: callable (int64_t begin, int64_t end, int64_t grain, F fn) calling fn(b, e)
 // over disjoint sub-ranges (at::parallel_for in the torch binding).
 template <typename ParallelFor>

@@ -188,6 +188,7 @@ inline float __int_as_float(int x) {
   return f;
 }
 inline float __expf(float x) { return std::exp(x); }  // NOTE: exact, unlike the GPU's fast exp
+inline void __threadfence_block() {}  // NOTE: the barrier after it orders the block's memory here
 inline float __logf(float x) { return std::log(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 template <typename T>
