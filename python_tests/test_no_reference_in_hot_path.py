@@ -46,3 +46,28 @@ def test_no_reference_import(path):
     modules = imported_modules(path)
     offending = [m for m in modules if any(part.endswith("_reference") for part in m.split("."))]
     assert not offending, f"{path.relative_to(PACKAGE)} imports {offending}"
+
+
+def kernel_modules() -> list[Path]:
+    """The ops wrappers (not the references themselves) and the Triton kernels."""
+    found = [p for p in sorted((PACKAGE / "ops").glob("*.py")) if not p.stem.endswith("_reference")]
+    return found + sorted((PACKAGE / "triton").glob("*.py"))
+
+
+def module_level_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+@pytest.mark.parametrize("path", kernel_modules(), ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_wrappers_reach_their_reference_only_through_backend_reference(path):
+    # NOTE: a wrapper imports its reference inside the backend="reference" branch only; what every backend
+    # runs (the top-k / top-p threshold, sanitising) lives in s2d_ext/ops/logit_filters.py.
+    offending = [m for m in module_level_imports(path) if m.split(".")[-1].endswith("_reference")]
+    assert not offending, f"{path.relative_to(PACKAGE)} imports {offending} at module level"
