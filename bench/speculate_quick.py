@@ -124,6 +124,7 @@ def main() -> None:
                         max_new_tokens=args.max_new_tokens,
                         num_draft_tokens=4,
                         draft_length=policy,
+                        profile=True,  # NOTE: the table shows the time split
                     ),
                     args.device,
                     args.repeats,

@@ -104,6 +104,48 @@ def rewrite_layers(cache: DynamicCache, rows: torch.Tensor | None, index: torch.
             layer.cumulative_length = layer.keys.shape[-2]
 
 
+def concat_layers(caches: list[DynamicCache], batch_sizes: list[int], width: int) -> DynamicCache:
+    """The rows of ``caches`` stacked along the batch, each layer left-padded with zero columns to
+    ``width``; reuses (and so consumes) ``caches[0]``'s layer objects.
+
+    batch_sizes[i]: the rows of ``caches[i]`` (an empty cache, one that never ran, has no tensors).
+    """
+    out = caches[0]
+    for index, layer in enumerate(out.layers):
+        parts = [c.layers[index] if index < len(c.layers) else None for c in caches]
+        filled = [p for p in parts if _has_tensors(p)]
+        if not filled:
+            continue
+        sample_k, sample_v = filled[0].keys, filled[0].values
+        keys, values = [], []
+        for part, rows in zip(parts, batch_sizes):
+            if _has_tensors(part):
+                k, v = part.keys, part.values
+                pad = width - k.shape[-2]
+                k = torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k
+                v = torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v
+            else:
+                shape = (rows, sample_k.shape[1], width, sample_k.shape[3])
+                k = sample_k.new_zeros(shape)
+                v = sample_v.new_zeros((rows, sample_v.shape[1], width, sample_v.shape[3]))
+            keys.append(k)
+            values.append(v)
+        if not _has_tensors(layer):
+            layer.lazy_initialization(sample_k, sample_v)
+        layer.keys = torch.cat(keys, dim=0)
+        layer.values = torch.cat(values, dim=0)
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers count their columns separately
+            layer.cumulative_length = width
+    return out
+
+
+def _has_tensors(layer) -> bool:
+    if layer is None or not getattr(layer, "is_initialized", True):
+        return False
+    keys = getattr(layer, "keys", None)
+    return keys is not None and keys.dim() == 4
+
+
 def gather_columns(
     cache: torch.Tensor,  # [B, H, S, D]
     index: torch.Tensor,  # [B, S_out] int64, -1 = hole

@@ -111,11 +111,12 @@ class CachedLM:
         out = self.model(input_ids=tokens, attention_mask=self.live, position_ids=position_ids, **kwargs)
         return out.logits
 
-    def commit(self, keep: torch.Tensor) -> None:
+    def commit(self, keep: torch.Tensor, dead_tail: int | None = None) -> None:
         """Keep the first ``keep[b]`` live tokens appended since the last commit; the rest become holes.
 
         keep: [B] int64, at most the live tokens appended. Crops columns that are holes in every row
-        off the end of the cache.
+        off the end of the cache. ``dead_tail``: how many trailing columns are holes in every row after
+        this commit, when the caller knows it (else it is read from the device: one host sync).
         """
         keep = keep.to(self.device, torch.int64)
         # NOTE: counted from the end, so a compaction between forward() and commit() changes nothing.
@@ -123,25 +124,31 @@ class CachedLM:
         self.live &= ~(after <= (self._pending_live - keep)[:, None])
         self.next_pos += keep
         self._pending_live.zero_()
-        used = self.live.any(0).nonzero()  # NOTE: one host sync per commit; the driver syncs each step anyway
-        dead_tail = self.num_columns - (int(used[-1]) + 1 if used.numel() else 0)
+        if dead_tail is None:
+            used = self.live.any(0).nonzero()
+            dead_tail = self.num_columns - (int(used[-1]) + 1 if used.numel() else 0)
         if dead_tail:
             _cache_compat.crop_tail(self.cache, dead_tail)
             self.live = self.live[:, : self.num_columns - dead_tail]
 
-    def maybe_compact(self) -> bool:
-        """Compact when the holes exceed the waste bound; returns whether it did."""
-        longest = int(self.live.sum(-1).max()) if self.live.numel() else 0
+    def maybe_compact(self, longest: int | None = None) -> bool:
+        """Compact when the holes exceed the waste bound; returns whether it did.
+
+        ``longest``: the most live tokens of any row, when the caller knows it (else read from the device).
+        """
+        if longest is None:
+            longest = int(self.live.sum(-1).max()) if self.live.numel() else 0
         allowed = longest + max(math.ceil(self.max_waste * longest), self.min_slack)
         if self.num_columns <= allowed:
             return False
-        self.compact()
+        self.compact(longest=longest)
         return True
 
-    def compact(self, rows: torch.Tensor | None = None) -> None:
+    def compact(self, rows: torch.Tensor | None = None, longest: int | None = None) -> None:
         """Keep batch ``rows`` ([B_out] int64, None = all) and remove every hole column they share.
 
-        Each row's live columns are right-aligned in ``S_out = max live count`` columns.
+        Each row's live columns are right-aligned in ``S_out = max live count`` columns; ``longest``
+        gives that count when the caller knows it (else it is read from the device).
         """
         if rows is not None:
             rows = rows.to(self.device)
@@ -150,7 +157,7 @@ class CachedLM:
             self._pending_live = self._pending_live.index_select(0, rows)
         batch, width = self.live.shape
         count = self.live.sum(-1)  # [B]
-        out_width = int(count.max()) if batch else 0
+        out_width = (int(count.max()) if batch else 0) if longest is None else longest
         dest = torch.where(self.live, out_width - count[:, None] + self.live.cumsum(-1) - 1, out_width)
         columns = torch.arange(width, device=self.device).expand(batch, width)
         index = torch.full((batch, out_width + 1), -1, dtype=torch.int64, device=self.device)
@@ -159,6 +166,24 @@ class CachedLM:
         if _cache_compat.seq_length(self.cache) > 0:
             _cache_compat.rewrite_layers(self.cache, rows, index)
         self.live = index >= 0
+
+    @staticmethod
+    def concat(runners: list[CachedLM]) -> CachedLM:
+        """One runner over the rows of ``runners`` (same model), in order; caches are left-padded with
+        holes to a common width, so every row keeps its positions and attends to what it did before."""
+        first = runners[0]
+        if len(runners) == 1:
+            return first
+        width = max(r.num_columns for r in runners)
+        out = CachedLM(first.model, 0, max_waste=first.max_waste, min_slack=first.min_slack)
+        pad = lambda t, r, value: torch.nn.functional.pad(t, (width - r.num_columns, 0), value=value)  # noqa: E731
+        out.live = torch.cat([pad(r.live, r, False) for r in runners], dim=0)
+        out.next_pos = torch.cat([r.next_pos for r in runners])
+        out._pending_live = torch.cat([r._pending_live for r in runners])
+        out.cache = _cache_compat.concat_layers(
+            [r.cache for r in runners], [r.live.shape[0] for r in runners], width
+        )
+        return out
 
     def sliding_window(self) -> int | None:
         if self.window is None and self.cache.layers:

@@ -57,14 +57,41 @@ def test_sampling_settings_and_seed_pass_through(pair):
 def test_unsupported_settings_and_missing_draft_raise(pair):
     target, draft_model = pair
     ids, mask = left_padded([4])
-    with pytest.raises(ValueError, match="repetition_penalty"):
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         target.generate(
             ids,
             attention_mask=mask,
             max_new_tokens=4,
-            repetition_penalty=1.3,
+            no_repeat_ngram_size=2,
             custom_generate=s2d_ext.generate,
             draft=draft_model,
         )
     with pytest.raises(ValueError, match="draft"):
         target.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=s2d_ext.generate)
+
+
+def test_processors_from_the_config_and_the_caller_run_losslessly(pair):
+    """repetition_penalty / bad_words_ids / min_new_tokens (config) and a caller's own processor
+    (logits_processor=...) give generate()'s greedy tokens."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    target, draft_model = pair
+    ids, mask = left_padded([6, 9])
+    free = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    new = free[:, ids.shape[1] :]
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+        repetition_penalty=1.5,
+        # NOTE: the last bad word is the EOS id, which generate() drops from its bad words
+        bad_words_ids=[[int(new[0, 2])], [int(new[1, 3]), int(new[1, 4])], [int(new[0, 1])]],
+        min_new_tokens=5,
+        eos_token_id=int(new[0, 1]),
+        logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor([int(new[1, 0])])]),
+    )
+    ref = target.generate(ids, **kwargs)
+    assert not torch.equal(ref[:, : free.shape[1]], free[:, : ref.shape[1]])  # the processors matter
+    out = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model)
+    assert torch.equal(out, ref)

@@ -113,7 +113,7 @@ def test_stats_add_up(pair):
     target, draft_model = pair
     ids, mask = left_padded([4, 9, 2])
     out = s2d_ext.speculate(
-        target, draft_model, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=5, pad_token_id=0
+        target, draft_model, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=5, pad_token_id=0, profile=True
     )
     st = out.stats
     assert len(st.new_tokens) == 3 and out.sequences.shape[1] == ids.shape[1] + max(st.new_tokens)
@@ -128,6 +128,9 @@ def test_stats_add_up(pair):
     parts = st.time_draft + st.time_target + st.time_verify + st.time_other
     assert parts == pytest.approx(st.time_total, rel=1e-6)
     assert st.other_fraction == pytest.approx(st.time_other / st.time_total)
+    # NOTE: timing is opt-in (profile=True); by default only the wall time is measured
+    quiet = s2d_ext.speculate(target, draft_model, ids, mask, max_new_tokens=8, pad_token_id=0).stats
+    assert quiet.time_total > 0 and quiet.time_draft == quiet.time_target == quiet.time_verify == 0.0
 
 
 def test_prompt_of_one_token_and_no_mask(pair):

@@ -121,7 +121,7 @@ def test_calibrate_picks_and_keeps_settings():
 
 def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatch):
     """The default grid goes below 0.4 and holds each fixed exit; runs are counted without timing them."""
-    from s2d_ext import speculator
+    from s2d_ext.driver import speculator
 
     target = make_target("llama", seed=2)
     draft = SortedDraft.truncate(target, 3, exits=(1, 2, 3))

@@ -181,6 +181,7 @@ def run_speculate(
         # NOTE: [] (no stop token), not None: None means "the target's generation_config EOS".
         eos_token_id=[] if settings["ignore_eos"] else settings["eos_id"],
         pad_token_id=settings["pad_id"],
+        profile=True,  # NOTE: the report shows the draft / target / verify / other split
     )
     _sync(device)
     seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 #: subcommand name -> module path. Add one line per subcommand.
 SUBCOMMANDS: dict[str, str] = {
@@ -19,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "soft": "s2d_ext.cli.soft",
     "family": "s2d_ext.cli.family",
     "bench": "s2d_ext.cli.bench",
+    "serve": "s2d_ext.cli.serve",
 }
 
 
@@ -26,9 +28,15 @@ class UsageError(ValueError):
     """Bad command-line input detected after parsing (reported like an argparse error, exit status 2)."""
 
 
+def program_name(argv0: str | None = None) -> str:
+    """``s2d`` for the console command, ``python -m s2d_ext`` for the module (not argparse's __main__.py)."""
+    name = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "s2d")).name
+    return "python -m s2d_ext" if name in ("__main__.py", "-m", "") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m s2d_ext",
+        prog=program_name(),
         description="Sorted speculative decoding (S2D): demo, generation, SoFT training, local model family.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

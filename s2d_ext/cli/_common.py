@@ -1,8 +1,17 @@
-"""Argument types and helpers shared by the subcommands."""
+"""Argument types and helpers shared by the subcommands.
+
+NOTE: every path and device a user names is checked here, before any model loads, so a typo costs one clear
+``error: --flag ...`` line instead of a traceback from transformers or torch ("Repo id must use alphanumeric
+chars", "Torch not compiled with CUDA enabled").
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+#: files of which a folder must hold one to be a tokenizer folder transformers can load
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -86,10 +95,63 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, dtype: bool = True) -> 
 
 
 def apply_runtime(args) -> None:
+    """Checks ``--device`` (when the subcommand has one) and applies ``--threads``."""
     import torch
 
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """ValueError with one line unless ``name`` is a torch device this process can use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {name}: not a torch device (try cpu, cuda or cuda:1)") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(
+                f"{flag} {name}: this torch ({torch.__version__}) is a CPU build without CUDA; "
+                "use --device cpu, or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"{flag} {name}: torch has CUDA {torch.version.cuda} but sees no GPU here")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{flag} {name}: there are only {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {name}: s2d_ext runs on cpu, cuda or mps devices")
+
+
+def checkpoint_folder(flag: str, path: str) -> Path:
+    """``path`` as a local HF checkpoint folder (with config.json), else FileNotFoundError naming ``flag``."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{flag} {path!r} does not exist (expected a local folder with config.json)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {path!r} is not an HF checkpoint folder (no config.json)")
+    return folder
+
+
+def tokenizer_folder(flag: str, path: str) -> Path:
+    """``path`` as a local folder holding a tokenizer, else FileNotFoundError naming ``flag``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path!r} is not a folder (s2d_ext loads local tokenizers)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{flag} {path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "pass --tokenizer FOLDER"
+        )
+    return folder
 
 
 def torch_dtype(name: str):

@@ -9,7 +9,7 @@ import argparse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from s2d_ext.bench.spec_bench import add_arguments
+    from s2d_ext.bench.arguments import add_arguments  # NOTE: no torch import: `s2d --help` stays fast
 
     parser = subparsers.add_parser(
         "bench",
@@ -28,6 +28,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from s2d_ext.cli._common import checkpoint_folder
+
+    for path in args.targets or ():
+        checkpoint_folder("--targets", path)
+    if args.draft is not None:
+        checkpoint_folder("--draft", args.draft)
+    if not args.data.is_file():
+        raise FileNotFoundError(f"--data {str(args.data)!r} does not exist")
     if args.what == "kernels":
         from s2d_ext.bench.kernel_report import write_kernel_report
 

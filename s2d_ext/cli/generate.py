@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 
 from s2d_ext.cli import UsageError
-from s2d_ext.cli._common import add_runtime_args, apply_runtime, draft_run_args, int_list, torch_dtype
+from s2d_ext.cli._common import (
+    add_runtime_args,
+    apply_runtime,
+    checkpoint_folder,
+    draft_run_args,
+    int_list,
+    tokenizer_folder,
+    torch_dtype,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,9 +53,12 @@ def _prompts(args) -> list[str]:
 
 def run(args) -> int:
     prompts = _prompts(args)
-    for flag, path in (("--target", args.target), ("--draft", args.draft)):
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"{flag} {path!r} is not an HF checkpoint folder (no config.json)")
+    checkpoint_folder("--target", args.target)
+    checkpoint_folder("--draft", args.draft)
+    if args.tokenizer is not None:
+        tokenizer_folder("--tokenizer", args.tokenizer)
+    else:
+        tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
     apply_runtime(args)
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -9,6 +9,7 @@ from s2d_ext.cli import UsageError
 from s2d_ext.cli._common import (
     add_runtime_args,
     apply_runtime,
+    checkpoint_folder,
     float_list,
     int_list,
     non_negative_float,
@@ -100,9 +101,9 @@ def _check_args(args) -> tuple[float, ...]:
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    base = Path(args.base)
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"--base {args.base!r} is not an HF checkpoint folder (no config.json)")
+    checkpoint_folder("--base", args.base)
+    for path in args.distill_target:
+        checkpoint_folder("--distill-target", path)
     data = Path(args.data)
     if not data.is_file():
         raise FileNotFoundError(f"--data {args.data!r} does not exist")

@@ -18,7 +18,6 @@ import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
-from s2d_ext.ops.exit_head_reference import exit_head_reference
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,6 +67,8 @@ def exit_head(
             torch.empty((0,), dtype=torch.float32, device=hidden.device),
         )
     if chosen == "reference":
+        from s2d_ext.ops.exit_head_reference import exit_head_reference
+
         return exit_head_reference(hidden, norm_weight, lm_head_weight, eps, temperature)
     if chosen == "triton":
         from s2d_ext.triton.exit_head import exit_head_triton  # noqa: F401  (registers the op)

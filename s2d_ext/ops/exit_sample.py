@@ -19,7 +19,6 @@ import torch
 from s2d_ext import _native
 from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
 from s2d_ext.ops.exit_head import _normalise
-from s2d_ext.ops.exit_sample_reference import exit_sample_reference, sample_logits_reference
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_POSITION = 2**16  # Philox counters hold the position in 16 bits
@@ -103,6 +102,8 @@ def exit_sample(
     if hidden.shape[0] == 0:
         return _empty(hidden.device)
     if chosen == "reference":
+        from s2d_ext.ops.exit_sample_reference import exit_sample_reference
+
         return exit_sample_reference(hidden, norm_weight, lm_head_weight, eps, *args)
     if chosen == "triton":
         from s2d_ext.triton.exit_sample import exit_sample_triton  # noqa: F401  (registers the op)
@@ -154,6 +155,8 @@ def sample_logits(
     if rows == 0:
         return _empty(logits.device)
     if chosen == "reference":
+        from s2d_ext.ops.exit_sample_reference import sample_logits_reference
+
         return sample_logits_reference(logits, *args)
     if chosen == "triton":
         from s2d_ext.triton.exit_sample import sample_logits_triton  # noqa: F401  (registers the op)

@@ -12,7 +12,6 @@ import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import check_tensor, is_tracing, resolve_backend
-from s2d_ext.ops.kv_compact_reference import kv_compact_reference
 
 
 def kv_compact(cache: torch.Tensor, index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -39,6 +38,8 @@ def kv_compact(cache: torch.Tensor, index: torch.Tensor, backend: str = "auto") 
         batch, heads, _, dim = cache.shape
         return cache.new_zeros((batch, heads, index.shape[1], dim))
     if chosen == "reference":
+        from s2d_ext.ops.kv_compact_reference import kv_compact_reference
+
         return kv_compact_reference(cache, index)
     if chosen == "triton":
         from s2d_ext.triton.kv_compact import kv_compact_triton  # noqa: F401  (registers the op)

@@ -13,7 +13,7 @@ import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import check_scalar, check_tensor, is_tracing, per_row, resolve_backend
-from s2d_ext.ops.verify_reference import logit_threshold, verify_reference
+from s2d_ext.ops.logit_filters import logit_threshold
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -81,6 +81,8 @@ def verify(
             torch.empty((0,), dtype=torch.int32, device=target_logits.device),
         )
     if chosen == "reference":
+        from s2d_ext.ops.verify_reference import verify_reference
+
         return verify_reference(*args)
     if chosen == "triton":
         from s2d_ext.triton.verify import verify_triton  # noqa: F401  (registers the op)

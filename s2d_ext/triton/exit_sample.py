@@ -172,7 +172,7 @@ def _launch_sample(logits, temperature, top_k, top_p, seeds, offsets, positions,
     if filters:
         # NOTE: imported here: s2d_ext.ops loads the native libraries, which the Triton compile check
         # (tools/triton_compile_check.py, kernels only) must not need.
-        from s2d_ext.ops.verify_reference import logit_threshold
+        from s2d_ext.ops.logit_filters import logit_threshold
 
         min_logit = logit_threshold(logits[:, None, :], temperature, top_k, top_p)[:, 0].contiguous()
     interpreting = device.type != "cuda"

@@ -1,7 +1,8 @@
 """``Speculator``: one draft serving several targets, with per-target settings and calibration.
 
 The draft proposes for the whole batch in one pass (each row with its own target's exit thresholds and
-draft length); each target verifies only its own rows. ``calibrate`` measures tokens/s over a small grid
+draft length); each target verifies only its own rows (:class:`s2d_ext.engine.Engine` with one
+:class:`~s2d_ext.engine.TargetConfig` per target). ``calibrate`` measures tokens/s over a small grid
 of thresholds, fixed exits and draft lengths (several alternating rounds, medians) and keeps the best for
 that target.
 """
@@ -16,65 +17,9 @@ from typing import Any
 
 import torch
 
-from s2d_ext.speculate import (
-    _INT64_MAX,
-    _INT64_MIN,
-    DRAFT_LENGTHS,
-    Settings,
-    SpeculateOutput,
-    TargetGroup,
-    run_speculation,
-)
-from s2d_ext.target import context_length, input_device, output_vocab_size
-
-
-def as_draft(draft: Any) -> Any:
-    """A draft-protocol object for ``draft``: itself, or a wrapper of a plain HF causal LM.
-
-    Llama / Mistral / Qwen2 models become a one-exit ``SortedDraft`` (its lean, cache-light forward);
-    any other causal LM becomes an :class:`~s2d_ext.draft.hf_draft.HFDraft`.
-    """
-    from s2d_ext.draft.protocol import DraftModel
-
-    if isinstance(draft, DraftModel):
-        return draft
-    if (
-        isinstance(draft, torch.nn.Module)
-        and hasattr(draft, "config")
-        and hasattr(draft, "get_output_embeddings")
-    ):
-        from s2d_ext.draft.hf_draft import HFDraft
-        from s2d_ext.draft.lean_llama import check_architecture
-        from s2d_ext.draft.sorted_draft import SortedDraft
-
-        try:
-            check_architecture(draft.config)
-            single_device = len({p.device for p in draft.parameters()}) == 1
-        except ValueError:
-            single_device = False
-        if not single_device:
-            return HFDraft(draft)
-        was_training = draft.training
-        wrapped = SortedDraft(draft, exits=(draft.config.num_hidden_layers,), thresholds=(0.0,))
-        draft.train(was_training)  # NOTE: SortedDraft calls eval(); leave the caller's module as it was
-        return wrapped
-    raise TypeError(
-        f"draft must be a SortedDraft (or another s2d_ext DraftModel) or a transformers causal LM, "
-        f"got {type(draft).__name__}"
-    )
-
-
-def _check_target(name: str, model: Any, draft: Any) -> None:
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
-        raise TypeError(f"target {name!r} must be a transformers causal LM, got {type(model).__name__}")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"target {name!r} is an encoder-decoder model; speculate() needs a causal LM")
-    vocab = output_vocab_size(model)
-    if vocab != draft.vocab_size:
-        raise ValueError(
-            f"draft vocabulary ({draft.vocab_size} tokens) does not match target {name!r} ({vocab} tokens); "
-            "the draft must share the target's tokenizer and lm_head size"
-        )
+from s2d_ext.driver.batch import SpeculateOutput, generate_batch
+from s2d_ext.engine.models import DRAFT_LENGTHS, TargetConfig, as_draft, check_target
+from s2d_ext.engine.params import check_int as _check_int
 
 
 class Speculator:
@@ -109,7 +54,7 @@ class Speculator:
         self.draft = as_draft(draft)
         self.targets = dict(targets)
         for name, model in self.targets.items():
-            _check_target(name, model, self.draft)
+            check_target(name, model, self.draft)
         self.settings: dict[str, dict[str, Any]] = {}
         for name in self.targets:
             self.settings[name] = {
@@ -118,7 +63,10 @@ class Speculator:
                 "draft_length": _pick(draft_length, name, "heuristic", "draft_length"),
                 "stop_threshold": _pick(stop_threshold, name, None, "stop_threshold"),
             }
-            _check_settings(self.settings[name], self.draft)
+            self.settings[name]["thresholds"] = self._config(name, self.settings[name]).thresholds
+
+    def _config(self, name: str, conf: Mapping[str, Any]) -> TargetConfig:
+        return TargetConfig(self.targets[name], **conf).checked(name, self.draft)
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(
@@ -139,6 +87,8 @@ class Speculator:
         num_draft_tokens: int | None = None,
         draft_length: str | None = None,
         thresholds: Sequence[float] | None = None,
+        profile: bool = False,
+        **sampling: Any,
     ) -> SpeculateOutput:
         """Generate every row with its own target (``target``: one name, or one name per row).
 
@@ -150,8 +100,7 @@ class Speculator:
         SpeculateOutput
             ``sequences`` [B, L + max new], ``stats``.
         """
-        input_ids = _check_input_ids(input_ids)
-        batch = input_ids.shape[0]
+        batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
         names = [target] * batch if isinstance(target, str) else list(target)
         if len(names) != batch:
             raise ValueError(
@@ -162,69 +111,33 @@ class Speculator:
             raise ValueError(
                 f"target {unknown[0]!r} is not held by this Speculator (it has {sorted(self.targets)})"
             )
-        used = list(dict.fromkeys(names))
-        vocab = self.draft.vocab_size
-        allowed = {torch.device("cpu")} | {input_device(self.targets[n]) for n in used}
-        if input_ids.device not in allowed:
-            raise ValueError(
-                f"input_ids is on {input_ids.device}; put it on the CPU or the target's input device "
-                f"({', '.join(sorted(str(d) for d in allowed if d.type != 'cpu')) or 'cpu'})"
-            )
-        # NOTE: generate() (and so custom_generate) rejects max_new_tokens=0; speculate() does the same.
-        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, low=1)
-        temperature, top_k, top_p = _check_sampling(temperature, top_k, top_p)
-        # NOTE: as generate() does, unset eos / pad come from the target's generation_config.
-        if eos_token_id is None:
-            eos_token_id = _generation_default(self.targets, used, "eos_token_id")
-        if pad_token_id is None:
-            pad_token_id = _generation_default(self.targets, used, "pad_token_id")
-        eos = _token_list("eos_token_id", eos_token_id, vocab)
-        stops = eos + _token_list("stop_token_ids", stop_token_ids, vocab)
-        if pad_token_id is not None:
-            pad_token_id = _check_int("pad_token_id", pad_token_id, low=0)
-        infer_mask = attention_mask is None and pad_token_id is not None and pad_token_id not in eos
-        if infer_mask and bool((input_ids == pad_token_id).any()):
-            attention_mask = input_ids != pad_token_id  # NOTE: what generate() infers too
-        mask = _check_mask(attention_mask, input_ids)
-        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
-            raise ValueError(f"input_ids must hold token ids in [0, {vocab})")
-        longest = int(mask.sum(-1).max())
-        for name in used:
-            _check_context(name, self.targets[name], longest, max_new_tokens)
-        seeds = _seeds(seed, batch)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         overrides = {
             "num_draft_tokens": num_draft_tokens,
             "draft_length": draft_length,
             "thresholds": thresholds,
         }
-        groups = []
-        for name in used:
+        configs = {}
+        for name in dict.fromkeys(names):
             conf = {**self.settings[name], **{k: v for k, v in overrides.items() if v is not None}}
-            _check_settings(conf, self.draft)
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.int64)
-            groups.append(
-                TargetGroup(
-                    name=name,
-                    model=self.targets[name],
-                    rows=rows,
-                    num_draft_tokens=conf["num_draft_tokens"],
-                    thresholds=conf["thresholds"],
-                    draft_length=conf["draft_length"],
-                    stop_threshold=conf["stop_threshold"],
-                )
-            )
-        settings = Settings(
+            configs[name] = self._config(name, conf)
+        return generate_batch(
+            self.draft,
+            configs,
+            input_ids,
+            attention_mask,
+            names,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            seeds=seeds,
-            stop_ids=torch.tensor(sorted(set(stops)), dtype=torch.int64),
-            pad_token_id=pad,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            stop_token_ids=stop_token_ids,
             streamer=streamer,
+            profile=profile,
+            extra=sampling,
         )
-        return run_speculation(self.draft, groups, input_ids, mask, settings)
 
     # ----------------------------------------------------------------------------------------- calibrate
     def calibrate(
@@ -333,6 +246,32 @@ class Speculator:
         return {**winner, "results": results}
 
 
+# ------------------------------------------------------------------------------------------ helpers
+def _pick(value: Any, name: str, default: Any, argument: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(name, default)
+    return default if value is None else value
+
+
+def _batch_prompts(
+    prompts: Any, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A [B, L] tensor as is, or a list of token lists / 1-D tensors left-padded with 0 plus its mask."""
+    if isinstance(prompts, torch.Tensor):
+        return prompts, attention_mask
+    rows = [torch.as_tensor(p, dtype=torch.int64).flatten() for p in prompts]
+    if not rows:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 def _calibration_candidates(exits, num_draft_grid, threshold_grid, fixed_exits) -> list[dict[str, Any]]:
     """Every (thresholds, draft length) pair ``calibrate`` times, each with an empty ``timings`` list."""
     lengths = list(num_draft_grid) if num_draft_grid is not None else [2, 4, 6, 8]
@@ -390,166 +329,3 @@ def _time_round(candidates: list[dict[str, Any]], index: int, run) -> None:
         speed, mat = run(candidate)
         candidate["timings"].append(speed)
         candidate["mat"] = mat
-
-
-# ------------------------------------------------------------------------------------------ validation
-def _pick(value: Any, name: str, default: Any, argument: str) -> Any:
-    if isinstance(value, Mapping):
-        return value.get(name, default)
-    return default if value is None else value
-
-
-def _check_settings(conf: dict[str, Any], draft: Any) -> None:
-    conf["num_draft_tokens"] = _check_int("num_draft_tokens", conf["num_draft_tokens"], low=1)
-    if conf["draft_length"] not in DRAFT_LENGTHS:
-        raise ValueError(f"draft_length must be one of {DRAFT_LENGTHS}, got {conf['draft_length']!r}")
-    tau = conf["thresholds"]
-    if tau is not None:
-        tau = [float(t) for t in (tau.tolist() if isinstance(tau, torch.Tensor) else tau)]
-        if len(tau) != len(draft.exits) or any(not 0.0 <= t <= 1.0 for t in tau):
-            raise ValueError(
-                f"thresholds must be {len(draft.exits)} values in [0, 1] (one per draft exit {draft.exits}), "
-                f"got {tau}"
-            )
-        conf["thresholds"] = tuple(tau)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _check_sampling(temperature: Any, top_k: Any, top_p: Any) -> tuple[float, int, float]:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    top_k = _check_int("top_k", top_k, low=0)
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
-    return float(temperature), top_k, float(top_p)
-
-
-def _check_input_ids(input_ids: Any) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype in (
-        torch.bool,
-        torch.complex64,
-        torch.complex128,
-    ):
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.shape[0] == 0:
-        raise ValueError("input_ids is an empty batch (B=0); pass at least one prompt")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids has empty prompts (L=0); every row needs at least one token")
-    return input_ids.long()
-
-
-def _check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool on input_ids' device; rows must end with a token (left padding) and hold one."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-            f"{tuple(input_ids.shape)}"
-        )
-    if attention_mask.device != input_ids.device:
-        raise ValueError(
-            f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}"
-        )
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
-    mask = attention_mask.bool()
-    if not bool(mask[:, -1].all()):
-        raise ValueError("attention_mask: prompts must be left-padded (every row's last position a token)")
-    return mask
-
-
-def _check_context(name: str, model: torch.nn.Module, longest: int, max_new_tokens: int) -> None:
-    context = context_length(model)
-    if context is None:
-        return
-    if longest > context:
-        raise ValueError(
-            f"input_ids: a prompt of {longest} tokens is longer than target {name!r}'s context of {context}"
-        )
-    if longest + max_new_tokens > context:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens}: prompt ({longest}) + new tokens exceeds target {name!r}'s "
-            f"context of {context}"
-        )
-
-
-def _token_list(name: str, value: Any, vocab: int) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        value = value.flatten().tolist()
-    values = [value] if isinstance(value, int) and not isinstance(value, bool) else list(value)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
-            raise ValueError(f"{name} must be token ids in [0, {vocab}), got {value!r}")
-    return values
-
-
-def _generation_default(targets: Mapping[str, Any], used: Sequence[str], field: str) -> Any:
-    """``generation_config.<field>`` of the targets in use (None if unset); they must agree."""
-    values = {}
-    for name in used:
-        config = getattr(targets[name], "generation_config", None)
-        value = getattr(config, field, None)
-        if isinstance(value, torch.Tensor):
-            value = value.flatten().tolist()
-        if isinstance(value, (list, tuple)):
-            value = list(value) if len(value) != 1 else value[0]
-        values[name] = value
-    distinct = {repr(v) for v in values.values()}
-    if len(distinct) > 1:
-        shown = ", ".join(f"{n!r}: {v!r}" for n, v in values.items())
-        raise ValueError(
-            f"{field}: the targets of this call have different generation_config.{field} ({shown}); "
-            f"pass {field} explicitly"
-        )
-    return next(iter(values.values()), None)
-
-
-def _seeds(seed: Any, batch: int) -> torch.Tensor:
-    """[B] int64 (CPU) Philox seeds."""
-    if seed is None:
-        return torch.randint(_INT64_MIN, _INT64_MAX, (batch,), dtype=torch.int64)
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return torch.full((batch,), seed, dtype=torch.int64)
-    if isinstance(seed, (torch.Tensor, Sequence)):
-        seeds = torch.as_tensor(seed.cpu() if isinstance(seed, torch.Tensor) else list(seed))
-        if seeds.dtype.is_floating_point or seeds.dtype == torch.bool or tuple(seeds.shape) != (batch,):
-            raise ValueError(f"seed must be an int or {batch} ints (one per row), got {seed!r}")
-        return seeds.to(torch.int64)
-    raise TypeError(f"seed must be an int, a sequence of ints or a [B] tensor, got {type(seed).__name__}")
-
-
-def _batch_prompts(
-    prompts: Any, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A [B, L] tensor as is, or a list of token lists / 1-D tensors left-padded with 0 plus its mask."""
-    if isinstance(prompts, torch.Tensor):
-        return prompts, attention_mask
-    rows = [torch.as_tensor(p, dtype=torch.int64).flatten() for p in prompts]
-    if not rows:
-        raise ValueError("prompts is empty; pass at least one prompt")
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r) :] = r
-            mask[i, width - len(r) :] = 1
-    return ids, mask

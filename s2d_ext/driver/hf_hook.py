@@ -7,10 +7,13 @@ config, the attention mask and ``max_length``, as
 this function's signature and not in ``GenerationMixin._sample``'s (here: ``draft``, ``num_draft_tokens``,
 ``draft_length``, ``thresholds``, ``seed``, ``stop_token_ids``).
 
-What carries over from ``generate()``: ``max_new_tokens`` / ``max_length``, ``do_sample``, ``temperature``,
-``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, the attention mask, ``return_dict_in_generate``
-(sequences only). Settings speculative sampling cannot honour losslessly (beam search, repetition
-penalties, custom logits processors, ...) raise a ValueError. Note: transformers does not hand a
+What carries over from ``generate()``: ``max_new_tokens`` / ``max_length``, ``do_sample``,
+``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``bad_words_ids``,
+``min_new_tokens`` / ``min_length``, ``eos_token_id``, ``pad_token_id``, the attention mask,
+``return_dict_in_generate`` (sequences only), and the caller's own ``logits_processor`` entries (each run
+at every verified position with its own prefix, :class:`~s2d_ext.engine.processors.HFLogitsProcessor`).
+Settings that are not supported (beam search, ``no_repeat_ngram_size``, ``typical_p``, ...) raise a
+ValueError. Note: transformers does not hand a
 callable ``custom_generate`` the ``streamer`` (it only sends it the prompt); stream with
 :func:`s2d_ext.speculate` instead.
 """
@@ -28,17 +31,12 @@ _UNSUPPORTED = {
     "num_beam_groups": 1,
     "num_return_sequences": 1,
     "penalty_alpha": None,
-    "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
     "force_words_ids": None,
-    "min_length": 0,
-    "min_new_tokens": None,
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
-    "min_p": None,
     "top_h": None,
     "suppress_tokens": None,
     "begin_suppress_tokens": None,
@@ -88,7 +86,8 @@ def generate(
     torch.Tensor or GenerateDecoderOnlyOutput
         [B, L + new] sequences, like ``generate()``.
     """
-    from s2d_ext.speculate import speculate
+    from s2d_ext.driver.speculation import speculate
+    from s2d_ext.engine.processors import HFLogitsProcessor
 
     if draft is None:
         raise ValueError(
@@ -114,6 +113,27 @@ def generate(
         raise ValueError(
             "generation_config.temperature=0 with do_sample=True; use do_sample=False for greedy"
         )
+    eos = _ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id)
+    extra = {
+        "min_p": float(config.min_p or 0.0) if sampling else 0.0,
+        "repetition_penalty": float(getattr(config, "repetition_penalty", None) or 1.0),
+        # NOTE: as generate()'s NoBadWordsLogitsProcessor, a one-token bad word that is an EOS id is dropped.
+        "bad_words_ids": [
+            list(w)
+            for w in (getattr(config, "bad_words_ids", None) or [])
+            if not (len(w) == 1 and w[0] in (eos or []))
+        ],
+        # NOTE: min_length counts the (padded) prompt, as MinLengthLogitsProcessor does.
+        "min_new_tokens": max(
+            int(getattr(config, "min_new_tokens", None) or 0),
+            int(getattr(config, "min_length", None) or 0) - input_ids.shape[1],
+        ),
+        # NOTE: generate() built processors for the settings above (and warpers for the sampling ones);
+        # those run natively. What is left came from the caller: run each at every verified position.
+        "logits_processors": [
+            HFLogitsProcessor(p) for p in (logits_processor or []) if not _from_config(p, config, sampling)
+        ],
+    }
     out = speculate(
         model,
         draft,
@@ -130,12 +150,36 @@ def generate(
         eos_token_id=_ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id),
         pad_token_id=_first(getattr(config, "_pad_token_tensor", None), config.pad_token_id),
         stop_token_ids=stop_token_ids,
+        **extra,
     )
     if getattr(config, "return_dict_in_generate", False):
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
         return GenerateDecoderOnlyOutput(sequences=out.sequences)
     return out.sequences
+
+
+def _from_config(processor: Any, config: Any, sampling: bool) -> bool:
+    """Whether generate() built ``processor`` from a generation_config field that runs natively here.
+
+    NOTE: generate() refuses a caller's processor of a type it also builds from the config, so an
+    instance of such a type, with its field set, came from the config.
+    """
+    from transformers import generation as g
+
+    fields = {
+        "TemperatureLogitsWarper": sampling and config.temperature not in (None, 1.0),
+        "TopKLogitsWarper": sampling and bool(config.top_k),
+        "TopPLogitsWarper": sampling and config.top_p is not None and config.top_p < 1.0,
+        "MinPLogitsWarper": sampling and config.min_p is not None,
+        "RepetitionPenaltyLogitsProcessor": getattr(config, "repetition_penalty", None) not in (None, 1.0),
+        "NoBadWordsLogitsProcessor": getattr(config, "bad_words_ids", None) is not None,
+        "MinNewTokensLengthLogitsProcessor": bool(getattr(config, "min_new_tokens", None)),
+        "MinLengthLogitsProcessor": bool(getattr(config, "min_length", None)),
+    }
+    return any(
+        isinstance(processor, getattr(g, name)) for name, on in fields.items() if on and hasattr(g, name)
+    )
 
 
 def _ids(tensor: torch.Tensor | None, fallback: Any) -> list[int] | None:

@@ -1,0 +1,190 @@
+"""The reference server over real HTTP on loopback: concurrent streams equal their offline results,
+no token lost or duplicated, an abort mid-stream leaves the others alone, bad requests get a 4xx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from s2d_ext.engine import SamplingParams
+
+from ..engine.helpers import run_alone
+
+
+def _stream(url, body, stop_after=None):
+    """POST a streaming request; returns (chunks, finish reason). ``stop_after``: close after n chunks."""
+    chunks, reason = [], None
+    with httpx.Client(timeout=120) as client, client.stream("POST", url, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            assert "error" not in chunk, chunk
+            chunks.append(chunk)
+            choice = chunk["choices"][0]
+            reason = choice.get("finish_reason") or reason
+            if stop_after is not None and len(chunks) >= stop_after:
+                return chunks, "client closed"
+    return chunks, reason
+
+
+BODIES = [
+    dict(prompt=[5, 9, 17, 2], max_tokens=24, temperature=0, return_token_ids=True),
+    dict(prompt=[7, 1, 8], max_tokens=30, temperature=1.0, seed=3, return_token_ids=True),
+    dict(prompt="def add(a, b):", max_tokens=20, temperature=0.8, top_k=20, seed=4, return_token_ids=True),
+    dict(prompt=[3, 3, 3, 3, 3, 3], max_tokens=16, temperature=1.2, top_p=0.9, seed=5, return_token_ids=True),
+    dict(prompt=[40, 41], max_tokens=28, temperature=0.7, min_p=0.05, seed=6, return_token_ids=True),
+    dict(
+        prompt=[11, 12, 13],
+        max_tokens=12,
+        temperature=1.0,
+        repetition_penalty=1.3,
+        seed=7,
+        return_token_ids=True,
+    ),
+]
+
+
+def _offline(make, tokenizer, body):
+    prompt = body["prompt"] if isinstance(body["prompt"], list) else tokenizer.encode(body["prompt"])
+    params = SamplingParams(
+        max_new_tokens=body["max_tokens"],
+        temperature=float(body["temperature"]),
+        top_k=body.get("top_k", 0),
+        top_p=body.get("top_p", 1.0),
+        min_p=body.get("min_p", 0.0),
+        repetition_penalty=body.get("repetition_penalty", 1.0),
+        seed=body.get("seed"),
+    )
+    return run_alone(make, prompt, params)
+
+
+def test_concurrent_streams_equal_their_offline_results(served):
+    url, engine, make, tokenizer = served
+    results = [None] * len(BODIES)
+
+    def worker(i):
+        results[i] = _stream(f"{url}/v1/completions", BODIES[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(BODIES))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for body, (chunks, reason) in zip(BODIES, results):
+        ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        offline = _offline(make, tokenizer, body)
+        assert ids == offline["tokens"]  # no token lost, duplicated or changed
+        assert text == tokenizer.decode(ids)
+        assert reason == "length" == ("length" if offline["reason"] == "length" else reason)
+    assert engine.num_unfinished == 0
+
+
+def test_non_streaming_and_chat(served):
+    url, _, make, tokenizer = served
+    body = dict(BODIES[1])
+    with httpx.Client(timeout=120) as client:
+        whole = client.post(f"{url}/v1/completions", json=body).json()
+        assert whole["object"] == "text_completion"
+        assert whole["choices"][0]["token_ids"] == _offline(make, tokenizer, body)["tokens"]
+        assert whole["usage"]["completion_tokens"] == body["max_tokens"]
+        chat = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0.9, seed=2)
+        reply = client.post(f"{url}/v1/chat/completions", json={**chat, "return_token_ids": True}).json()
+        assert reply["object"] == "chat.completion"
+        prompt = tokenizer.encode("user: hi\nassistant:")
+        offline = run_alone(make, prompt, SamplingParams(max_new_tokens=10, temperature=0.9, seed=2))
+        assert reply["choices"][0]["message"]["content"] == tokenizer.decode(offline["tokens"])
+        lp = client.post(f"{url}/v1/completions", json={**BODIES[0], "logprobs": 2}).json()
+        logprobs = lp["choices"][0]["logprobs"]
+        assert len(logprobs["token_logprobs"]) == 24 and all(len(t) == 2 for t in logprobs["top_logprobs"])
+        assert client.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny"
+    chunks, _ = _stream(f"{url}/v1/chat/completions", {**chat, "return_token_ids": True})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    ids = [t for c in chunks[1:] for t in c["choices"][0]["token_ids"]]
+    assert ids == offline["tokens"]
+
+
+def test_an_abort_mid_stream_leaves_the_others_unaffected(served):
+    url, engine, make, tokenizer = served
+    aborted_before = engine.aborted
+    long = dict(prompt=[9, 8, 7], max_tokens=200, temperature=1.0, seed=9, return_token_ids=True)
+    results = {}
+
+    def worker(name, body, stop_after=None):
+        results[name] = _stream(f"{url}/v1/completions", body, stop_after)
+
+    threads = [
+        threading.Thread(target=worker, args=("quitter", long, 2)),
+        threading.Thread(target=worker, args=("a", BODIES[1])),
+        threading.Thread(target=worker, args=("b", BODIES[3])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["quitter"][1] == "client closed"
+    for name, body in (("a", BODIES[1]), ("b", BODIES[3])):
+        ids = [t for c in results[name][0] for t in c["choices"][0]["token_ids"]]
+        assert ids == _offline(make, tokenizer, body)["tokens"]
+    deadline = time.monotonic() + 30
+    while engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_unfinished == 0  # the quitter did not run to its 200 tokens
+    assert engine.aborted == aborted_before + 1
+    streamed = [t for c in results["quitter"][0] for t in c["choices"][0]["token_ids"]]
+    full = _offline(make, tokenizer, long)["tokens"]
+    assert streamed == full[: len(streamed)] and len(streamed) < len(full)
+
+
+@pytest.mark.parametrize(
+    "path,body,status,match",
+    [
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), 400, "max_new_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], temperature=-1), 400, "temperature"),
+        ("/v1/completions", dict(prompt=[1, 2], top_p=1.5), 400, "top_p"),
+        ("/v1/completions", dict(prompt=[1, 200]), 400, "prompt_ids must hold token ids"),
+        ("/v1/completions", dict(prompt=list(range(1, 90)) * 3, max_tokens=4), 400, "longer than"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_new_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], n=2), 400, "n must be 1"),
+        ("/v1/completions", dict(prompt=[1, 2], presence_penalty=0.5), 400, "presence_penalty"),
+        ("/v1/completions", dict(prompt=[1, 2], frobnicate=1), 400, "frobnicate"),
+        ("/v1/completions", dict(max_tokens=3), 400, "prompt"),
+        ("/v1/completions", dict(prompt=[1, 2], model="gpt-9"), 404, "gpt-9"),
+        ("/v1/chat/completions", dict(messages=[]), 400, "messages"),
+        ("/v1/chat/completions", dict(messages=[{"role": "user"}]), 400, "content"),
+        ("/v1/completions", "not json", 400, "JSON"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message(served, path, body, status, match):
+    url, engine, _, _ = served
+    with httpx.Client(timeout=60) as client:
+        if isinstance(body, str):
+            r = client.post(f"{url}{path}", content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.post(f"{url}{path}", json=body)
+        assert r.status_code == status, r.text
+        assert match in r.json()["error"]["message"]
+        assert client.get(f"{url}/health").json()["status"] == "ok"  # the server carries on
+
+
+def test_serve_command_refuses_incomplete_arguments(capsys):
+    from s2d_ext.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--family", "tiny", "--port", "9001", "--max-running", "8"])
+    assert args.family == "tiny" and args.port == 9001 and args.max_running == 8
+    for argv in (["serve"], ["serve", "--target", "T"], ["serve", "--family", "tiny", "--target", "T"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert "--draft" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""``s2d serve``: the OpenAI-compatible reference server (:mod:`s2d_ext.server`) over one engine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from s2d_ext.cli import UsageError
+from s2d_ext.cli._common import (
+    add_runtime_args,
+    apply_runtime,
+    float_list,
+    int_list,
+    positive_int,
+    torch_dtype,
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible server (/v1/completions, /v1/chat/completions) with continuous batching",
+        description="Serve --target (or the largest target of the local --family) with the sorted draft "
+        "--draft over HTTP: /v1/completions and /v1/chat/completions, streaming with SSE. Needs the "
+        "serve extra: pip install 's2d_ext[serve]'.",
+    )
+    parser.add_argument(
+        "--family", choices=("tiny", "bench"), default=None, help="serve a local model family"
+    )
+    parser.add_argument("--cache-dir", default=None, help="family cache root (with --family)")
+    parser.add_argument("--target", default=None, help="target HF checkpoint folder")
+    parser.add_argument("--draft", default=None, help="sorted draft HF checkpoint folder (same vocabulary)")
+    parser.add_argument("--exits", type=int_list, default=None, help="draft exits, e.g. 6,9,12")
+    parser.add_argument("--thresholds", type=float_list, default=None, help="exit thresholds, one per exit")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
+    parser.add_argument(
+        "--model-name", default=None, help="the model name clients send (default: the target's)"
+    )
+    parser.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft tokens per step (5)")
+    parser.add_argument(
+        "--draft-length",
+        choices=("fixed", "heuristic", "confidence"),
+        default="heuristic",
+        help="(heuristic)",
+    )
+    parser.add_argument(
+        "--max-running", type=positive_int, default=None, help="most requests in the batch (default: no cap)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="listen port (8000)")
+    add_runtime_args(parser)
+    return parser
+
+
+def run(args) -> int:
+    if (args.family is None) == (args.target is None):
+        raise UsageError("give either --family or --target (with --draft)")
+    if args.target is not None and args.draft is None:
+        raise UsageError("--target needs --draft")
+    from s2d_ext.server.launch import check_installed
+
+    check_installed()
+    apply_runtime(args)
+    from s2d_ext.draft.sorted_draft import SortedDraft
+    from s2d_ext.engine import Engine, TargetConfig
+    from s2d_ext.server.app import build_app
+    from s2d_ext.server.async_engine import AsyncEngine
+    from s2d_ext.server.launch import serve
+
+    dtype = torch_dtype(args.dtype)
+    if args.family is not None:
+        from s2d_ext.family import load_family
+
+        tokenizer, targets, draft = load_family(args.family, args.cache_dir, device=args.device, dtype=dtype)
+        name = list(targets)[-1]  # the largest
+        target = targets[name]
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        for flag, path in (("--target", args.target), ("--draft", args.draft)):
+            if not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"{flag} {path!r} is not an HF checkpoint folder (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
+        draft = SortedDraft.from_pretrained(
+            args.draft, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
+        )
+        name = Path(args.target).name or "target"
+    name = args.model_name or name
+    config = TargetConfig(target, args.num_draft_tokens, args.draft_length, args.thresholds)
+    engine = AsyncEngine(Engine(draft, {name: config}, max_running=args.max_running))
+    print(f"serving {name!r} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1")
+    serve(build_app(engine, tokenizer), args.host, args.port)
+    return 0

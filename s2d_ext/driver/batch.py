@@ -1,0 +1,269 @@
+"""Batch in, batch out over the engine: what ``speculate()`` and ``Speculator.generate()`` share.
+
+:func:`generate_batch` checks a ``generate()``-style batch (left-padded ``input_ids`` + mask), turns each
+row into an engine request with its own :class:`~s2d_ext.engine.SamplingParams` and seed, runs the engine
+until every row is done, and lays the result out like ``generate()`` (``sequences`` [B, L + new], rows
+that stopped early padded). Row ``b``'s output is what it would be alone with the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from s2d_ext.engine import Engine, SamplingParams, TargetConfig
+from s2d_ext.engine.models import check_length
+from s2d_ext.engine.params import check_int, generation_default_ids, seeds_for
+from s2d_ext.target import input_device
+
+
+@dataclass
+class SpeculateStats:
+    """What a :func:`speculate` call did and where its time went (seconds).
+
+    The split into draft / target / verify / other is measured only with ``profile=True`` (it
+    synchronises the devices); otherwise those four are 0 and ``time_total`` is the wall time.
+    """
+
+    steps: int = 0  # verification steps (one target forward per target per step)
+    mat: float = 0.0  # mean tokens emitted per target forward, over the rows that took part
+    mat_per_row: list[float] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)  # per row, == its tokens in ``sequences``
+    acceptance_by_position: list[float] = field(default_factory=list)  # P(draft j accepted | proposed)
+    exit_histogram: dict[int, int] = field(default_factory=dict)  # exit layer -> drafted tokens
+    draft_tokens: int = 0  # drafts proposed
+    accepted_tokens: int = 0  # drafts accepted
+    compactions: int = 0  # kv_compact passes over a target cache
+    max_cache_columns: int = 0  # largest target cache (columns) seen between steps
+    time_draft: float = 0.0
+    time_target: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+    time_total: float = 0.0
+    other_fraction: float = 0.0  # time_other / time_total (profile=True only)
+    profiled: bool = False
+
+    @property
+    def drafted_tokens(self) -> int:
+        """Alias of ``draft_tokens``."""
+        return self.draft_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / self.time_total if self.time_total > 0 else 0.0
+
+
+@dataclass
+class SpeculateOutput:
+    """sequences: [B, prompt_len + new] int64 laid out like ``generate()``; stats: :class:`SpeculateStats`."""
+
+    sequences: torch.Tensor
+    stats: SpeculateStats
+
+
+def generate_batch(
+    draft: Any,
+    configs: Mapping[str, TargetConfig],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    names: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: Any,
+    eos_token_id: Any,
+    pad_token_id: int | None,
+    stop_token_ids: Sequence[int] | None,
+    streamer: Any,
+    profile: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> SpeculateOutput:
+    """Run every row of ``input_ids`` with target ``names[b]`` (see :func:`s2d_ext.speculate`).
+
+    ``extra``: more :class:`SamplingParams` fields for every row (min_p, repetition_penalty, ...).
+    """
+    input_ids = check_input_ids(input_ids)
+    batch = input_ids.shape[0]
+    used = list(dict.fromkeys(names))
+    vocab = draft.vocab_size
+    allowed = {torch.device("cpu")} | {input_device(configs[n].model) for n in used}
+    if input_ids.device not in allowed:
+        raise ValueError(
+            f"input_ids is on {input_ids.device}; put it on the CPU or the target's input device "
+            f"({', '.join(sorted(str(d) for d in allowed if d.type != 'cpu')) or 'cpu'})"
+        )
+    # NOTE: as generate() does, unset eos / pad come from the target's generation_config.
+    if eos_token_id is None:
+        eos_token_id = generation_default(configs, used, "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = generation_default(configs, used, "pad_token_id")
+    eos = [] if eos_token_id is None else eos_token_id
+    base = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos,
+        stop_token_ids=() if stop_token_ids is None else stop_token_ids,
+        **dict(extra or {}),
+    ).resolve(vocab)
+    eos = list(base.eos_token_id)
+    if pad_token_id is not None:
+        pad_token_id = check_int("pad_token_id", pad_token_id, low=0)
+    infer_mask = attention_mask is None and pad_token_id is not None and pad_token_id not in eos
+    if infer_mask and bool((input_ids == pad_token_id).any()):
+        attention_mask = input_ids != pad_token_id  # NOTE: what generate() infers too
+    mask = check_mask(attention_mask, input_ids)
+    if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        raise ValueError(f"input_ids must hold token ids in [0, {vocab})")
+    longest = int(mask.sum(-1).max())
+    engine = Engine(draft, {n: configs[n] for n in used}, profile=profile)
+    for name in used:
+        check_length(
+            name, configs[name].model, engine._batches[name].window, longest, max_new_tokens, "input_ids"
+        )
+    seeds = seeds_for(seed, batch)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+
+    host_ids, host_mask = input_ids.cpu(), mask.cpu()
+    prompts = [host_ids[b][host_mask[b]].tolist() for b in range(batch)]
+    if streamer is not None:
+        streamer.put(host_ids)
+    engine.clock.reset()
+    wall = time.perf_counter()
+    for b in range(batch):
+        engine.add_request(prompts[b], base.replace(seed=seeds[b]), target=names[b], request_id=str(b))
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    steps = [0] * batch
+    finished = [False] * batch
+    streamed = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                raise out.exception if out.exception is not None else RuntimeError(out.error)
+            b = int(out.request_id)
+            generated[b] += out.new_token_ids
+            steps[b] += 1
+            finished[b] = out.finished
+        streamed = _stream(streamer, generated, finished, pad, streamed, max_new_tokens)
+    if streamer is not None:
+        _stream(streamer, generated, [True] * batch, pad, streamed, max_new_tokens)
+        streamer.end()
+    width = max(len(g) for g in generated)
+    new = torch.full((batch, width), pad, dtype=torch.int64)
+    for b, g in enumerate(generated):
+        new[b, : len(g)] = torch.tensor(g, dtype=torch.int64)
+    sequences = torch.cat([host_ids, new], dim=1).to(input_ids.device)
+    stats = _stats(engine, generated, steps, time.perf_counter() - wall)
+    return SpeculateOutput(sequences=sequences, stats=stats)
+
+
+def _stream(streamer, generated, finished, pad, streamed: int, max_new: int) -> int:
+    """Send the columns every row has produced (finished rows count as full), like generate() does."""
+    if streamer is None:
+        return streamed
+    lengths = [len(g) for g in generated]
+    ready = min(max_new if done else n for n, done in zip(lengths, finished))
+    ready = min(ready, max(lengths))
+    if ready <= streamed:
+        return streamed
+    if len(generated) == 1:
+        streamer.put(torch.tensor(generated[0][streamed:ready], dtype=torch.int64))
+    else:
+        for column in range(streamed, ready):
+            streamer.put(torch.tensor([g[column] if column < len(g) else pad for g in generated]))
+    return ready
+
+
+def _stats(engine: Engine, generated, steps, wall: float) -> SpeculateStats:
+    es = engine.stats
+    stats = SpeculateStats(
+        steps=es.steps,
+        new_tokens=[len(g) for g in generated],
+        draft_tokens=es.draft_tokens,
+        accepted_tokens=es.accepted_tokens,
+        compactions=es.compactions,
+        max_cache_columns=es.max_cache_columns,
+        exit_histogram=dict(sorted(es.exit_histogram.items())),
+    )
+    stats.mat_per_row = [n / s if s else 0.0 for n, s in zip(stats.new_tokens, steps)]
+    stats.mat = sum(stats.new_tokens) / sum(steps) if sum(steps) else 0.0
+    stats.acceptance_by_position = [a / p if p else 0.0 for a, p in zip(es.accepted_at, es.proposed_at)]
+    clock = engine.clock
+    if clock.enabled:
+        clock.lap("other")
+        stats.profiled = True
+        stats.time_draft, stats.time_target = clock.spent["draft"], clock.spent["target"]
+        stats.time_verify, stats.time_other = clock.spent["verify"], clock.spent["other"]
+        stats.time_total = clock.last - clock.start
+        stats.other_fraction = stats.time_other / stats.time_total if stats.time_total > 0 else 0.0
+    else:
+        stats.time_total = wall
+    return stats
+
+
+# ------------------------------------------------------------------------------------------ validation
+def check_input_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype in (
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    ):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids is an empty batch (B=0); pass at least one prompt")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has empty prompts (L=0); every row needs at least one token")
+    return input_ids.long()
+
+
+def check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool on input_ids' device; rows must end with a token (left padding) and hold one."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}"
+        )
+    if attention_mask.device != input_ids.device:
+        raise ValueError(
+            f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}"
+        )
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    mask = attention_mask.bool()
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask: prompts must be left-padded (every row's last position a token)")
+    # NOTE: a hole inside a prompt is not left padding either.
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask: prompts must be left-padded (zeros, then ones, on every row)")
+    return mask
+
+
+def generation_default(configs: Mapping[str, TargetConfig], used: Sequence[str], field: str) -> Any:
+    """``generation_config.<field>`` of the targets in use (None if unset); they must agree."""
+    values = {}
+    for name in used:
+        ids = generation_default_ids(getattr(configs[name].model, "generation_config", None), field)
+        values[name] = None if not ids else (ids[0] if len(ids) == 1 else ids)
+    distinct = {repr(v) for v in values.values()}
+    if len(distinct) > 1:
+        shown = ", ".join(f"{n!r}: {v!r}" for n, v in values.items())
+        raise ValueError(
+            f"{field}: the targets of this call have different generation_config.{field} ({shown}); "
+            f"pass {field} explicitly"
+        )
+    return next(iter(values.values()), None)
