@@ -122,3 +122,26 @@ def test_joins_and_leaves_do_not_read_the_device_in_the_engine():
         while engine.has_unfinished():
             engine.step()
     assert counter.by_part.get("engine", 0) == 0, counter.by_part
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sorted_draft_reads_the_device_once_per_exit_decision(temperature):
+    """Regression budget: a SortedDraft step read the device 199 (greedy) / 236 (sampled) times at batch 8
+    with 3 exits; now each (draft token, exit group) costs at most 4 reads (its window, whether the group
+    runs, the rows still drafting, whether the token loop goes on) plus one read of the call's checks, and
+    the ops wrappers one read per call."""
+    target = make_target("llama", seed=1, layers=4)
+    draft = SortedDraft.truncate(target, 3, exits=(1, 2, 3), thresholds=(0.3, 0.3, 0.0))
+    engine = Engine(draft, target)
+    for i in range(8):
+        engine.add_request(
+            list(range(3, 9 + i)), SamplingParams(max_new_tokens=40, temperature=temperature, seed=i)
+        )
+    engine.step()
+    engine.step()
+    counter = SyncCounter()
+    with counter:
+        engine.step()
+    k, groups = 5 + 2 + 2, 3  # the heuristic policy's longest draft after two steps
+    assert counter.by_part.get("draft", 0) <= 4 * k * groups + 4, counter.by_part
+    assert counter.by_part.get("ops", 0) <= 2, counter.by_part

@@ -431,7 +431,8 @@ class SortedDraft:
         """
         start = state.filled[group]
         n = (stop - start).clamp(min=0)
-        window = int(n.max())
+        # NOTE: the window and the key length are read in one device-to-host copy, not two.
+        window, longest = torch.stack([n.max(), stop.max()]).tolist()
         if window == 0:
             return None, n
         device = start.device
@@ -449,7 +450,7 @@ class SortedDraft:
         # NOTE: the compiled step sees static shapes (whole cache as keys) and small windows only;
         # prefill and other long windows run eagerly instead of compiling one graph per length.
         use_compiled = self.compiled and window <= self.max_deferred + 2
-        keys = state.capacity + 1 if use_compiled else int(stop.max())
+        keys = state.capacity + 1 if use_compiled else longest
         bias = attention_bias(slots, state.pad, keys, hidden.dtype)
         lo = self.exits[group - 1] if group > 0 else 0
         hi = self.exits[group]
@@ -541,25 +542,35 @@ class SortedDraft:
         if num_draft is None:
             num_draft = k
         num_draft = _per_row("num_draft", num_draft, batch, device, torch.int64)
-        if bool(((num_draft < 0) | (num_draft > k)).any()):
-            raise ValueError(f"num_draft must be in 0..num_tokens={k}, got {num_draft.tolist()}")
         too_long = state.num_tokens + num_draft > state.max_length
-        if bool(too_long.any()):
+        temperature = _per_row("temperature", temperature, batch, device, torch.float32)
+        top_k = _per_row("top_k", top_k, batch, device, torch.int64)
+        top_p = _per_row("top_p", top_p, batch, device, torch.float32)
+        # NOTE: checked once here, so the exit op skips its per-call value checks (validate=False); every
+        # check is one flag of a single device-to-host read.
+        bad = torch.stack(
+            [
+                ((num_draft < 0) | (num_draft > k)).any(),
+                too_long.any(),
+                (temperature < 0).any() | ~torch.isfinite(temperature).all(),
+                (top_k < 0).any(),
+                ~((top_p > 0) & (top_p <= 1)).all(),
+            ]
+        ).tolist()
+        if bad[0]:
+            raise ValueError(f"num_draft must be in 0..num_tokens={k}, got {num_draft.tolist()}")
+        if bad[1]:
             row = int(too_long.nonzero()[0, 0])
             raise ValueError(
                 f"row {row} would exceed max_length={state.max_length}: it holds "
                 f"{int(state.num_tokens[row])} tokens and asks for {int(num_draft[row])} drafts "
                 "(the draft is longer than the cache)"
             )
-        temperature = _per_row("temperature", temperature, batch, device, torch.float32)
-        top_k = _per_row("top_k", top_k, batch, device, torch.int64)
-        top_p = _per_row("top_p", top_p, batch, device, torch.float32)
-        if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
+        if bad[2]:
             raise ValueError("temperature must be finite and >= 0")
-        # NOTE: checked once here, so the exit op skips its per-call value checks (validate=False).
-        if bool((top_k < 0).any()):
+        if bad[3]:
             raise ValueError("top_k must be >= 0 (0 disables it)")
-        if not bool(((top_p > 0) & (top_p <= 1)).all()):
+        if bad[4]:
             raise ValueError("top_p must be in (0, 1]")
         if num_tokens > 2**16:
             raise ValueError(
@@ -632,12 +643,15 @@ class SortedDraft:
                     stop = end if group == 0 else state.filled[group - 1]
                     if group > 0:
                         lag = state.filled[group - 1] - state.filled[group]
-                        if not bool(need.any()) and not bool((lag > self.max_deferred).any()):
+                        wanted, behind = torch.stack([need.any(), (lag > self.max_deferred).any()]).tolist()
+                        if not wanted and not behind:
                             continue
                     out, n = self._run_group(state, group, stop)
-                    if head_off[group] or not bool(need.any()):
+                    if head_off[group]:
                         continue
-                    rows = rows_all[need]
+                    rows = rows_all[need]  # NOTE: the one read of this exit's decision (rows still drafting)
+                    if rows.shape[0] == 0:
+                        continue
                     # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
                     every = rows.shape[0] == batch
                     hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
@@ -667,11 +681,12 @@ class SortedDraft:
                         if ids is not None:
                             r_tokens = ids[r_tokens]
                         fire = torch.ones_like(need[rows]) if last else r_conf >= tau_fire[rows, group]
-                    fired = rows[fire]
-                    step_token[fired] = r_tokens[fire]
-                    step_conf[fired] = r_conf[fire]
-                    step_exit[fired] = self.exits[group]
-                    need[fired] = False
+                    # NOTE: written through the integer rows with where(), not boolean-mask indexing (a
+                    # device-to-host read each).
+                    step_token[rows] = torch.where(fire, r_tokens, step_token[rows])
+                    step_conf[rows] = torch.where(fire, r_conf, step_conf[rows])
+                    step_exit[rows] = torch.where(fire, self.exits[group], step_exit[rows])
+                    need[rows] = need[rows] & ~fire
                 tokens[:, j] = torch.where(active, step_token, tokens[:, j])
                 confidence[:, j] = torch.where(active, step_conf, confidence[:, j])
                 exits_out[:, j] = torch.where(active, step_exit, exits_out[:, j])

@@ -153,9 +153,14 @@ def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature, check_valu
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    # NOTE: a Python scalar is checked on the host; only a tensor's values need a (synchronising) read.
+    scalar = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if scalar and check_values and not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError("temperature must be finite and >= 0")
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
     if (
         check_values
+        and not scalar
         and batch
         and not is_tracing(device)
         and (not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()))

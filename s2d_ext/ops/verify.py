@@ -173,41 +173,45 @@ def _normalise(
 
 
 def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p, vocab, num_spec) -> None:
-    """Value checks. Python scalars are checked in Python, each tensor with one reduction.
+    """Value checks. Python scalars are checked in Python; every tensor check is one flag of a single
+    device-to-host read (they synchronise with the device, so they are skipped while tracing).
 
-    They synchronise with the device, so they are skipped while tracing.
     NOTE: the kernels stay safe without them: an out-of-range draft token is rejected, never read.
     """
-    if num_draft_given and not _all((num_draft >= 0) & (num_draft <= num_spec)):
-        raise ValueError(f"num_draft must be in [0, K={num_spec}]")
+    flags: dict[str, torch.Tensor | bool] = {}
+    if num_draft_given:
+        flags["num_draft"] = ~((num_draft >= 0) & (num_draft <= num_spec)).all()
     # NOTE: entries j >= num_draft[b] are padding (the draft protocol fills them with 0) and are
     # never read, so only the valid drafts must be token ids.
     if tokens.numel():
+        in_range = (tokens >= 0) & (tokens < vocab)
         if num_draft_given:
-            in_range = (tokens >= 0) & (tokens < vocab)
             in_range |= torch.arange(num_spec, device=tokens.device)[None, :] >= num_draft[:, None]
-            tokens_ok = _all(in_range)
-        else:
-            lowest, highest = torch.aminmax(tokens)
-            # NOTE: .item() on each rather than bool(lowest >= 0): the comparisons are two more ops.
-            tokens_ok = lowest.item() >= 0 and highest.item() < vocab
-        if not tokens_ok:
-            raise ValueError(f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
+        flags["draft_tokens"] = ~in_range.all()
     if isinstance(temperature, torch.Tensor):
-        temperature_ok = _all(torch.isfinite(temperature) & (temperature >= 0))
+        flags["temperature"] = ~(torch.isfinite(temperature) & (temperature >= 0)).all()
     else:
-        temperature_ok = math.isfinite(temperature) and temperature >= 0
-    if not temperature_ok:
-        raise ValueError("temperature must be finite and >= 0")
-    if not (_all(top_k >= 0) if isinstance(top_k, torch.Tensor) else top_k >= 0):
-        raise ValueError("top_k must be >= 0 (0 disables it)")
+        flags["temperature"] = not (math.isfinite(temperature) and temperature >= 0)
+    flags["top_k"] = ~(top_k >= 0).all() if isinstance(top_k, torch.Tensor) else not top_k >= 0
     # NOTE: written as 0 < p <= 1 so that NaN fails too.
-    if not (_all((top_p > 0) & (top_p <= 1)) if isinstance(top_p, torch.Tensor) else 0 < top_p <= 1):
-        raise ValueError("top_p must be in (0, 1]")
-
-
-def _all(mask: torch.Tensor) -> bool:
-    return bool(mask.all())
+    if isinstance(top_p, torch.Tensor):
+        flags["top_p"] = ~((top_p > 0) & (top_p <= 1)).all()
+    else:
+        flags["top_p"] = not 0 < top_p <= 1
+    on_device = [name for name, flag in flags.items() if isinstance(flag, torch.Tensor)]
+    if on_device:
+        read = torch.stack([flags[name] for name in on_device]).tolist()
+        flags.update(zip(on_device, read))
+    messages = {
+        "num_draft": f"num_draft must be in [0, K={num_spec}]",
+        "draft_tokens": f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft",
+        "temperature": "temperature must be finite and >= 0",
+        "top_k": "top_k must be >= 0 (0 disables it)",
+        "top_p": "top_p must be in (0, 1]",
+    }
+    for name, bad in flags.items():
+        if bad:
+            raise ValueError(messages[name])
 
 
 def _fake_verify(target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets):
