@@ -2,6 +2,8 @@
 
     python bench/speculate_quick.py            # -> bench/results/speculate_quick_cpu.{json,md}
     python bench/speculate_quick.py --device cuda
+    python bench/speculate_quick.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32000 \
+        --tag speculate_1b_cuda      # issue 13's GPU check: a 1.2B-parameter random target, bf16
 
 The models are random, so the draft is made useful by construction: the target's upper layers are
 damped (their output projections scaled by ``--damp``) and the draft is the target's first layers
@@ -52,7 +54,7 @@ def make_target(args) -> torch.nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype)).eval()
     with torch.no_grad():
         for layer in model.model.layers[args.draft_layers :]:
             layer.self_attn.o_proj.weight.mul_(args.damp)
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tag", default=None, help="results file stem (default: speculate_quick_<device>)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -136,6 +140,7 @@ def main() -> None:
                         "method": f"speculate, {name}, {policy}",
                         "tokens_per_s": new / secs,
                         "speedup": base_s / secs,
+                        "ms_per_step": 1000 * st.time_total / max(st.steps, 1),
                         "mat": st.mat,
                         "other_fraction": st.other_fraction,
                         "split": {
@@ -157,24 +162,26 @@ def main() -> None:
     }
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"speculate_quick_{args.device.split(':')[0]}"
+    stem = out_dir / (args.tag or f"speculate_quick_{args.device.split(':')[0]}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# speculate() vs target.generate() — {result['machine']}",
         "",
-        f"Random Llama target: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, fp32, layers "
+        f"Random Llama target: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+        f"{sum(p.numel() for p in target.parameters()) / 1e9:.2f}B parameters, {args.dtype}, layers "
         f">= {args.draft_layers} damped x{args.damp}; draft = its first {args.draft_layers} layers. Greedy, "
         f"prompt {args.prompt_len}, {args.max_new_tokens} new tokens, num_draft_tokens=4, median of "
         f"{args.repeats}. torch {result['torch']}, transformers {result['transformers']}.",
         "",
-        "| batch | method | tokens/s | speedup | MAT | other | draft / target / verify | lossless |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | method | tokens/s | speedup | MAT | ms/step | other | draft / target / verify | lossless |",  # noqa: E501
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = " / ".join(f"{100 * v:.0f}%" for v in r["split"].values()) if "split" in r else ""
         lines.append(
             f"| {r['batch']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{r.get('mat', float('nan')):.2f} | {100 * r.get('other_fraction', 0):.1f}% | {split} | "
+            f"{r.get('mat', float('nan')):.2f} | {r.get('ms_per_step', float('nan')):.2f} | "
+            f"{100 * r.get('other_fraction', 0):.1f}% | {split} | "
             f"{r.get('lossless', '')} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -4,6 +4,7 @@
 #
 #   tools/gpu_session.sh build test bench-verify          # first call
 #   tools/gpu_session.sh build sanitize bench-kernels suite
+#   tools/gpu_session.sh build bench-e2e bench-kernels      # the draft-path issue's GPU targets
 #
 # Logs and results go to $OUT (the device tool's output folder; /tmp/s2d_gpu_out elsewhere), packed
 # into $OUT/gpu_run.tar.gz after every step, so a killed call still returns what it finished.
@@ -50,6 +51,11 @@ print({op: a(op, torch.device('cuda')) for op in ('verify', 'exit_head', 'kv_com
   bench-kernels)
     run_step bench_exit_head 150 $PY bench/exit_head.py --device cuda
     run_step bench_kv_compact 60 $PY bench/kv_compact.py --device cuda ;;
+  bench-e2e)
+    # issue 13: a 1.2B random-weights target in bf16 with a draft cut from it, the step's time split
+    run_step bench_e2e 240 $PY bench/speculate_quick.py --device cuda --dtype bfloat16 --hidden 2048 \
+      --layers 16 --vocab 32000 --repeats 2 --tag speculate_1b_cuda
+    run_step bench_engine_graph 200 $PY bench/engine_cuda_graph.py --device cuda ;;
   sanitize)
     run_step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/gpu_smoke.py
     run_step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/gpu_smoke.py --verify-only --small ;;
