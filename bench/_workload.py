@@ -39,7 +39,7 @@ def load_models(args):
             target,
             SortedDraft.truncate(target, 2, exits=(1, 2), thresholds=(0.5, 0.0)),
         )
-    from s2d_ext.family import load_family
+    from s2d_ext.train.family import load_family
 
     tokenizer, targets, draft = load_family(args.family, build=False, progress=False)
     name = list(targets)[-1]

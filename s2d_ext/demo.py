@@ -1,6 +1,6 @@
 """End-to-end demo: one sorted draft serving every target of the local family.
 
-``python -m s2d_ext demo`` builds (or loads) the ``tiny`` family (:mod:`s2d_ext.family`), then for every
+``python -m s2d_ext demo`` builds (or loads) the ``tiny`` family (:mod:`s2d_ext.train.family`), then for every
 target runs S2D speculative decoding (:func:`s2d_ext.speculate`) and plain ``target.generate`` on a few
 Python-code prompts and reports, per target: the mean accepted tokens per target forward (MAT), how often
 each draft exit was used, tokens/s of both, and whether the greedy outputs are identical (they should be:
@@ -218,7 +218,7 @@ def run_demo(
     ``show``: how many prompts' completions to print per target.
     """
     from s2d_ext.draft.sorted_draft import SortedDraft
-    from s2d_ext.family import load_family
+    from s2d_ext.train.family import load_family
 
     family = load_family(size, cache_dir, device=device)
     tokenizer, targets, draft = family

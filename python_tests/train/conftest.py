@@ -41,7 +41,7 @@ def tiny_llama(num_layers=3, vocab_size=64, hidden_size=32, seed=0, tie=False):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from s2d_ext.family import train_tokenizer
+    from s2d_ext.train.family import train_tokenizer
 
     return train_tokenizer([TEXT], vocab_size=120, max_chars=10_000)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from s2d_ext import family
+from s2d_ext.train import family
+from s2d_ext.train.family.build import grow_target
 
 SPEC = family.FamilySpec(
     size="test",
@@ -150,12 +151,12 @@ def test_grown_target_starts_as_its_source():
 
     source = tiny_llama(num_layers=2, hidden_size=32)
     grown = tiny_llama(num_layers=4, hidden_size=32, seed=1)
-    family._grow(grown, source)
+    grow_target(grown, source)
     x = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(grown(x).logits, source(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="hidden_size"):
-        family._grow(tiny_llama(num_layers=4, hidden_size=48), source)
+        grow_target(tiny_llama(num_layers=4, hidden_size=48), source)
 
 
 def test_draft_vocab_is_added_to_a_complete_cache(built):

@@ -238,7 +238,7 @@ def load_models(args) -> tuple:
             args.draft, exits=exits, torch_dtype=dtype, draft_vocab=False if n_vocab == 0 else None
         )
         return tokenizer, targets, draft
-    from s2d_ext.family import family_draft_vocab, load_family
+    from s2d_ext.train.family import family_draft_vocab, load_family
 
     tokenizer, targets, draft = load_family(args.family)
     if not isinstance(draft, SortedDraft):

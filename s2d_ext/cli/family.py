@@ -1,4 +1,4 @@
-"""``python -m s2d_ext family build|check``: the local nested model family (see :mod:`s2d_ext.family`)."""
+"""``s2d family build|check``: the local nested model family (see :mod:`s2d_ext.train.family`)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def format_manifest(manifest: dict) -> str:
     """A text table of the family's models: params, layers, training tokens (own / including the model it was
     grown or cut from), held-out loss."""
-    from s2d_ext.family import get_spec, total_train_tokens
+    from s2d_ext.train.family import get_spec, total_train_tokens
 
     spec = get_spec(manifest["size"]) if manifest["size"] in ("tiny", "bench") else None
     lines = [
@@ -69,7 +69,7 @@ def format_manifest(manifest: dict) -> str:
 
 
 def run(args) -> int:
-    from s2d_ext import family
+    from s2d_ext.train import family
 
     if args.family_command == "check":
         reason = family.check_family(args.size, args.cache_dir)

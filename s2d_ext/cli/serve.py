@@ -69,7 +69,7 @@ def run(args) -> int:
 
     dtype = torch_dtype(args.dtype)
     if args.family is not None:
-        from s2d_ext.family import load_family
+        from s2d_ext.train.family import load_family
 
         tokenizer, targets, draft = load_family(args.family, args.cache_dir, device=args.device, dtype=dtype)
         name = list(targets)[-1]  # the largest
