@@ -8,11 +8,12 @@ PIP := $(PY) -m pip
 # NOTE: the venv sees system site-packages, so a user's existing CUDA torch is kept, never replaced.
 RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
-TEST_DEPS := pytest scipy ruff clang-format gguf accelerate
+# NOTE: the linters are pinned: a new ruff release once started formatting the README's code blocks.
+TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 gguf accelerate
 # NOTE: resolved when a recipe runs (after install): the venv's own copy, else the one already on PATH.
 CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clang-format || command -v clang-format)
 
-.PHONY: demo test install lint cuda-check pytest clean
+.PHONY: demo test install lint cuda-check sanitize fresh-install pytest clean
 
 # NOTE: the native sources are prerequisites too, so that `make test` after a pull rebuilds the
 # extension instead of testing the libraries built from the previous sources.
@@ -42,10 +43,18 @@ cuda-check: install
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 	$(PY) tools/triton_compile_check.py
 
+# The CPU kernels under ASan + UBSan, against the ops tests' bad-input and non-finite cases.
+sanitize: install
+	tools/sanitize_check.sh $(PY)
+
+# A brand-new venv, the system's PATH, the README's pip commands, then the README's Use snippet (no make, no .venv).
+fresh-install:
+	tools/fresh_install_check.sh
+
 pytest: install
 	$(PY) -m pytest -q python_tests
 
-test: lint cuda-check pytest
+test: lint cuda-check sanitize fresh-install pytest
 
 clean:
-	rm -rf build $(VENV) s2d_ext/*.so
+	rm -rf build $(VENV) s2d_ext/*.so s2d_ext/_build_info.json

@@ -29,6 +29,7 @@ MIN_CMAKE = (3, 26)
 TORCH_RANGE = ((2, 11), (2, 14))
 BUILD_INFO = "_build_info.json"
 PIP_COMMAND = "python -m pip install --no-build-isolation ."
+DEFAULT_CUDA_HOMES = (Path("/usr/local/cuda"),)
 
 
 class BuildError(RuntimeError):
@@ -138,21 +139,32 @@ def check_torch_range(torch) -> None:
 
 
 def cuda_toolkit() -> tuple[Path | None, str]:
-    """(nvcc path or None, why not): a toolkit is nvcc plus its cuda_runtime.h."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = Path(home) / "bin" / "nvcc" if home else None
-    if nvcc is None or not nvcc.exists():
-        which = shutil.which("nvcc")
-        nvcc = Path(which) if which else Path("/usr/local/cuda/bin/nvcc")
-    if not nvcc.exists():
-        return None, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
-    nvcc = nvcc.resolve()
-    include = nvcc.parent.parent / "include"
-    if not (include / "cuda_runtime.h").exists() and not list(
-        nvcc.parent.parent.glob("targets/*/include/cuda_runtime.h")
-    ):
-        return None, f"the CUDA toolkit of {nvcc} has no cuda_runtime.h"
-    return nvcc, ""
+    """(nvcc path or None, why not). A toolkit is nvcc with its cuda_runtime.h beside it.
+
+    Looked for in $CUDA_HOME, $CUDA_PATH, PATH and /usr/local/cuda, in that order; the first complete one
+    wins.
+    NOTE: an nvcc on PATH may be a wrapper script (``exec /usr/local/cuda-13.0/bin/nvcc``) with no headers
+    next to it, so an incomplete candidate does not end the search.
+    """
+    homes = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates = [home / "bin" / "nvcc" for home in homes]
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates += [home / "bin" / "nvcc" for home in DEFAULT_CUDA_HOMES]
+    seen = []
+    for nvcc in candidates:
+        if not nvcc.exists():
+            continue
+        nvcc = nvcc.resolve()
+        home = nvcc.parent.parent
+        headers = [home / "include" / "cuda_runtime.h", *home.glob("targets/*/include/cuda_runtime.h")]
+        if any(h.exists() for h in headers):
+            return nvcc, ""
+        seen.append(str(nvcc))
+    if seen:
+        return None, f"no cuda_runtime.h next to {', '.join(seen)} (set CUDA_HOME to a complete CUDA toolkit)"
+    return None, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
 
 
 def want_cuda(torch) -> tuple[bool, str]:
