@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -400,7 +401,7 @@ def build_self_data(
 
     Parameters
     ----------
-    target : HF causal LM with a chat tokenizer (used in ``spec.dtype``; restored afterwards)
+    target : HF causal LM with a chat tokenizer (writes through a copy in ``spec.dtype``; left unchanged)
     tokenizer : its tokenizer (needs a chat template and an EOS token)
     spec : :class:`SelfDataSpec`
     target_fingerprint : identifies the target's weights (:func:`s2d_ext.checkpoints.checkpoint_fingerprint`)
@@ -420,13 +421,16 @@ def build_self_data(
     state = _Progress(root, fingerprint)
     stop_ids = _stop_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    # NOTE: the target writes in spec.dtype through a copy: casting it in place and back would round its
+    # float32 weights to bfloat16 for good (and the draft cut from it afterwards would differ).
     dtype = getattr(torch, spec.dtype)
-    old_dtype = target.get_input_embeddings().weight.dtype
-    was_training = target.training
-    target.eval()
+    writer = (
+        target if target.get_input_embeddings().weight.dtype == dtype else copy.deepcopy(target).to(dtype)
+    )
+    if writer is not target:
+        writer.eval()
     t_start = time.perf_counter()
     try:
-        target.to(dtype)
         # 1. Magpie user turns, shard by shard
         header = user_header(tokenizer)
         n_magpie = -(-spec.magpie_prompts // spec.shard_size) if spec.magpie_prompts > 0 else 0
@@ -441,7 +445,7 @@ def build_self_data(
                 for lo in range(0, rows, spec.batch_size):
                     b = min(spec.batch_size, rows - lo)
                     decoded += decode_batch(
-                        target,
+                        writer,
                         [header] * b,
                         max_new_tokens=spec.max_user_tokens,
                         temperatures=[1.0] * b,
@@ -480,7 +484,7 @@ def build_self_data(
             name = f"answers_{shard:05d}.safetensors"
             if not state.valid(name):
                 chunk = prompts[shard * spec.shard_size : (shard + 1) * spec.shard_size]
-                tensors = _answer_shard(target, tokenizer, spec, chunk, shard, stop_ids, pad_id)
+                tensors = _answer_shard(writer, tokenizer, spec, chunk, shard, stop_ids, pad_id)
                 from safetensors.torch import save_file
 
                 digest = _atomic_write(root / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
@@ -490,8 +494,7 @@ def build_self_data(
             bar.update(1)
         bar.close()
     finally:
-        target.to(old_dtype)
-        target.train(was_training)
+        del writer
 
     data = load_self_data(root, verify=False)
     manifest = {
@@ -560,7 +563,6 @@ def _answer_shard(target, tokenizer, spec, chunk, shard, stop_ids, pad_id) -> di
     # NOTE: rows of similar length decode together (less padding); the order is fixed, so is the output.
     order = sorted(range(len(chunk)), key=lambda i: (len(encoded[i]), i))
     answers: dict[int, Decoded] = {}
-    autocast = target.get_input_embeddings().weight.dtype
     for lo in range(0, len(order), spec.batch_size):
         rows = order[lo : lo + spec.batch_size]
         decoded = decode_batch(
@@ -575,7 +577,6 @@ def _answer_shard(target, tokenizer, spec, chunk, shard, stop_ids, pad_id) -> di
         )
         for i, d in zip(rows, decoded):
             answers[i] = d
-    del autocast
     tokens, offsets, starts, top_ids, top_lp = [], [0], [], [], []
     for i in range(len(chunk)):
         d = answers[i]

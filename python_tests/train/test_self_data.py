@@ -189,3 +189,13 @@ def self_data_default_data():
     from s2d_ext.bench.arguments import DEFAULT_DATA
 
     return DEFAULT_DATA
+
+
+def test_writing_in_bfloat16_leaves_the_float32_target_as_it_was(tmp_path, chat_model, chat_tokenizer):
+    # Regression: the build cast the target to bfloat16 and back, rounding its weights for good, so the
+    # draft cut from it afterwards (and the embedding digests it references) changed.
+    before = {k: v.clone() for k, v in chat_model.state_dict().items()}
+    spec = small_spec(magpie_prompts=3, docstring_prompts=2, dtype="bfloat16")
+    self_data.build_self_data(chat_model, chat_tokenizer, spec, "fp", tmp_path, progress=False)
+    after = chat_model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
