@@ -418,6 +418,10 @@ class SoftConfig:
     distill_weights: tuple[float, ...] = ()
     distill_temperature: float = 1.0
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    # NOTE: train_soft_self_data only: the learning rate of norm weights (and other 1-D parameters) is
+    # lr * norm_lr_scale. A truncated model's exits read its hidden states through the final norm; their
+    # logits start far too confident (CE 16-20 nats on SmolLM2), and the norm's gain fixes that scale fastest.
+    norm_lr_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in soft_config.json
 
     def lr_at(self, step: int) -> float:
@@ -1042,7 +1046,10 @@ def train_soft_self_data(
         if p.requires_grad:
             (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": config.norm_lr_scale},
+        ],
         lr=config.lr,
         betas=config.betas,
     )
@@ -1116,7 +1123,7 @@ def train_soft_self_data(
             break
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         sums = torch.zeros(3, len(exits))
         loss_sum, micro_tokens = 0.0, 0
         for micro in range(config.grad_accum):

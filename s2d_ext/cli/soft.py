@@ -89,6 +89,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="--self-data: held-out evaluation every N steps",
     )
     parser.add_argument(
+        "--norm-lr-scale",
+        type=positive_float,
+        default=1.0,
+        help="--self-data: learning-rate multiplier of the norm weights (1.0)",
+    )
+    parser.add_argument(
         "--autocast",
         choices=("bfloat16", "float16", "none"),
         default="none",
@@ -216,6 +222,7 @@ def _soft_config(args, exits, distill_weights, extra):
         distill_weights=distill_weights,
         distill_temperature=args.distill_temperature,
         save_every=args.save_every,
+        norm_lr_scale=getattr(args, "norm_lr_scale", 1.0),
         extra=extra,
     )
 
