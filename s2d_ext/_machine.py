@@ -11,6 +11,15 @@ from pathlib import Path
 
 import torch
 
+#: torch CPU threads of the CLI and the bench unless ``--threads`` says otherwise.
+#: NOTE: measured in bench/results/threads_cpu.md: on this 2-core host with other jobs running, a SmolLM2-135M
+#: decode step took 11x longer with torch's default of 2 threads than with 1. torch's OpenMP runtime
+#: (libgomp) makes every op wait at a barrier for all its threads, and idle threads spin there; when the
+#: scheduler hands one thread's core to another job, every op waits for that thread's next time slice while
+#: the other spins. With OMP_WAIT_POLICY=PASSIVE (set before torch is imported) 2 threads ran like 1. Batch-1
+#: decoding of models this size is memory-bound, so a second thread has little to gain even on an idle host.
+DEFAULT_CPU_THREADS = 1
+
 
 def cpu_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""

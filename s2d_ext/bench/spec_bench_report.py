@@ -14,10 +14,37 @@ from pathlib import Path
 OVERALL = "overall"
 
 
-def aggregate(records: list[dict]) -> dict:
-    """{(target, temperature, batch, method): {category: metrics}} with tokens/s, MAT, acceptance, ..."""
+def draft_cost(rec: dict, cost_model: dict | None) -> tuple[float, float] | None:
+    """(layer passes, head evaluations) the draft spent per drafted token, from the record's exit histogram.
+
+    A token that exits at ``e_j`` (the j-th of the method's exits) ran ``e_j`` layers and ``j`` exit heads.
+    NOTE: a lower bound for S2D: the layers an early exit skipped still run later for that token's KV cache
+    (deferred fill), which this count leaves out.
+    """
+    hist = rec.get("exit_histogram") or {}
+    exits = rec.get("draft_exits")
+    if not hist or not exits or cost_model is None:
+        return None
+    layers = heads = 0.0
+    for layer, count in hist.items():
+        layer = int(layer)
+        layers += count * layer
+        heads += count * (exits.index(layer) + 1 if layer in exits else len(exits))
+    return layers, heads
+
+
+def aggregate(records: list[dict], cost_model: dict | None = None) -> dict:
+    """{(target, temperature, batch, method): {category: metrics}} with tokens/s, MAT, acceptance, ...
+
+    With a ``cost_model`` ({"target_layers": L, "target_head_layers": H, "draft_head_layers": h}: LM heads'
+    weights in units of one decoder layer's) each drafting method also gets ``draft_cost``, its draft's work
+    per target forward in target forwards (``(layer passes + h * head evaluations) / steps / (L + H)``, from
+    the exit histogram), and ``mat_per_cost``.
+    Acceptance by position is each run's P(draft j accepted | proposed) weighted by its target forwards.
+    """
     sums: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
     exits: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    by_position: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: [0.0, 0.0])))
     peaks: dict = defaultdict(float)
     for rec in records:
         key = (rec["target"], rec["temperature"], rec["batch_size"], rec["method"])
@@ -32,6 +59,14 @@ def aggregate(records: list[dict]) -> dict:
                 bucket[f"time_{part}"] += seconds
             for layer, count in (rec.get("exit_histogram") or {}).items():
                 exits[key][category][int(layer)] += count
+            cost = draft_cost(rec, cost_model)
+            if cost is not None:
+                bucket["draft_layers"] += cost[0]
+                bucket["draft_heads"] += cost[1]
+            for j, p in enumerate(rec.get("acceptance_by_position") or ()):
+                cell = by_position[key][category][j]
+                cell[0] += p * (rec.get("steps") or 0)
+                cell[1] += rec.get("steps") or 0
         if rec.get("peak_memory_mib"):
             peaks[key] = max(peaks[key], rec["peak_memory_mib"])
     table: dict = {}
@@ -52,7 +87,18 @@ def aggregate(records: list[dict]) -> dict:
                     else None
                 ),
                 peak_memory_mib=peaks.get(key),
+                acceptance_by_position=[
+                    a / w if w else None for _, (a, w) in sorted(by_position[key][category].items())
+                ],
             )
+            metrics = table[key][category]
+            if cost_model is not None and s["draft_layers"] and s["steps"]:
+                total = cost_model["target_layers"] + cost_model["target_head_layers"]
+                per_step = (s["draft_layers"] + cost_model["draft_head_layers"] * s["draft_heads"]) / s[
+                    "steps"
+                ]
+                metrics["draft_cost"] = per_step / total
+                metrics["mat_per_cost"] = metrics["mat"] / metrics["draft_cost"] if metrics["mat"] else None
     for (target, temperature, batch, _method), by_category in table.items():
         baseline = table.get((target, temperature, batch, "generate"), {})
         for category, metrics in by_category.items():
@@ -79,14 +125,14 @@ def greedy_matches(records: list[dict]) -> dict:
     return {f"{t} B={b} {m}": (ok / n if n else None) for (t, b, m), (ok, n) in counts.items()}
 
 
+def _loads(values) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
 def _fmt(value, digits=2, suffix="") -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}f}{suffix}"
-
-
-def _load(values) -> str:
-    return str(tuple(round(v, 2) for v in values)) if values else "n/a"
 
 
 def markdown(result: dict, table: dict, matches: dict) -> str:
@@ -105,17 +151,19 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
                     "family",
                     "targets",
                     "target_names",
+                    "target",
+                    "draft",
                     "limit",
                     "max_new_tokens",
                     "threads",
                     "ignore_eos",
                     "rounds",
                 )
+                if result["args"].get(k) is not None
             }
         ),
-        f"Load average at the start {_load(result.get('load_average_at_start'))}, at the end "
-        f"{_load(result.get('load_average_at_end'))}; the methods run interleaved, prompt by prompt "
-        f"({result['args'].get('rounds', 1)} rounds), so load drifts reach them alike.",
+        "The methods run interleaved, prompt by prompt "
+        f"({result['args'].get('rounds', 1)} rounds, alternating order), so load drifts reach them alike.",
         "Draft vocabulary: "
         + (
             f"the {result['draft_vocab']} most frequent training tokens, for every draft method."
@@ -128,12 +176,31 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
         "Split = draft/target/verify/other share of speculate's time.",
         "",
     ]
+    load = result.get("load_average")
+    if load:
+        lines += [
+            f"Load average (1, 5, 15 min) at the start {_loads(load['start'])}, at the end "
+            f"{_loads(load['end'])} on {load['cores']} cores: above the core count, other jobs shared the "
+            "CPU and tokens/s are low and noisy (MAT and acceptance are not affected).",
+            "",
+        ]
+    if result.get("cost_model"):
+        cm = result["cost_model"]
+        lines += [
+            "Draft cost = the draft's layer passes plus exit heads per target forward, in target forwards "
+            f"(the target: {cm['target_layers']} layers + a head worth {cm['target_head_layers']:.2f} "
+            f"layers; a draft exit head is worth {cm['draft_head_layers']:.2f} layers), from the exits used; "
+            "for S2D a lower bound (the deferred KV fill of skipped layers is not counted). MAT / cost "
+            "compares drafts independently of the hardware.",
+            "",
+        ]
     settings = sorted({(t, temp, b) for (t, temp, b, _) in table})
     for target, temperature, batch in settings:
         lines += [f"## {target}, temperature {temperature:g}, batch {batch}", ""]
         lines += [
-            "| method | tokens/s | speedup | MAT | acceptance | exits | split d/t/v/o | peak MiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | tokens/s | speedup | MAT | acceptance | exits | draft cost | MAT / cost "
+            "| split d/t/v/o | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         methods = [m for (t, temp, b, m) in table if (t, temp, b) == (target, temperature, batch)]
         for method in methods:
@@ -147,10 +214,27 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
             exits = ", ".join(f"{k}:{v}" for k, v in m["exit_histogram"].items()) or "n/a"
             lines.append(
                 f"| {method} | {_fmt(m['tokens_per_s'], 1)} | {_fmt(m['speedup'], 2, 'x')} | "
-                f"{_fmt(m['mat'])} | {_fmt(m['acceptance'])} | {exits} | {split_text} | "
-                + f"{_fmt(m['peak_memory_mib'], 0)} |"
+                f"{_fmt(m['mat'])} | {_fmt(m['acceptance'])} | {exits} | {_fmt(m.get('draft_cost'))} | "
+                f"{_fmt(m.get('mat_per_cost'))} | {split_text} | " + f"{_fmt(m['peak_memory_mib'], 0)} |"
             )
         lines.append("")
+        with_positions = [
+            (method, table[(target, temperature, batch, method)][OVERALL]["acceptance_by_position"])
+            for method in methods
+        ]
+        with_positions = [(m, a) for m, a in with_positions if a]
+        if with_positions:
+            width = max(len(a) for _, a in with_positions)
+            lines += [
+                "Acceptance by draft position, P(draft j accepted | proposed):",
+                "",
+                "| method | " + " | ".join(str(j + 1) for j in range(width)) + " |",
+                "|---|" + "---|" * width,
+            ]
+            for method, acc in with_positions:
+                cells = [_fmt(acc[j]) if j < len(acc) else "" for j in range(width)]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
         if batch == 1:
             categories = sorted(
                 {
@@ -276,7 +360,7 @@ def plots(table: dict, result: dict, out: Path, stem: str) -> list[Path]:
 
 
 def write_reports(result: dict, out: Path, stem: str) -> list[Path]:
-    table = aggregate(result["records"])
+    table = aggregate(result["records"], result.get("cost_model"))
     matches = greedy_matches(result["records"])
     serialisable = dict(
         result,

@@ -86,7 +86,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, dtype: bool = True) -> 
     """--device, --threads (and --dtype)."""
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: 1; see the README on threads)",
     )
     if dtype:
         parser.add_argument(
@@ -98,10 +101,11 @@ def apply_runtime(args) -> None:
     """Checks ``--device`` (when the subcommand has one) and applies ``--threads``."""
     import torch
 
+    from s2d_ext._machine import DEFAULT_CPU_THREADS
+
     if getattr(args, "device", None) is not None:
         check_device(args.device)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(getattr(args, "threads", None) or DEFAULT_CPU_THREADS)
 
 
 def check_device(name: str, flag: str = "--device") -> None:

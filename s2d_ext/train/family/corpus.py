@@ -17,7 +17,7 @@ from s2d_ext.train.family.spec import EOS_TOKEN, PAD_TOKEN, FamilySpec
 _SKIP_DIRS = {"site-packages", "dist-packages", "encodings", "__pycache__", "test", "tests", "idle_test"}
 
 
-def _stdlib_files() -> list[Path]:
+def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -55,7 +55,7 @@ def stdlib_corpus(spec: FamilySpec) -> tuple[list[str], list[str], dict]:
     rest shuffled with the seed; each file cut to ``spec.max_file_chars``; files are read until
     ``spec.corpus_chars`` (train) and ``16 * spec.heldout_tokens`` (held out) characters.
     """
-    files = _stdlib_files()
+    files = stdlib_files()
     if not files:
         raise RuntimeError(f"no *.py files found under {sysconfig.get_paths()['stdlib']!r}")
     heldout_files = files[:: spec.heldout_every]

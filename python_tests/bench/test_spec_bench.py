@@ -1,0 +1,56 @@
+"""The Spec-Bench harness with one --target (a folder here; smollm2 in python_tests/real_model) and a draft
+that references the target's embedding and head: every method runs, greedy outputs equal generate's, and the
+report has MAT, acceptance by position, exit use and draft cost."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from python_tests.train.conftest import tiny_llama
+from s2d_ext import checkpoints, soft
+from s2d_ext.cli import main
+
+
+def test_bench_one_target_with_a_referencing_draft(tmp_path, tiny_tokenizer):
+    torch.set_num_threads(1)
+    target = tiny_llama(num_layers=4, vocab_size=len(tiny_tokenizer), hidden_size=32, tie=True)
+    target.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
+    target.generation_config.pad_token_id = tiny_tokenizer.pad_token_id
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer.save_pretrained(tmp_path / "target")
+    ref = checkpoints.resolve_target(tmp_path / "target")
+    draft = soft.cut_draft(target, 2, (1, 2), (0.5, 0.0))
+    checkpoints.save_draft(draft, tmp_path / "draft", target_ref=ref)
+    argv = ["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft")]
+    argv += ["--limit", "1", "--max-new-tokens", "6", "--max-prompt-tokens", "24", "--batch-sizes", "1"]
+    argv += ["--temperatures", "0", "1", "--calibration-prompts", "2", "--out", str(tmp_path / "out")]
+    argv += ["--tag", "tiny", "--threads", "1"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out" / "tiny.json").read_text())
+    methods = {r["method"] for r in result["records"]}
+    assert methods == {
+        "generate",
+        "assisted",
+        "pld",
+        "truncation",
+        "sd-exit1",
+        "sd-exit2",
+        "s2d-paper",
+        "s2d-calibrated",
+    }
+    categories = {c for r in result["records"] for c in r["categories"]}
+    assert len(categories) == 13  # every Spec-Bench category
+    # lossless: every greedy method emits generate's tokens (assisted and pld are transformers' own)
+    assert result["greedy_matches"] and all(v == 1.0 for v in result["greedy_matches"].values())
+    summary = result["summary"]
+    name = "target"
+    s2d = summary[f"{name}|T=0|B=1|s2d-paper"]["overall"]
+    assert 1.0 <= s2d["mat"] <= 6.0 and s2d["acceptance_by_position"] and s2d["draft_cost"] > 0
+    assert set(s2d["exit_histogram"]) <= {"1", "2", 1, 2}
+    pld = summary[f"{name}|T=0|B=1|pld"]["overall"]
+    assert pld["mat"] is not None and pld["mat"] >= 1.0  # target forwards are counted
+    assert summary[f"{name}|T=0|B=1|generate"]["overall"]["mat"] is None
+    md = (tmp_path / "out" / "tiny.md").read_text()
+    assert "Acceptance by draft position" in md and "MAT / cost" in md and "Load average" in md

