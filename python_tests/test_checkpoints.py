@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from python_tests.train.conftest import tiny_llama
-from s2d_ext import checkpoints, soft
+from s2d_ext import checkpoints
+from s2d_ext.train import soft
 
 
 @pytest.fixture(autouse=True)

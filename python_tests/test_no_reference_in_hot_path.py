@@ -71,3 +71,12 @@ def test_wrappers_reach_their_reference_only_through_backend_reference(path):
     # runs (the top-k / top-p threshold, sanitising) lives in s2d_ext/ops/logit_filters.py.
     offending = [m for m in module_level_imports(path) if m.split(".")[-1].endswith("_reference")]
     assert not offending, f"{path.relative_to(PACKAGE)} imports {offending} at module level"
+
+
+@pytest.mark.parametrize("path", hot_path_modules(), ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_decoding_path_never_imports_training_or_the_checkout(path):
+    # NOTE: arrows point down: training (s2d_ext.train) and the checkout's bench/ and tools/ sit above the
+    # decoding path, so a server that only decodes never loads them.
+    modules = imported_modules(path)
+    offending = [m for m in modules if m.startswith(("s2d_ext.train", "bench", "tools"))]
+    assert not offending, f"{path.relative_to(PACKAGE)} imports {offending}"

@@ -9,8 +9,9 @@ import json
 import torch
 
 from python_tests.train.conftest import tiny_llama
-from s2d_ext import checkpoints, soft
+from s2d_ext import checkpoints
 from s2d_ext.cli import main
+from s2d_ext.train import soft
 
 
 def test_bench_one_target_with_a_referencing_draft(tmp_path, tiny_tokenizer):

@@ -8,9 +8,10 @@ import json
 import torch
 
 import s2d_ext
-from s2d_ext import checkpoints, self_data, soft
+from s2d_ext import checkpoints
 from s2d_ext.bench.spec_bench import encode_prompt, left_pad, load_questions
 from s2d_ext.cli import main
+from s2d_ext.train import self_data, soft
 
 
 def _chat_prompts(tokenizer, n):

@@ -1,4 +1,4 @@
-"""Self-written training data (s2d_ext.self_data) on a tiny random chat model: prompts, decoding, the cache
+"""Self-written training data (s2d_ext.train.self_data) on a tiny random chat model: prompts, decoding, cache
 (deterministic, resumable, checksummed) and that no training prompt is an evaluation prompt."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from python_tests.train.conftest import tiny_llama
-from s2d_ext import self_data
+from s2d_ext.train import self_data
+from s2d_ext.train.self_data.build import _select_prompts
+from s2d_ext.train.self_data.cache import sha256_file
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}SYSTEM: be brief\n{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
@@ -98,9 +100,7 @@ def test_decode_batch_greedy_rows_match_generate(chat_model, chat_tokenizer):
 def _digests(root):
     """SHA-256 of every data file (the manifest also records the build's duration, so it is left out)."""
     return {
-        p.name: self_data._sha256(p)
-        for p in sorted(root.iterdir())
-        if p.is_file() and p.name != self_data.MANIFEST
+        p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != self_data.MANIFEST
     }
 
 
@@ -174,7 +174,7 @@ def test_no_training_prompt_equals_an_evaluation_prompt(chat_tokenizer):
         {"text": "An unfinished turn that ran out of", "finished": False},
     ]
     spec = small_spec(docstring_prompts=768)
-    chosen = self_data._select_prompts(spec, chat_tokenizer, turns)
+    chosen = _select_prompts(spec, chat_tokenizer, turns)
     texts = [c["text"] for c in chosen]
     assert texts.count("Tell me a fact about owls.") == 1
     assert not any("ran out of" in t for t in texts)

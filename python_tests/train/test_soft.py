@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from python_tests.train.conftest import TEXT, tiny_llama
-from s2d_ext import soft
+from s2d_ext.train import soft
 
 
 def _hand_exit_logits(model, input_ids, attention_mask, exits):

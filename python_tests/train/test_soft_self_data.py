@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from python_tests.train.conftest import tiny_llama
-from s2d_ext import soft
-from s2d_ext.self_data import SelfData
+from s2d_ext.train import soft
+from s2d_ext.train.self_data import SelfData
 
 
 def coarse_kl_reference(p_full, q_full, ids, vocab=None):
@@ -60,7 +60,7 @@ def test_topk_kl_with_a_draft_vocabulary():
 
 def fake_self_data(model, n=10, vocab=64, k=6, seed=0):
     """Sequences whose answers are the model's own greedy continuation, with its recorded top-k (what
-    s2d_ext.self_data builds, without the chat template)."""
+    s2d_ext.train.self_data builds, without the chat template)."""
     g = torch.Generator().manual_seed(seed)
     tokens, offsets, starts, top_ids, top_lp, answer_offsets = [], [0], [], [], [], [0]
     with torch.no_grad():

@@ -78,7 +78,7 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from s2d_ext.demo import compare_on_prompts, format_table
-    from s2d_ext.soft import validate_exits
+    from s2d_ext.train.soft import validate_exits
 
     hf_logging.disable_progress_bar()
     draft_config = AutoConfig.from_pretrained(args.draft)

@@ -1,4 +1,4 @@
-"""``python -m s2d_ext soft``: sorted fine-tuning (SoFT) of a Llama-family model (:mod:`s2d_ext.soft`)."""
+"""``python -m s2d_ext soft``: SoFT (sorted fine-tuning) of a Llama model (:mod:`s2d_ext.train.soft`)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         const="",
         default=None,
         metavar="NAME",
-        help="train on text the base writes itself (s2d_ext.self_data: Magpie + stdlib-docstring prompts, "
+        help="train on text the base writes itself (Magpie and stdlib docstring prompts, "
         "its answers and distributions; built or resumed first, cached as NAME, default the base's name); "
         "the draft keeps the base's embedding and head, shared and frozen",
     )
@@ -161,7 +161,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _check_args(args) -> tuple[float, ...]:
     """Cheap checks before any model is loaded. Returns the per-target distillation weights."""
     from s2d_ext.checkpoints import resolve_target
-    from s2d_ext.soft import prepare_output_dir
+    from s2d_ext.train.soft import prepare_output_dir
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -192,7 +192,7 @@ def _check_args(args) -> tuple[float, ...]:
 
 
 def _layers_and_exits(args, config) -> tuple[int, tuple[int, ...]]:
-    from s2d_ext import soft
+    from s2d_ext.train import soft
 
     base_layers = int(config.num_hidden_layers)
     layers = args.layers if args.layers is not None else (args.exits[-1] if args.exits else base_layers)
@@ -212,7 +212,7 @@ def _layers_and_exits(args, config) -> tuple[int, tuple[int, ...]]:
 
 
 def _soft_config(args, exits, distill_weights, extra):
-    from s2d_ext import soft
+    from s2d_ext.train import soft
 
     return soft.SoftConfig(
         exits=exits,
@@ -244,7 +244,8 @@ def run(args) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from s2d_ext import checkpoints, soft
+    from s2d_ext import checkpoints
+    from s2d_ext.train import soft
 
     ref = checkpoints.resolve_target(args.base, args.gguf_file, flag="--base")
     dtype = torch_dtype(args.dtype)
@@ -289,7 +290,8 @@ def _run_self_data(args, ref, dtype, started: float) -> int:
     """SoFT on text the base writes itself: build (or resume) the data, cut the draft, train, save."""
     import time
 
-    from s2d_ext import checkpoints, self_data, soft
+    from s2d_ext import checkpoints
+    from s2d_ext.train import self_data, soft
 
     tokenizer = checkpoints.load_tokenizer(ref)
     target = checkpoints.load_target(ref, dtype=dtype, device=args.device)

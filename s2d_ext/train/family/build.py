@@ -99,7 +99,7 @@ def build_family(
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from s2d_ext import soft
+    from s2d_ext.train import soft
 
     spec = get_spec(size)
     root = family_dir(spec, cache_dir)
@@ -288,7 +288,7 @@ def build_family(
 
 def _train_blocks(spec: FamilySpec, tokenizer, corpus: Sequence[str]) -> torch.Tensor:
     """The training token blocks every model of the family (and the draft's SoFT) draws from."""
-    from s2d_ext import soft
+    from s2d_ext.train import soft
 
     max_tokens = max(max(t.steps for t in spec.targets), spec.draft.steps) * spec.batch_size * spec.seq_len
     return soft.tokenize_blocks(corpus, tokenizer, spec.seq_len, max_tokens=max_tokens)
