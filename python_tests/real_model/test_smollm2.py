@@ -11,6 +11,7 @@ import s2d_ext
 from s2d_ext import checkpoints
 from s2d_ext.bench.spec_bench import encode_prompt, left_pad, load_questions
 from s2d_ext.cli import main
+from s2d_ext.draft.draft_vocab import load_draft_vocab
 from s2d_ext.train import self_data, soft
 
 
@@ -63,6 +64,7 @@ def test_soft_on_self_data_then_generate_one_command_each(tmp_path, smollm2, no_
     argv += ["--self-data-dir", str(tmp_path / "data"), "--self-data-prompts", "4"]
     argv += ["--self-data-answer-tokens", "8", "--heldout", "1", "--out", str(out), "--steps", "2"]
     argv += ["--batch-size", "2", "--warmup", "1", "--autocast", "bfloat16", "--no-progress"]
+    argv += ["--draft-vocab", "512"]
     assert main(argv) == 0
     assert torch.equal(target.get_input_embeddings().weight, embed)  # the target is left as it was
     data = self_data.load_self_data(tmp_path / "data" / "toy")
@@ -75,6 +77,15 @@ def test_soft_on_self_data_then_generate_one_command_each(tmp_path, smollm2, no_
     assert (out / "model.safetensors").stat().st_size < 2 * 3.6e6 * 4 * 1.05  # 2 layers, no embedding
     record = soft.read_training_record(out)
     assert record["step"] == 2 and len(record["evals"][-1]["agreement"]) == 2
+    # the draft vocabulary: the 512 most frequent answer tokens of the rows it trained on
+    vocab = load_draft_vocab(out)
+    assert vocab.numel() == 512 and record["draft_vocab_size"] == 512
+    answers = data.answer_tokens(range(data.num_sequences - 1))  # --heldout 1: the last row is held out
+    counts = torch.bincount(answers, minlength=target.config.vocab_size)
+    outside = torch.ones_like(counts, dtype=torch.bool)
+    outside[vocab] = False
+    assert counts[vocab].min() >= counts[outside].max()
+    assert checkpoints.load_draft(out, target).draft_vocab.tolist() == vocab.tolist()
 
     capsys.readouterr()
     status = main(

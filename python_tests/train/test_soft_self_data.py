@@ -186,3 +186,17 @@ def test_train_refuses_overlapping_heldout():
         soft.train_soft_self_data(
             soft.cut_draft(target, 2, (1, 2)), data, cfg, train_indices=[0, 1], heldout_indices=[1]
         )
+
+
+def test_answer_tokens_are_the_answers_of_the_chosen_rows():
+    data = fake_self_data(tiny_llama(), n=5)
+    rows = [3, 0]
+    want = []
+    for i in rows:
+        start, end = int(data.seq_offsets[i]) + int(data.answer_start[i]), int(data.seq_offsets[i + 1])
+        want += data.tokens[start:end].tolist()
+    got = data.answer_tokens(rows)
+    assert got.dtype == torch.int64 and got.tolist() == want
+    # one answer token per recorded distribution row, over all rows
+    assert data.answer_tokens(range(5)).numel() == data.num_answer_tokens
+    assert data.answer_tokens([]).numel() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ class SelfData:
 
     def sequence(self, i: int) -> torch.Tensor:
         return self.tokens[self.seq_offsets[i] : self.seq_offsets[i + 1]]
+
+    def answer_tokens(self, indices: Sequence[int]) -> torch.Tensor:
+        """[sum of answer lengths] int64: the answer tokens of sequences ``indices``, in order (what a draft
+        trained on them predicts; e.g. counted for a draft vocabulary)."""
+        parts = [self.sequence(int(i))[int(self.answer_start[int(i)]) :] for i in indices]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
     def training_prompts(self) -> list[str]:
         return [p["text"] for p in self.prompts]
