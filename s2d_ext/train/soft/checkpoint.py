@@ -62,43 +62,34 @@ def save_checkpoint(
     """Save ``model`` with ``save_pretrained`` (safetensors) plus the resume state, atomically: everything is
     written to a sibling temporary folder that then replaces ``out_dir``. ``draft_vocab`` (ids) is saved
     as ``draft_vocab.safetensors`` (:mod:`s2d_ext.draft.draft_vocab`)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if draft_vocab is not None:
-        from s2d_ext.draft.draft_vocab import save_draft_vocab
 
-        save_draft_vocab(tmp, draft_vocab)
-    torch.save(
-        {
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if draft_vocab is not None:
+            from s2d_ext.draft.draft_vocab import save_draft_vocab
+
+            save_draft_vocab(tmp, draft_vocab)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "history": history or [],
+                "tokens_seen": tokens_seen,
+            },
+            tmp / STATE_FILE,
+        )
+        record = {
             "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "history": history or [],
             "tokens_seen": tokens_seen,
-        },
-        tmp / STATE_FILE,
-    )
-    record = {
-        "step": step,
-        "tokens_seen": tokens_seen,
-        "exits": list(model_exits(model)),
-        "config": jsonable(dataclasses.asdict(config)) if config is not None else None,
-        "last": (history or [None])[-1],
-    }
-    (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-    return out
+            "exits": list(model_exits(model)),
+            "config": jsonable(dataclasses.asdict(config)) if config is not None else None,
+            "last": (history or [None])[-1],
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    return _write_folder_atomically(out_dir, write)
 
 
 def load_resume_state(model, out_dir) -> dict:
@@ -128,23 +119,13 @@ def load_resume_state(model, out_dir) -> dict:
 
 def save_self_data_checkpoint(model, out_dir, *, save_fn, state: dict, record: dict) -> Path:
     """Like :func:`save_checkpoint` (atomic folder swap), with a custom ``save_fn(model, folder)``."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    tmp.mkdir()
-    (save_fn or (lambda m, folder: m.save_pretrained(folder)))(model, tmp)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(jsonable(record), indent=2) + "\n")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-    return out
+
+    def write(tmp: Path) -> None:
+        (save_fn or (lambda m, folder: m.save_pretrained(folder)))(model, tmp)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(jsonable(record), indent=2) + "\n")
+
+    return _write_folder_atomically(out_dir, write)
 
 
 def load_own_weights(model, out_dir) -> None:
@@ -176,3 +157,25 @@ def load_own_weights(model, out_dir) -> None:
 def read_training_record(out_dir: str | os.PathLike) -> dict:
     """The ``soft_config.json`` record of a SoFT output folder."""
     return json.loads((Path(out_dir) / CONFIG_FILE).read_text())
+
+
+def _write_folder_atomically(out_dir, write) -> Path:
+    """``write(tmp)`` fills a sibling temporary folder, which then replaces ``out_dir``.
+
+    NOTE: a run killed mid-save leaves the previous checkpoint intact: the only non-atomic moment is between
+    the two renames, and then the previous folder still exists under its ``.old-<pid>`` name."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir()
+    write(tmp)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out

@@ -19,6 +19,7 @@ from s2d_ext.train.soft.checkpoint import (
 )
 from s2d_ext.train.soft.config import SoftConfig, SoftResult, check_config, jsonable
 from s2d_ext.train.soft.exits import layer_count, model_exits, set_exit_config, validate_exits
+from s2d_ext.train.soft.optimizer import adamw
 from s2d_ext.train.soft.self_data_loss import self_data_batch, self_data_loss, vocab_index
 
 
@@ -140,18 +141,7 @@ def train_soft_self_data(
         index=index,
     )
     torch.manual_seed(config.seed)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": config.norm_lr_scale},
-        ],
-        lr=config.lr,
-        betas=config.betas,
-    )
+    optimizer = adamw(model, config, norm_lr_scale=config.norm_lr_scale)
     step, history, tokens_seen = 0, [], 0
     evals: list[dict] = []
     seconds_before = 0.0

@@ -12,6 +12,7 @@ from s2d_ext.train.soft.checkpoint import load_resume_state, prepare_output_dir,
 from s2d_ext.train.soft.config import SoftConfig, SoftResult, check_config
 from s2d_ext.train.soft.exits import layer_count, model_exits, set_exit_config, validate_exits
 from s2d_ext.train.soft.loss import soft_loss
+from s2d_ext.train.soft.optimizer import adamw
 
 
 def _batch_indices(step: int, micro: int, config: SoftConfig, n_blocks: int) -> torch.Tensor:
@@ -93,15 +94,7 @@ def train_soft(
 
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=config.betas,
-    )
+    optimizer = adamw(model, config)
     step, history, tokens_seen = 0, [], 0
     if do_resume:
         state = load_resume_state(model, out_dir)
@@ -113,6 +106,19 @@ def train_soft(
         t.eval()
         for p in t.parameters():
             p.requires_grad_(False)
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            model,
+            out_dir,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            step=step,
+            config=config,
+            history=history,
+            tokens_seen=tokens_seen,
+            draft_vocab=draft_vocab,
+        )
 
     model.train()
     n_blocks = blocks.shape[0]
@@ -157,31 +163,11 @@ def train_soft(
             and step % config.save_every == 0
             and step < config.max_steps
         ):
-            save_checkpoint(
-                model,
-                out_dir,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                step=step,
-                config=config,
-                history=history,
-                tokens_seen=tokens_seen,
-                draft_vocab=draft_vocab,
-            )
+            save(step)
     bar.close()
     model.eval()
     if out_dir is not None:
-        save_checkpoint(
-            model,
-            out_dir,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            step=step,
-            config=config,
-            history=history,
-            tokens_seen=tokens_seen,
-            draft_vocab=draft_vocab,
-        )
+        save(step)
     return SoftResult(model=model, step=step, history=history, tokens_seen=tokens_seen)
 
 
