@@ -108,6 +108,29 @@ def test_draft_references_the_targets_embedding_and_head(tmp_path, tie):
         checkpoints.load_draft_model(folder, other)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_draft_in_another_dtype_leaves_the_target_alone(tmp_path, tie):
+    # Regression: the shared embedding and head were cast in place with the draft, so loading a bfloat16
+    # draft turned the float32 target's own embedding and head to bfloat16.
+    target = tiny_llama(num_layers=4, tie=tie)
+    target.save_pretrained(tmp_path / "target")
+    folder = checkpoints.save_draft(
+        _draft_of(target), tmp_path / "draft", target_ref=checkpoints.resolve_target(tmp_path / "target")
+    )
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        before = target(ids).logits
+    loaded = checkpoints.load_draft_model(folder, target, dtype=torch.bfloat16)
+    assert {p.dtype for p in target.parameters()} == {torch.float32}
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tie
+    with torch.no_grad():
+        assert torch.equal(target(ids).logits, before)
+        assert torch.equal(loaded.lm_head.weight, target.lm_head.weight.to(torch.bfloat16))
+    # the same dtype still shares (no copy)
+    assert checkpoints.load_draft_model(folder, target).lm_head is target.lm_head
+
+
 def test_standalone_draft_loads_anywhere(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -27,6 +27,7 @@ callers that need a target twice load it once and pass the model around.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -324,7 +325,8 @@ def draft_shares_target(folder: str | os.PathLike) -> dict | None:
 
 def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dtype | None = None):
     """The draft's HF model: its own weights from ``folder``, the embedding and head from ``target`` (shared
-    modules, no copy) when the checkpoint references them.
+    modules, no copy) when the checkpoint references them; with a ``dtype`` other than the target's they are
+    converted copies, and the target is left as it was.
 
     Raises ValueError when the checkpoint references a target and ``target`` is None, or when the target's
     embedding / head are not the ones the draft was trained with (their SHA-256 differ).
@@ -359,8 +361,17 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     own = load_file(str(folder / WEIGHTS_FILE))
-    model.model.embed_tokens = target.get_input_embeddings()
-    model.lm_head = target.get_output_embeddings()
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    if dtype != target_param.dtype:
+        # NOTE: model.to(dtype) below converts parameters in place, so modules shared with the target
+        # would turn the target's own embedding and head to ``dtype`` too. Another dtype gets copies,
+        # tied ones staying tied.
+        tied = head.weight is embed.weight
+        embed, head = copy.deepcopy(embed), copy.deepcopy(head)
+        if tied:
+            head.weight = embed.weight
+    model.model.embed_tokens = embed
+    model.lm_head = head
     missing, unexpected = model.load_state_dict(own, strict=False, assign=True)
     missing = [k for k in missing if k not in SHARED_TENSORS and "rotary_emb" not in k]
     if missing or unexpected:
