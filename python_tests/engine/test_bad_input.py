@@ -135,3 +135,47 @@ def test_request_ids_are_free_again_once_finished(setup):
     first = collect(engine)["x"]["tokens"]
     engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=3), request_id="x")
     assert collect(engine)["x"]["tokens"] == first
+
+
+def test_a_temperature_too_small_to_sample_at_is_greedy(setup):
+    # Regression: 1e-40 overflowed logits / temperature to inf and gave garbage tokens.
+    target, draft = setup
+    make = lambda: Engine(draft, target)  # noqa: E731
+    assert SamplingParams(temperature=1e-40).greedy and SamplingParams(temperature=2e-5).temperature == 2e-5
+    tiny = run_alone(make, [1, 2, 3], SamplingParams(max_new_tokens=8, temperature=1e-40, seed=1))
+    greedy = run_alone(make, [1, 2, 3], SamplingParams(max_new_tokens=8))
+    assert tiny["tokens"] == greedy["tokens"]
+
+
+def test_logprobs_beyond_the_vocabulary_is_refused(setup):
+    target, draft = setup
+    engine = Engine(draft, target)
+    with pytest.raises(RequestError, match="logprobs must be at most the vocabulary size"):
+        engine.add_request([1, 2], SamplingParams(max_new_tokens=3, logprobs=target.config.vocab_size + 1))
+    assert not engine.has_unfinished()
+    rid = engine.add_request([1, 2], SamplingParams(max_new_tokens=3, logprobs=target.config.vocab_size))
+    got = collect(engine)[rid]
+    assert got["reason"] == "length" and len(got["logprobs"]) == 3
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constraints_that_leave_no_token_fail_their_request_only(setup, temperature):
+    # Regression: with every token masked, greedy emitted token 0 and sampling emitted garbage.
+    target, draft = setup
+    make = lambda: Engine(draft, target)  # noqa: E731
+    other = ([9, 8, 7], SamplingParams(max_new_tokens=12, temperature=1.0, seed=3))
+    cases = {
+        # nothing allowed from the start
+        "none": ([1, 2, 3], dict(allowed_token_ids=[5], bad_words_ids=[[5]]), []),
+        # 5 is the only allowed token, and 5 may not follow 5: the second position has no token
+        "later": ([1, 2, 3], dict(allowed_token_ids=[5], bad_words_ids=[[5, 5]]), [5]),
+    }
+    for name, (prompt, constraint, emitted) in cases.items():
+        params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=1, **constraint)
+        engine = make()
+        engine.add_request(prompt, params, request_id=name)
+        engine.add_request(*other, request_id="other")
+        got = collect(engine)
+        assert got[name]["reason"] == "error" and "no token is allowed" in got[name]["error"]
+        assert got[name]["tokens"] == emitted
+        assert got["other"] == run_alone(make, *other) | {"outputs": got["other"]["outputs"]}

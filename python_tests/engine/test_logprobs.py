@@ -101,3 +101,24 @@ def test_logprobs_only_when_asked_and_batch_invariant(target):
     assert got["a"]["tokens"] == want["a"]["tokens"]
     assert got["a"]["logprobs"] == pytest.approx(want["a"]["logprobs"], abs=1e-6)
     assert len(got["a"]["logprobs"]) == 8 and got["b"]["logprobs"] == []
+
+
+def test_min_p_with_top_p_logprobs_are_those_of_the_sampled_distribution(target):
+    # Regression: a min-p row's logits were filtered twice (once before verify, again for the logprobs),
+    # so the renormalised second top-p pass reported -inf for tokens that had been drawn.
+    from transformers import MinPLogitsWarper, TopPLogitsWarper
+
+    prompt = [1, 2, 3]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.5, min_p=0.01, seed=5, logprobs=2)
+    engine = Engine(SortedDraft.truncate(target, 2), target)
+    tokens, logprobs, top = _run(engine, prompt, params)
+    chain = LogitsProcessorList([TemperatureLogitsWarper(1.0), TopPLogitsWarper(0.5), MinPLogitsWarper(0.01)])
+    sequence = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = target(sequence).logits[0]
+    for j, token in enumerate(tokens):
+        end = len(prompt) + j
+        want = torch.log_softmax(chain(sequence[:, :end], logits[end - 1 : end].clone())[0].double(), -1)
+        assert torch.isfinite(want[token])  # a drawn token is inside the filtered support
+        assert logprobs[j] == pytest.approx(float(want[token]), abs=1e-4)
+        assert top[j][0][0] == int(want.argmax())

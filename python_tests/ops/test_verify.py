@@ -471,6 +471,8 @@ def _good():
         ({"temperature": -0.5}, ValueError, "temperature"),
         ({"temperature": float("nan")}, ValueError, "temperature"),
         ({"temperature": "hot"}, TypeError, "temperature"),
+        ({"temperature": 1e-40}, ValueError, "temperature"),  # overflows logits / T (garbage tokens)
+        ({"temperature": torch.tensor([0.0, 1.0, 1e-7])}, ValueError, "temperature"),
         ({"top_k": -1}, ValueError, "top_k"),
         ({"top_k": 2.5}, TypeError, "top_k"),
         ({"top_p": 0.0}, ValueError, "top_p"),

@@ -371,16 +371,19 @@ class Engine:
         lp_width = (k + 1) * (1 + 2 * top_n) if top_n >= 0 else 0
         out_all = torch.full((batch, k + 1), -1, dtype=torch.int64, device=dd)
         n_acc_all = torch.zeros(batch, dtype=torch.int64, device=dd)
+        blocked_all = torch.full((batch,), k + 1, dtype=torch.int64, device=dd)
         lp_all = torch.zeros((batch, lp_width), dtype=torch.float64, device=dd) if lp_width else None
         stepped: list[_TargetBatch] = []
         widths: dict[str, int] = {}
         for tb in self._batches.values():
             if not any(not r.finished for r in tb.requests):
                 continue
-            out, n_acc, lp, k_g = self._target_step(tb, prop, n_ask, k, top_n)
+            out, n_acc, lp, blocked, k_g = self._target_step(tb, prop, n_ask, k, top_n)
             drows = tb.draft_rows
             out_all[drows, : k_g + 1] = out.to(dd)
             n_acc_all[drows] = n_acc.to(dd, torch.int64)
+            if blocked is not None:
+                blocked_all[drows] = blocked.to(dd)
             if lp is not None:
                 lp_all[drows] = lp.to(dd)
             stepped.append(tb)
@@ -388,7 +391,13 @@ class Engine:
 
         # 3. The one device-to-host read of the step.
         keep_of: dict[int, int] = {}
-        parts = [out_all, n_acc_all[:, None], prop.num_draft.to(torch.int64)[:, None], prop.exits[:, :k]]
+        parts = [
+            out_all,
+            n_acc_all[:, None],
+            prop.num_draft.to(torch.int64)[:, None],
+            prop.exits[:, :k],
+            blocked_all[:, None],
+        ]
         if lp_all is not None:
             parts.append(lp_all.view(torch.int64))
         host = host_reads.read(torch.cat(parts, dim=1))
@@ -413,6 +422,11 @@ class Engine:
                 continue
             n_acc_host[i] = n_acc
             tokens = line[: n_acc + 1]
+            # NOTE: a position where the processors left no token: what verify returned there (and after
+            # it) is no sample of anything; emit the tokens before it and fail the request.
+            blocked = line[2 * k + 3] <= n_acc
+            if blocked:
+                tokens = tokens[: line[2 * k + 3]]
             count = len(tokens)
             for j, t in enumerate(tokens):
                 if t in r.stop_ids:
@@ -421,6 +435,14 @@ class Engine:
             new = tokens[:count]
             r.generated += new
             r.steps += 1
+            error = None
+            if r.reason is None and blocked:
+                r.reason = "error"
+                error = (
+                    f"no token is allowed at generated position {len(r.generated)}: the logits processors "
+                    "(allowed_token_ids, bad_words_ids, min_new_tokens, ...) masked every token"
+                )
+                r.exception = RequestError(error)
             if r.reason is None and r.remaining <= 0:
                 r.reason = "length"
             r.finished = r.reason is not None
@@ -433,10 +455,16 @@ class Engine:
                 layer = line[k + 3 + j]
                 stats.exit_histogram[layer] = stats.exit_histogram.get(layer, 0) + 1
             output = RequestOutput(
-                r.id, new, finished=r.finished, finish_reason=r.reason, num_generated=len(r.generated)
+                r.id,
+                new,
+                finished=r.finished,
+                finish_reason=r.reason,
+                num_generated=len(r.generated),
+                error=error,
+                exception=r.exception if error else None,
             )
             if r.params.logprobs is not None:
-                values = host_reads.bits_to_floats(line[2 * k + 3 :])
+                values = host_reads.bits_to_floats(line[2 * k + 4 :])
                 _fill_logprobs(output, values, top_n, r.params.logprobs)
             if r.context is not None:
                 start = len(r.prompt) + len(r.generated) - len(new)
@@ -467,7 +495,8 @@ class Engine:
         """Forward ``[pending, drafts]`` through tb's target, process, verify.
 
         Returns out [b, k_g+1], n_acc [b] (target device), the log-prob block [b, (k+1)(1+2n)] or None,
-        and k_g.
+        the first position where the processors masked every token ([b] int64, k_g + 1 = none; None when
+        no row was processed), and k_g.
         """
         device = tb.device
         reqs = tb.requests
@@ -485,9 +514,17 @@ class Engine:
         self.clock.lap("other")
         logits = tb.runner.forward(tokens, live)  # [b, k_g+1, V]
         self.clock.lap("target")
+        processed = False
         for j, r in enumerate(reqs):
             if r.needs_logits and not r.finished:
                 self._process(r, logits, j, drafts)
+                processed = True
+        blocked = None
+        if processed:
+            # NOTE: only processors can mask a whole position (min-p and the op's filters keep the top
+            # token); rows without any have model logits here, never all -inf.
+            masked = torch.isneginf(logits).all(-1)  # [b, k_g+1]
+            blocked = torch.where(masked.any(-1), masked.to(torch.int64).argmax(-1), k_g + 1)
         vd = logits.device
         probs = None if prop.probs is None else prop.probs[drows.to(prop.probs.device), :k_g].to(vd)
         s = tb.sampling
@@ -510,7 +547,7 @@ class Engine:
                 if r.params.logprobs is not None and not r.finished:
                     lp[j] = _logprob_block(logits[j], out[j], r.params, k, top_n)
         self.clock.lap("verify")
-        return out, n_acc, lp, k_g
+        return out, n_acc, lp, blocked, k_g
 
     def _process(self, r: _Request, logits: torch.Tensor, j: int, drafts: torch.Tensor) -> None:
         """Apply r's processors (and min-p) to its row ``j`` of ``logits`` in place; a processor that
@@ -780,7 +817,12 @@ def _logprob_block(logits: torch.Tensor, out: torch.Tensor, params: SamplingPara
     """[(k+1) * (1 + 2 top_n)] float64: per position, the emitted token's log-probability, then top_n
     (id, log-probability) pairs, under the distribution the token was drawn from."""
     p = params
-    scores = filtered_scores(logits, p.temperature, p.top_k, p.top_p, p.min_p)  # [P, V]
+    if p.min_p > 0 and not p.greedy:
+        # NOTE: a min-p row's logits were filtered already (min_p_logits, in _process); filtering them
+        # again would renormalise before top-p and cut tokens that were drawn. Only the temperature is left.
+        scores = filtered_scores(logits, p.temperature, 0, 1.0, 0.0)
+    else:
+        scores = filtered_scores(logits, p.temperature, p.top_k, p.top_p, p.min_p)  # [P, V]
     logp = torch.log_softmax(scores, dim=-1)
     positions = logp.shape[0]
     block = torch.zeros((k + 1, 1 + 2 * top_n), dtype=torch.float64, device=logits.device)

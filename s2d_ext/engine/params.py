@@ -9,7 +9,8 @@ engine calls in ``add_request``.
 Target processing order (transformers' order; :mod:`s2d_ext.engine.filters`): logits processors
 (:mod:`s2d_ext.engine.processors`, including ``repetition_penalty``, ``bad_words_ids``,
 ``allowed_token_ids`` and ``min_new_tokens``), then ``temperature``, ``top_k``, ``top_p``, ``min_p``.
-``temperature == 0`` is greedy (the filters are then ignored, as ``generate(do_sample=False)`` ignores them).
+``temperature == 0`` is greedy (the filters are then ignored, as ``generate(do_sample=False)`` ignores them),
+and so is a temperature below :data:`GREEDY_BELOW` (vLLM's rule).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+#: Temperatures below this are greedy. NOTE: vLLM's ``_SAMPLING_EPS``; logits divided by a temperature
+#: near float32's smallest normal overflow to inf and the softmax turns to nan, while anything this small
+#: already puts all the mass on the argmax (ties apart).
+GREEDY_BELOW = 1e-5
 
 
 class RequestError(ValueError):
@@ -37,7 +43,8 @@ class SamplingParams:
     min_new_tokens : int
         EOS and stop ids are masked until this many tokens were generated (0 = off).
     temperature, top_k, top_p, min_p : float, int, float, float
-        Sampling as in ``generate()``; 0 temperature is greedy. ``min_p`` in [0, 1] (0 = off).
+        Sampling as in ``generate()``; 0 temperature is greedy, and so is one below ``GREEDY_BELOW``
+        (1e-5, as in vLLM). ``min_p`` in [0, 1] (0 = off).
     seed : int, optional
         Philox seed of this request; None draws one from torch's default generator when it is added.
     eos_token_id : int or sequence of int, optional
@@ -46,8 +53,9 @@ class SamplingParams:
     stop_token_ids : sequence of int
         More ids that stop the request like EOS.
     logprobs : int, optional
-        None: no log-probabilities. n >= 0: the processed target log-probability of every emitted token
-        and the n most probable tokens at its position (:attr:`RequestOutput.top_logprobs`).
+        None: no log-probabilities. n in [0, vocabulary size]: the processed target log-probability of
+        every emitted token and the n most probable tokens at its position
+        (:attr:`RequestOutput.top_logprobs`).
     repetition_penalty : float
         > 0, 1 = off; transformers' ``RepetitionPenaltyLogitsProcessor`` (prompt tokens count).
     bad_words_ids : sequence of sequence of int
@@ -78,7 +86,8 @@ class SamplingParams:
         # NOTE: generate() (and so custom_generate) rejects max_new_tokens=0; the engine does the same.
         _set(self, "max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, low=1))
         _set(self, "min_new_tokens", check_int("min_new_tokens", self.min_new_tokens, low=0))
-        _set(self, "temperature", _check_float("temperature", self.temperature, low=0.0))
+        temperature = _check_float("temperature", self.temperature, low=0.0)
+        _set(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         _set(self, "top_k", check_int("top_k", self.top_k, low=0))
         top_p = self.top_p
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
@@ -132,7 +141,8 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     def resolve(self, vocab_size: int, generation_config: Any = None) -> SamplingParams:
-        """Check every token id against ``vocab_size``; take an unset EOS from ``generation_config``."""
+        """Check every token id and ``logprobs`` against ``vocab_size``; take an unset EOS from
+        ``generation_config``."""
         params = self
         if params.eos_token_id is None:
             params = params.replace(eos_token_id=tuple(generation_default_ids(generation_config)))
@@ -145,6 +155,10 @@ class SamplingParams:
             _check_range(name, ids, vocab_size)
         for word in params.bad_words_ids:
             _check_range("bad_words_ids", word, vocab_size)
+        if params.logprobs is not None and params.logprobs > vocab_size:
+            raise RequestError(
+                f"logprobs must be at most the vocabulary size {vocab_size}, got {params.logprobs}"
+            )
         return params
 
     @property
@@ -216,7 +230,7 @@ def _token_list(name: str, value: Any) -> list[int]:
 def _check_range(name: str, ids: Sequence[int], vocab: int) -> None:
     for v in ids:
         if not 0 <= v < vocab:
-            raise ValueError(f"{name} must be token ids in [0, {vocab}), got {list(ids)!r}")
+            raise RequestError(f"{name} must be token ids in [0, {vocab}), got {list(ids)!r}")
 
 
 def _set(params: SamplingParams, name: str, value: Any) -> None:

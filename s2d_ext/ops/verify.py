@@ -18,6 +18,9 @@ from s2d_ext.ops.logit_filters import logit_threshold
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
+#: The smallest positive temperature the op samples at (s2d_ext.engine.params.GREEDY_BELOW is the same).
+MIN_TEMPERATURE = 1e-5
+
 
 def verify(
     target_logits: torch.Tensor,
@@ -188,10 +191,15 @@ def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p,
         if num_draft_given:
             in_range |= torch.arange(num_spec, device=tokens.device)[None, :] >= num_draft[:, None]
         flags["draft_tokens"] = ~in_range.all()
+    # NOTE: a positive temperature below MIN_TEMPERATURE overflows logits / temperature to inf (garbage
+    # tokens); SamplingParams turns such temperatures into greedy before they reach the op.
     if isinstance(temperature, torch.Tensor):
-        flags["temperature"] = ~(torch.isfinite(temperature) & (temperature >= 0)).all()
+        ok = torch.isfinite(temperature) & ((temperature == 0) | (temperature >= MIN_TEMPERATURE))
+        flags["temperature"] = ~ok.all()
     else:
-        flags["temperature"] = not (math.isfinite(temperature) and temperature >= 0)
+        flags["temperature"] = not (
+            math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE)
+        )
     flags["top_k"] = ~(top_k >= 0).all() if isinstance(top_k, torch.Tensor) else not top_k >= 0
     # NOTE: written as 0 < p <= 1 so that NaN fails too.
     if isinstance(top_p, torch.Tensor):
@@ -205,7 +213,7 @@ def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p,
     messages = {
         "num_draft": f"num_draft must be in [0, K={num_spec}]",
         "draft_tokens": f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft",
-        "temperature": "temperature must be finite and >= 0",
+        "temperature": f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE:g}",
         "top_k": "top_k must be >= 0 (0 disables it)",
         "top_p": "top_p must be in (0, 1]",
     }
