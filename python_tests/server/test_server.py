@@ -3,6 +3,7 @@ no token lost or duplicated, an abort mid-stream leaves the others alone, bad re
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -31,8 +32,8 @@ def _stream(url, body, stop_after=None):
             chunk = json.loads(data)
             assert "error" not in chunk, chunk
             chunks.append(chunk)
-            choice = chunk["choices"][0]
-            reason = choice.get("finish_reason") or reason
+            if chunk["choices"]:  # NOTE: the include_usage chunk has none
+                reason = chunk["choices"][0].get("finish_reason") or reason
             if stop_after is not None and len(chunks) >= stop_after:
                 return chunks, "client closed"
     return chunks, reason
@@ -188,3 +189,55 @@ def test_serve_command_refuses_incomplete_arguments(capsys):
             main(argv)
         assert exit_info.value.code == 2
     assert "--draft" in capsys.readouterr().err
+
+
+def _greedy_steps(make, prompt, max_tokens):
+    """The per-step token chunks of a greedy request run alone."""
+    engine = make()
+    engine.add_request(prompt, SamplingParams(max_new_tokens=max_tokens))
+    chunks = []
+    while engine.has_unfinished():
+        chunks += [o.new_token_ids for o in engine.step() if o.new_token_ids]
+    return chunks
+
+
+def test_text_stream_holds_back_a_stop_string_split_across_steps():
+    from s2d_ext.server.detokenize import TextStream
+
+    from .conftest import CharTokenizer
+
+    tok = CharTokenizer()
+    text = TextStream(tok, ["in", "xyz"])
+    assert text.add(tok.encode("!!&[i")) == "!!&"  # "[i" may begin "xyz" / "in": held back
+    assert text.add(tok.encode("n&i")) == "["
+    assert text.stopped and text.num_tokens == 6  # "!!&[i" + "n": the token completing the stop
+    assert text.add(tok.encode("more"), final=True) == ""
+    flush = TextStream(tok, ["in"])
+    assert flush.add(tok.encode("ab")) == "a" and flush.add(tok.encode("ci"), final=True) == "bci"
+    assert not flush.stopped and flush.num_tokens == 4
+
+
+def test_a_stop_string_across_two_steps_is_cut_with_its_tokens(served):
+    url, _, make, tokenizer = served
+    prompt = [5, 9, 17, 2]
+    chunks = _greedy_steps(make, prompt, 24)
+    full = tokenizer.decode([t for c in chunks for t in c])
+    # a two-character stop string whose first occurrence straddles two steps (each a char a token)
+    ends = list(itertools.accumulate(len(c) for c in chunks))[:-1]
+    stop = next(full[e - 1 : e + 1] for e in ends if full.find(full[e - 1 : e + 1]) == e - 1)
+    at = full.find(stop)
+    ids = tokenizer.encode(full[: at + len(stop)])  # through the token that completes the stop
+    body = dict(prompt=prompt, max_tokens=24, temperature=0, stop=[stop], return_token_ids=True, logprobs=1)
+    with httpx.Client(timeout=120) as client:
+        whole = client.post(f"{url}/v1/completions", json=body).json()
+    choice = whole["choices"][0]
+    assert choice["text"] == full[:at] and choice["finish_reason"] == "stop"
+    assert choice["token_ids"] == ids
+    assert len(choice["logprobs"]["tokens"]) == len(choice["logprobs"]["token_logprobs"]) == len(ids)
+    assert whole["usage"]["completion_tokens"] == len(ids)
+    streamed, reason = _stream(f"{url}/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert reason == "stop"
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == full[:at]
+    assert [t for c in streamed[:-1] for t in c["choices"][0]["token_ids"]] == ids
+    assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in streamed[:-1]) == len(ids)
+    assert streamed[-1]["usage"]["completion_tokens"] == len(ids)

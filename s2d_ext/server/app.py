@@ -9,6 +9,7 @@ client that disconnects aborts its request: the engine drops its row at a later 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -115,6 +116,19 @@ def _choice(req: EngineRequest, delta: str, out: RequestOutput, reason: str | No
     return choice
 
 
+def _trim(out: RequestOutput, keep: int) -> RequestOutput:
+    """``out`` with only its first ``keep`` new tokens (and their logprobs)."""
+    if keep >= len(out.new_token_ids):
+        return out
+    keep = max(keep, 0)
+    return dataclasses.replace(
+        out,
+        new_token_ids=list(out.new_token_ids[:keep]),
+        logprobs=None if out.logprobs is None else list(out.logprobs[:keep]),
+        top_logprobs=None if out.top_logprobs is None else list(out.top_logprobs[:keep]),
+    )
+
+
 def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
     text = lambda t: tokenizer.decode([t]) if tokenizer is not None else str(t)  # noqa: E731
     tokens = out.new_token_ids
@@ -149,8 +163,10 @@ async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, 
             if out.error is not None:
                 yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error'}})}\n\n"
                 break
-            generated += len(out.new_token_ids)
             delta = text.add(out.new_token_ids, final=out.finished) if text is not None else ""
+            if text is not None and text.stopped:
+                out = _trim(out, text.num_tokens - generated)  # NOTE: see _whole on the tokens counted
+            generated += len(out.new_token_ids)
             reason = _reason(out, text) if text is not None else (out.finish_reason if out.finished else None)
             chunk = {**meta, "object": kind, "choices": [_choice(req, delta, out, reason, tokenizer, True)]}
             yield f"data: {json.dumps(chunk)}\n\n"
@@ -188,6 +204,12 @@ async def _whole(stream, first: RequestOutput, req: EngineRequest, meta: dict, t
         finished=True,
         finish_reason=last.finish_reason,
     )
+    if text is not None and text.stopped:
+        # NOTE: a speculative step can emit tokens past the one that completes a stop string. Ids,
+        # logprobs and usage count the tokens up to and including that one and drop the rest, what vLLM
+        # reports without speculation (one token a step, the request ends on the completing token) and
+        # what its fix for speculative steps keeps (vllm-project/vllm#47616).
+        merged = _trim(merged, text.num_tokens)
     reason = _reason(merged, text) if text is not None else merged.finish_reason
     kind = "chat.completion" if req.chat else "text_completion"
     choice = _choice(req, content, merged, reason, tokenizer, False)
