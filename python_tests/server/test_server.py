@@ -241,3 +241,28 @@ def test_a_stop_string_across_two_steps_is_cut_with_its_tokens(served):
     assert [t for c in streamed[:-1] for t in c["choices"][0]["token_ids"]] == ids
     assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in streamed[:-1]) == len(ids)
     assert streamed[-1]["usage"]["completion_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_filtered_out_logprobs_are_clamped_to_valid_json(served, path):
+    url, _, _, _ = served
+    chat = path.endswith("chat/completions")
+    body = dict(max_tokens=3, temperature=1.0, top_k=2, seed=1)
+    if chat:  # top_k=2 leaves -inf for the 3rd and 4th most probable tokens
+        body.update(messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=4)
+    else:
+        body.update(prompt=[1, 2, 3], logprobs=4)
+
+    def values(choice):
+        if chat:
+            return [t["logprob"] for e in choice["logprobs"]["content"] for t in e["top_logprobs"]]
+        return [v for top in choice["logprobs"]["top_logprobs"] for v in top.values()]
+
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{url}{path}", json=body)
+    assert r.status_code == 200, r.text
+    whole = values(r.json()["choices"][0])
+    assert -9999.0 in whole and all(v >= -9999.0 for v in whole)
+    chunks, _ = _stream(f"{url}{path}", body)  # json.loads would take -Infinity: check the raw values
+    streamed = [v for c in chunks if c["choices"][0].get("logprobs") for v in values(c["choices"][0])]
+    assert streamed == whole

@@ -129,6 +129,12 @@ def _trim(out: RequestOutput, keep: int) -> RequestOutput:
     )
 
 
+def _lp(value: float) -> float:
+    # NOTE: a token that top_k / top_p / min_p filtered out has log-probability -inf, which JSON cannot
+    # hold (a 500, or "-Infinity" in a stream); vLLM clamps to -9999.0 and so do we.
+    return max(float(value), -9999.0)
+
+
 def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
     text = lambda t: tokenizer.decode([t]) if tokenizer is not None else str(t)  # noqa: E731
     tokens = out.new_token_ids
@@ -136,16 +142,16 @@ def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
         content = [
             {
                 "token": text(t),
-                "logprob": lp,
-                "top_logprobs": [{"token": text(i), "logprob": v} for i, v in top],
+                "logprob": _lp(lp),
+                "top_logprobs": [{"token": text(i), "logprob": _lp(v)} for i, v in top],
             }
             for t, lp, top in zip(tokens, out.logprobs or [], out.top_logprobs or [])
         ]
         return {"content": content}
     return {
         "tokens": [text(t) for t in tokens],
-        "token_logprobs": list(out.logprobs or []),
-        "top_logprobs": [{text(i): v for i, v in top} for top in (out.top_logprobs or [])],
+        "token_logprobs": [_lp(v) for v in out.logprobs or []],
+        "top_logprobs": [{text(i): _lp(v) for i, v in top} for top in (out.top_logprobs or [])],
     }
 
 
