@@ -266,3 +266,38 @@ def test_filtered_out_logprobs_are_clamped_to_valid_json(served, path):
     chunks, _ = _stream(f"{url}{path}", body)  # json.loads would take -Infinity: check the raw values
     streamed = [v for c in chunks if c["choices"][0].get("logprobs") for v in values(c["choices"][0])]
     assert streamed == whole
+
+
+def _refused(url, path, body):
+    """POST ``body``; asserts a 4xx whose error names a parameter and that the server carries on."""
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{url}{path}", json=body)
+        assert 400 <= r.status_code < 500, r.text
+        assert client.get(f"{url}/health").json()["status"] == "ok"
+    return r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", dict(prompt=[1, 2, 3], model=["tiny"]), "model"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], stop=5), "stop"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], stop={"x": 1}), "stop"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], stream=True, stream_options=True), "stream_options"),
+        (
+            "/v1/chat/completions",
+            dict(messages=[{"role": "user", "content": "hi"}], stream=True, stream_options=[1]),
+            "stream_options",
+        ),
+        (
+            "/v1/completions",
+            dict(prompt=[1, 2, 3], stream=True, stream_options={"include_usage": "yes"}),
+            "stream_options.include_usage",
+        ),
+        ("/v1/completions", dict(prompt=[1, 2, 3], user=7), "user"),
+    ],
+)
+def test_fields_of_the_wrong_type_get_a_400_naming_them(served, path, body, param):
+    url, _, _, _ = served
+    error = _refused(url, path, {"max_tokens": 3, **body})
+    assert error["param"] == param and param in error["message"]

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from s2d_ext.engine import RequestOutput
 from s2d_ext.server.async_engine import AsyncEngine
 from s2d_ext.server.detokenize import TextStream
-from s2d_ext.server.protocol import BadRequest, EngineRequest, parse
+from s2d_ext.server.protocol import BadRequest, EngineRequest, parse, served_model
 
 
 def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] | None = None):
@@ -59,12 +59,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         except Exception:  # noqa: BLE001
             return error(400, "the request body is not valid JSON")
         try:
+            model = served_model(body, names)
             req = parse(body, tokenizer, chat)
-            model = body.get("model") or next(iter(names))
-            if model not in names:
-                raise BadRequest(
-                    f"model {model!r} is not served here (models: {sorted(names)})", "model", 404
-                )
         except BadRequest as exc:
             return error(exc.status, str(exc), exc.param)
         stream = engine.generate(req.prompt_ids, req.params, names[model])
@@ -79,7 +75,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         }
         if req.stream:
             return StreamingResponse(
-                _events(stream, first, req, meta, tokenizer, body), media_type="text/event-stream"
+                _events(stream, first, req, meta, tokenizer), media_type="text/event-stream"
             )
         return await _whole(stream, first, req, meta, tokenizer, error)
 
@@ -155,7 +151,7 @@ def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
     }
 
 
-async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer, body: dict):
+async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer):
     """Server-sent events of one request; closing ``stream`` early (disconnect, stop string) aborts it."""
     text = TextStream(tokenizer, req.stop) if tokenizer is not None else None
     kind = "chat.completion.chunk" if req.chat else "text_completion"
@@ -179,7 +175,7 @@ async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, 
             if reason is not None:
                 break
             out = await anext(stream)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if req.include_usage:
             usage = _usage(len(req.prompt_ids), generated)
             yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"

@@ -36,6 +36,7 @@ class EngineRequest:
     stop: list[str]
     return_token_ids: bool
     chat: bool
+    include_usage: bool = False
 
 
 _REFUSED = {
@@ -57,10 +58,25 @@ _KNOWN_CHAT = (_KNOWN_COMPLETION - {"prompt", "echo", "logprobs"}) | {
 }  # fmt: skip
 
 
+def served_model(body: Any, names: Mapping[str, str]) -> str:
+    """The served model name a request asks for (the first one when it names none)."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if model is None or model == "":
+        return next(iter(names))
+    if not isinstance(model, str):
+        raise BadRequest(f"model must be a string, got {type(model).__name__}", "model")
+    if model not in names:
+        raise BadRequest(f"model {model!r} is not served here (models: {sorted(names)})", "model", 404)
+    return model
+
+
 def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> EngineRequest:
     """Check an OpenAI request body and translate it (raises :class:`BadRequest`)."""
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object")
+    _get(body, "user", str, None)
     unknown = sorted(set(body) - (_KNOWN_CHAT if chat else _KNOWN_COMPLETION))
     if unknown:
         raise BadRequest(f"unsupported field {unknown[0]!r}", unknown[0])
@@ -82,9 +98,14 @@ def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> Engi
     if max_tokens is None:
         max_tokens = 256
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) for s in stop) or len(stop) > 16:
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stop, list) or any(not isinstance(s, str) for s in stop) or len(stop) > 16:
         raise BadRequest("stop must be a string or a list of at most 16 strings", "stop")
+    stream = _get(body, "stream", bool, False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    include_usage = _get(options or {}, "include_usage", bool, False, "stream_options.include_usage")
     logprobs: int | None
     if chat:
         logprobs = _get(body, "top_logprobs", int, 0) if _get(body, "logprobs", bool, False) else None
@@ -119,15 +140,18 @@ def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> Engi
     return EngineRequest(
         prompt_ids=prompt_ids,
         params=params,
-        stream=_get(body, "stream", bool, False),
+        stream=stream,
         stop=stop,
         return_token_ids=_get(body, "return_token_ids", bool, False),
         chat=chat,
+        include_usage=include_usage,
     )
 
 
-def _get(body: Mapping, name: str, kind: type, default: Any) -> Any:
+def _get(body: Mapping, name: str, kind: type, default: Any, shown: str | None = None) -> Any:
+    """``body[name]`` checked to be a ``kind`` (``shown``: the name in the error, default ``name``)."""
     value = body.get(name, default)
+    name = shown or name
     if value is None:
         return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
