@@ -301,3 +301,42 @@ def test_fields_of_the_wrong_type_get_a_400_naming_them(served, path, body, para
     url, _, _, _ = served
     error = _refused(url, path, {"max_tokens": 3, **body})
     assert error["param"] == param and param in error["message"]
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", dict(prompt=[1, 2, 3], stream_options={"include_usage": True}), "stream_options"),
+        (
+            "/v1/completions",
+            dict(prompt=[1, 2, 3], stream=True, stream_options={"include_obfuscation": True}),
+            "stream_options",
+        ),
+        ("/v1/chat/completions", dict(messages=HI, tool_choice="required"), "tool_choice"),
+        ("/v1/chat/completions", dict(messages=HI, tool_choice={"type": "function"}), "tool_choice"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], top_k=-5), "top_k"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], min_tokens=10), "min_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias=[]), "logit_bias"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias={"5": 10}), "logit_bias"),
+    ],
+)
+def test_fields_that_would_be_ignored_get_a_400(served, path, body, param):
+    url, _, _, _ = served
+    error = _refused(url, path, {"max_tokens": 3, **body})
+    assert error["param"] == param and param in error["message"]
+
+
+def test_no_op_values_are_accepted_as_such(served):
+    url, _, _, _ = served
+    base = dict(prompt=[1, 2, 3], max_tokens=3, temperature=1.0, seed=11, return_token_ids=True)
+    with httpx.Client(timeout=60) as client:
+        ids = client.post(f"{url}/v1/completions", json=base).json()["choices"][0]["token_ids"]
+        for extra in (dict(logit_bias={}), dict(top_k=-1), dict(top_k=0), dict(min_tokens=3)):
+            r = client.post(f"{url}/v1/completions", json={**base, **extra})
+            assert r.status_code == 200, (extra, r.text)
+            assert r.json()["choices"][0]["token_ids"] == ids, extra
+        chat = dict(messages=HI, max_tokens=3, tool_choice="none", parallel_tool_calls=False)
+        assert client.post(f"{url}/v1/chat/completions", json=chat).status_code == 200

@@ -7,8 +7,10 @@ Accepted fields of ``/v1/completions``: ``model``, ``prompt`` (a string or a lis
 ``bad_words`` (strings), ``allowed_token_ids`` and ``return_token_ids`` (the ids of the new tokens in
 every choice / chunk). ``/v1/chat/completions`` takes ``messages`` instead of ``prompt`` (rendered with
 the tokenizer's chat template), ``max_completion_tokens`` as well as ``max_tokens``, and ``logprobs``
-(bool) with ``top_logprobs``. Anything else that would change the output (``presence_penalty``,
-``frequency_penalty``, ``logit_bias``, ``best_of`` > 1, ``suffix``, ...) is refused with a 400.
+(bool) with ``top_logprobs``, and ``tool_choice`` "none" / "auto" only (no tools). ``stream_options``
+(``include_usage``) needs ``stream``. Anything else that would change the output (``presence_penalty``,
+``frequency_penalty``, a non-empty ``logit_bias``, ``best_of`` > 1, ``suffix``, ...) is refused with a
+400, as is a field of the wrong type; the error's ``param`` names the request's field.
 """
 
 from __future__ import annotations
@@ -80,10 +82,23 @@ def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> Engi
     unknown = sorted(set(body) - (_KNOWN_CHAT if chat else _KNOWN_COMPLETION))
     if unknown:
         raise BadRequest(f"unsupported field {unknown[0]!r}", unknown[0])
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, Mapping):
+        raise BadRequest("logit_bias must be an object (token id -> bias)", "logit_bias")
     for name, default in _REFUSED.items():
         value = body.get(name, default)
+        if name == "logit_bias" and value == {}:
+            continue  # NOTE: an empty logit_bias biases nothing: accepted as a no-op
         if value not in (default, None) and value != default:
             raise BadRequest(f"{name}={value!r} is not supported by this server", name)
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "none", "auto"):
+        # NOTE: "none" / "auto" without tools generate plain text; anything else asks for a tool call,
+        # and tools are refused above (vLLM refuses tool_choice without tools too).
+        raise BadRequest(
+            f"tool_choice={tool_choice!r} needs tools, which this server does not support", "tool_choice"
+        )
+    _get(body, "parallel_tool_calls", bool, None)
     if _get(body, "n", int, 1) != 1:
         raise BadRequest("n must be 1 (one choice per request)", "n")
     if chat:
@@ -105,7 +120,18 @@ def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> Engi
     options = body.get("stream_options")
     if options is not None and not isinstance(options, Mapping):
         raise BadRequest("stream_options must be an object", "stream_options")
+    if options is not None and not stream:
+        raise BadRequest("stream_options can only be set when stream is true", "stream_options")
+    unknown = sorted(set(options or {}) - {"include_usage"})
+    if unknown:
+        raise BadRequest(f"unsupported field {unknown[0]!r} in stream_options", "stream_options")
     include_usage = _get(options or {}, "include_usage", bool, False, "stream_options.include_usage")
+    top_k = _get(body, "top_k", int, 0)
+    if top_k < -1:
+        raise BadRequest(f"top_k must be -1 or 0 (off) or >= 1, got {top_k}", "top_k")
+    min_tokens = _get(body, "min_tokens", int, 0)
+    if isinstance(max_tokens, int) and min_tokens > max_tokens:
+        raise BadRequest(f"min_tokens must be <= max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
     logprobs: int | None
     if chat:
         logprobs = _get(body, "top_logprobs", int, 0) if _get(body, "logprobs", bool, False) else None
@@ -122,9 +148,9 @@ def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> Engi
     try:
         params = SamplingParams(
             max_new_tokens=max_tokens,
-            min_new_tokens=_get(body, "min_tokens", int, 0),
+            min_new_tokens=min_tokens,
             temperature=_get(body, "temperature", float, 1.0),
-            top_k=max(_get(body, "top_k", int, 0), 0) if body.get("top_k", 0) != -1 else 0,
+            top_k=max(top_k, 0),  # NOTE: -1 is vLLM's old "off", 0 its new one
             top_p=_get(body, "top_p", float, 1.0),
             min_p=_get(body, "min_p", float, 0.0),
             seed=_get(body, "seed", int, None),
