@@ -340,3 +340,28 @@ def test_no_op_values_are_accepted_as_such(served):
             assert r.json()["choices"][0]["token_ids"] == ids, extra
         chat = dict(messages=HI, max_tokens=3, tool_choice="none", parallel_tool_calls=False)
         assert client.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_chat_without_max_tokens_asks_for_what_the_context_leaves(served):
+    url, engine, _, tokenizer = served
+    context = engine.engine.configs["tiny"].model.config.max_position_embeddings  # 256
+    prompt = len(tokenizer.encode("user: hi\nassistant:"))
+    with httpx.Client(timeout=120) as client:
+        r = client.post(f"{url}/v1/chat/completions", json=dict(messages=HI, temperature=0))
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == context - prompt
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    full = [{"role": "user", "content": "x" * (context - prompt + 2)}]  # the prompt alone fills it
+    error = _refused(url, "/v1/chat/completions", dict(messages=full))
+    assert error["param"] == "messages" and "context" in error["message"]
+
+
+def test_chat_default_max_tokens_without_a_known_context():
+    from s2d_ext.server.protocol import DEFAULT_CHAT_TOKENS, parse
+
+    from .conftest import CharTokenizer
+
+    body = dict(messages=HI)
+    assert parse(body, CharTokenizer(), chat=True).params.max_new_tokens == DEFAULT_CHAT_TOKENS
+    assert parse(body, CharTokenizer(), chat=True, context=100).params.max_new_tokens == 100 - 19
+    assert parse(dict(prompt="hi"), CharTokenizer(), chat=False, context=100).params.max_new_tokens == 16

@@ -19,16 +19,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from s2d_ext.engine import RequestOutput
+from s2d_ext.engine import Engine, RequestOutput
+from s2d_ext.engine.models import draft_limit, target_window
 from s2d_ext.server.async_engine import AsyncEngine
 from s2d_ext.server.detokenize import TextStream
 from s2d_ext.server.protocol import BadRequest, EngineRequest, parse, served_model
+from s2d_ext.target import context_length
 
 
 def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] | None = None):
     """The FastAPI app. ``model_names``: served model name -> engine target (default: the targets)."""
     names = model_names or {name: name for name in engine.engine.configs}
     app = FastAPI(title="s2d_ext", description="Sorted speculative decoding, OpenAI-compatible")
+    contexts = {target: _context(engine.engine, target) for target in set(names.values())}
 
     def error(status: int, message: str, param: str | None = None) -> JSONResponse:
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -60,7 +63,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
             return error(400, "the request body is not valid JSON")
         try:
             model = served_model(body, names)
-            req = parse(body, tokenizer, chat)
+            req = parse(body, tokenizer, chat, context=contexts[names[model]])
         except BadRequest as exc:
             return error(exc.status, str(exc), exc.param)
         stream = engine.generate(req.prompt_ids, req.params, names[model])
@@ -88,6 +91,16 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         return await serve(request, chat=True)
 
     return app
+
+
+def _context(engine: Engine, target: str) -> int | None:
+    """The most tokens (prompt + new) a request to ``target`` may hold (None: no known limit): the
+    target's context, below its sliding window, and the draft's limit, as ``Engine.add_request`` checks."""
+    model = engine.configs[target].model
+    window = target_window(model)
+    limits = [context_length(model), None if window is None else window - 1, draft_limit(engine.draft)]
+    limits = [v for v in limits if v is not None]
+    return min(limits) if limits else None
 
 
 def _reason(out: RequestOutput, text: TextStream) -> str | None:

@@ -74,8 +74,19 @@ def served_model(body: Any, names: Mapping[str, str]) -> str:
     return model
 
 
-def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> EngineRequest:
-    """Check an OpenAI request body and translate it (raises :class:`BadRequest`)."""
+# NOTE: the chat default of max_tokens is what the context leaves (vLLM's default); a model whose context
+# is unknown gets this many instead of an unbounded request.
+DEFAULT_CHAT_TOKENS = 256
+
+
+def parse(
+    body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20, context: int | None = None
+) -> EngineRequest:
+    """Check an OpenAI request body and translate it (raises :class:`BadRequest`).
+
+    ``context``: the most tokens (prompt + new) the model takes, None when unknown; a chat request without
+    ``max_tokens`` asks for what its prompt leaves of it.
+    """
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object")
     _get(body, "user", str, None)
@@ -110,8 +121,16 @@ def parse(body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20) -> Engi
     max_tokens = body.get("max_completion_tokens") if chat else None
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", int, None if chat else 16)
-    if max_tokens is None:
-        max_tokens = 256
+    if max_tokens is None and context is None:
+        max_tokens = DEFAULT_CHAT_TOKENS
+    elif max_tokens is None:
+        max_tokens = context - len(prompt_ids)
+        if max_tokens < 1:
+            raise BadRequest(
+                f"messages: the prompt of {len(prompt_ids)} tokens leaves no room in the model's context "
+                f"of {context}",
+                "messages",
+            )
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or any(not isinstance(s, str) for s in stop) or len(stop) > 16:
