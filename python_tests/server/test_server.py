@@ -151,12 +151,12 @@ def test_an_abort_mid_stream_leaves_the_others_unaffected(served):
 @pytest.mark.parametrize(
     "path,body,status,match",
     [
-        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), 400, "max_new_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), 400, "max_tokens must be"),
         ("/v1/completions", dict(prompt=[1, 2], temperature=-1), 400, "temperature"),
         ("/v1/completions", dict(prompt=[1, 2], top_p=1.5), 400, "top_p"),
-        ("/v1/completions", dict(prompt=[1, 200]), 400, "prompt_ids must hold token ids"),
+        ("/v1/completions", dict(prompt=[1, 200]), 400, "prompt must hold token ids"),
         ("/v1/completions", dict(prompt=list(range(1, 90)) * 3, max_tokens=4), 400, "longer than"),
-        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_new_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_tokens=300"),
         ("/v1/completions", dict(prompt=[1, 2], n=2), 400, "n must be 1"),
         ("/v1/completions", dict(prompt=[1, 2], presence_penalty=0.5), 400, "presence_penalty"),
         ("/v1/completions", dict(prompt=[1, 2], frobnicate=1), 400, "frobnicate"),
@@ -365,3 +365,28 @@ def test_chat_default_max_tokens_without_a_known_context():
     assert parse(body, CharTokenizer(), chat=True).params.max_new_tokens == DEFAULT_CHAT_TOKENS
     assert parse(body, CharTokenizer(), chat=True, context=100).params.max_new_tokens == 100 - 19
     assert parse(dict(prompt="hi"), CharTokenizer(), chat=False, context=100).params.max_new_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), "max_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), "max_tokens"),  # the engine's check
+        ("/v1/chat/completions", dict(messages=HI, max_completion_tokens=0), "max_completion_tokens"),
+        ("/v1/chat/completions", dict(messages=HI, max_completion_tokens="5"), "max_completion_tokens"),
+        ("/v1/chat/completions", dict(messages=HI, max_tokens=300), "max_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], bad_words=[""]), "bad_words"),
+        ("/v1/completions", dict(prompt=[1, 2], min_tokens=-1), "min_tokens"),
+        ("/v1/completions", dict(prompt=[1, 200]), "prompt"),
+        ("/v1/completions", dict(prompt=list(range(1, 90)) * 3, max_tokens=4), "prompt"),
+        ("/v1/completions", dict(prompt=[1, 2], stop_token_ids=[500]), "stop_token_ids"),
+        ("/v1/completions", dict(prompt=[1, 2], allowed_token_ids="ab"), "allowed_token_ids"),
+        ("/v1/completions", dict(prompt=[1, 2], seed=2**64), "seed"),
+    ],
+)
+def test_errors_name_the_request_field_not_the_engine_parameter(served, path, body, param):
+    url, _, _, _ = served
+    error = _refused(url, path, body)
+    assert error["param"] == param and param in error["message"]
+    for internal in ("max_new_tokens", "min_new_tokens", "bad_words_ids", "prompt_ids"):
+        assert internal not in error["message"]

@@ -23,7 +23,7 @@ from s2d_ext.engine import Engine, RequestOutput
 from s2d_ext.engine.models import draft_limit, target_window
 from s2d_ext.server.async_engine import AsyncEngine
 from s2d_ext.server.detokenize import TextStream
-from s2d_ext.server.protocol import BadRequest, EngineRequest, parse, served_model
+from s2d_ext.server.protocol import BadRequest, EngineRequest, engine_error, parse, served_model
 from s2d_ext.target import context_length
 
 
@@ -70,7 +70,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         try:
             first = await anext(stream)
         except ValueError as exc:  # the engine refused the request (RequestError)
-            return error(400, str(exc))
+            refused = engine_error(str(exc), body, chat)
+            return error(refused.status, str(refused), refused.param)
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
             "created": int(time.time()),

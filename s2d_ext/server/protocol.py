@@ -15,6 +15,7 @@ the tokenizer's chat template), ``max_completion_tokens`` as well as ``max_token
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,7 +119,7 @@ def parse(
         if body.get("echo"):
             raise BadRequest("echo is not supported", "echo")
         prompt_ids = _completion_prompt(body.get("prompt"), tokenizer)
-    max_tokens = body.get("max_completion_tokens") if chat else None
+    max_tokens = _get(body, "max_completion_tokens", int, None) if chat else None
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", int, None if chat else 16)
     if max_tokens is None and context is None:
@@ -181,7 +182,7 @@ def parse(
             allowed_token_ids=body.get("allowed_token_ids"),
         )
     except (TypeError, ValueError) as exc:
-        raise BadRequest(str(exc), str(exc).split(" ")[0]) from None
+        raise engine_error(str(exc), body, chat) from None
     return EngineRequest(
         prompt_ids=prompt_ids,
         params=params,
@@ -191,6 +192,31 @@ def parse(
         chat=chat,
         include_usage=include_usage,
     )
+
+
+_ENGINE_WORD = re.compile(r"\b(max_new_tokens|min_new_tokens|bad_words_ids|prompt_ids)\b")
+
+
+def engine_error(message: str, body: Mapping, chat: bool) -> BadRequest:
+    """A 400 for a message of ``SamplingParams`` / ``Engine.add_request``, in the request's words.
+
+    NOTE: the engine names its own parameters (``max_new_tokens``, ``prompt_ids``, ...); a client sent
+    ``max_tokens`` / ``max_completion_tokens``, ``prompt`` / ``messages``, ..., so the message and ``param``
+    say those. ``param`` is the field the message starts with, None when it names none.
+    """
+    max_name = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    words = {
+        "max_new_tokens": max_name,
+        "min_new_tokens": "min_tokens",
+        "bad_words_ids": "bad_words",
+        "prompt_ids": "messages" if chat else "prompt",
+    }
+    message = _ENGINE_WORD.sub(lambda m: words[m.group(1)], message)
+    first = re.match(r"[a-z_]+", message)
+    fields = _KNOWN_CHAT if chat else _KNOWN_COMPLETION
+    return BadRequest(message, first.group() if first and first.group() in fields else None)
 
 
 def _get(body: Mapping, name: str, kind: type, default: Any, shown: str | None = None) -> Any:
