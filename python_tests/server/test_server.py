@@ -382,6 +382,9 @@ def test_chat_default_max_tokens_without_a_known_context():
         ("/v1/completions", dict(prompt=[1, 2], stop_token_ids=[500]), "stop_token_ids"),
         ("/v1/completions", dict(prompt=[1, 2], allowed_token_ids="ab"), "allowed_token_ids"),
         ("/v1/completions", dict(prompt=[1, 2], seed=2**64), "seed"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=-1), "max_tokens"),  # not min_tokens
+        ("/v1/chat/completions", dict(messages=HI, logprobs=True, top_logprobs=25), "top_logprobs"),
+        ("/v1/completions", dict(prompt=[1, 2], logprobs=25), "logprobs"),
     ],
 )
 def test_errors_name_the_request_field_not_the_engine_parameter(served, path, body, param):

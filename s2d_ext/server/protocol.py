@@ -150,7 +150,8 @@ def parse(
     if top_k < -1:
         raise BadRequest(f"top_k must be -1 or 0 (off) or >= 1, got {top_k}", "top_k")
     min_tokens = _get(body, "min_tokens", int, 0)
-    if isinstance(max_tokens, int) and min_tokens > max_tokens:
+    # NOTE: a max_tokens < 1 is SamplingParams' to refuse (naming max_tokens), not a min_tokens error
+    if isinstance(max_tokens, int) and 1 <= max_tokens < min_tokens:
         raise BadRequest(f"min_tokens must be <= max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
     logprobs: int | None
     if chat:
@@ -160,7 +161,8 @@ def parse(
     else:
         logprobs = _get(body, "logprobs", int, None)
     if logprobs is not None and not 0 <= logprobs <= max_logprobs:
-        raise BadRequest(f"logprobs must be in [0, {max_logprobs}], got {logprobs}", "logprobs")
+        name = "top_logprobs" if chat else "logprobs"
+        raise BadRequest(f"{name} must be in [0, {max_logprobs}], got {logprobs}", name)
     eos = [] if _get(body, "ignore_eos", bool, False) else None
     bad_words = body.get("bad_words") or []
     if not isinstance(bad_words, list) or any(not isinstance(w, str) for w in bad_words):
