@@ -3,6 +3,7 @@ no token lost or duplicated, an abort mid-stream leaves the others alone, bad re
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -31,8 +32,8 @@ def _stream(url, body, stop_after=None):
             chunk = json.loads(data)
             assert "error" not in chunk, chunk
             chunks.append(chunk)
-            choice = chunk["choices"][0]
-            reason = choice.get("finish_reason") or reason
+            if chunk["choices"]:  # NOTE: the include_usage chunk has none
+                reason = chunk["choices"][0].get("finish_reason") or reason
             if stop_after is not None and len(chunks) >= stop_after:
                 return chunks, "client closed"
     return chunks, reason
@@ -150,12 +151,12 @@ def test_an_abort_mid_stream_leaves_the_others_unaffected(served):
 @pytest.mark.parametrize(
     "path,body,status,match",
     [
-        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), 400, "max_new_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), 400, "max_tokens must be"),
         ("/v1/completions", dict(prompt=[1, 2], temperature=-1), 400, "temperature"),
         ("/v1/completions", dict(prompt=[1, 2], top_p=1.5), 400, "top_p"),
-        ("/v1/completions", dict(prompt=[1, 200]), 400, "prompt_ids must hold token ids"),
+        ("/v1/completions", dict(prompt=[1, 200]), 400, "prompt must hold token ids"),
         ("/v1/completions", dict(prompt=list(range(1, 90)) * 3, max_tokens=4), 400, "longer than"),
-        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_new_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_tokens=300"),
         ("/v1/completions", dict(prompt=[1, 2], n=2), 400, "n must be 1"),
         ("/v1/completions", dict(prompt=[1, 2], presence_penalty=0.5), 400, "presence_penalty"),
         ("/v1/completions", dict(prompt=[1, 2], frobnicate=1), 400, "frobnicate"),
@@ -188,3 +189,207 @@ def test_serve_command_refuses_incomplete_arguments(capsys):
             main(argv)
         assert exit_info.value.code == 2
     assert "--draft" in capsys.readouterr().err
+
+
+def _greedy_steps(make, prompt, max_tokens):
+    """The per-step token chunks of a greedy request run alone."""
+    engine = make()
+    engine.add_request(prompt, SamplingParams(max_new_tokens=max_tokens))
+    chunks = []
+    while engine.has_unfinished():
+        chunks += [o.new_token_ids for o in engine.step() if o.new_token_ids]
+    return chunks
+
+
+def test_text_stream_holds_back_a_stop_string_split_across_steps():
+    from s2d_ext.server.detokenize import TextStream
+
+    from .conftest import CharTokenizer
+
+    tok = CharTokenizer()
+    text = TextStream(tok, ["in", "xyz"])
+    assert text.add(tok.encode("!!&[i")) == "!!&"  # "[i" may begin "xyz" / "in": held back
+    assert text.add(tok.encode("n&i")) == "["
+    assert text.stopped and text.num_tokens == 6  # "!!&[i" + "n": the token completing the stop
+    assert text.add(tok.encode("more"), final=True) == ""
+    flush = TextStream(tok, ["in"])
+    assert flush.add(tok.encode("ab")) == "a" and flush.add(tok.encode("ci"), final=True) == "bci"
+    assert not flush.stopped and flush.num_tokens == 4
+
+
+def test_a_stop_string_across_two_steps_is_cut_with_its_tokens(served):
+    url, _, make, tokenizer = served
+    prompt = [5, 9, 17, 2]
+    chunks = _greedy_steps(make, prompt, 24)
+    full = tokenizer.decode([t for c in chunks for t in c])
+    # a two-character stop string whose first occurrence straddles two steps (each a char a token)
+    ends = list(itertools.accumulate(len(c) for c in chunks))[:-1]
+    stop = next(full[e - 1 : e + 1] for e in ends if full.find(full[e - 1 : e + 1]) == e - 1)
+    at = full.find(stop)
+    ids = tokenizer.encode(full[: at + len(stop)])  # through the token that completes the stop
+    body = dict(prompt=prompt, max_tokens=24, temperature=0, stop=[stop], return_token_ids=True, logprobs=1)
+    with httpx.Client(timeout=120) as client:
+        whole = client.post(f"{url}/v1/completions", json=body).json()
+    choice = whole["choices"][0]
+    assert choice["text"] == full[:at] and choice["finish_reason"] == "stop"
+    assert choice["token_ids"] == ids
+    assert len(choice["logprobs"]["tokens"]) == len(choice["logprobs"]["token_logprobs"]) == len(ids)
+    assert whole["usage"]["completion_tokens"] == len(ids)
+    streamed, reason = _stream(f"{url}/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert reason == "stop"
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == full[:at]
+    assert [t for c in streamed[:-1] for t in c["choices"][0]["token_ids"]] == ids
+    assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in streamed[:-1]) == len(ids)
+    assert streamed[-1]["usage"]["completion_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_filtered_out_logprobs_are_clamped_to_valid_json(served, path):
+    url, _, _, _ = served
+    chat = path.endswith("chat/completions")
+    body = dict(max_tokens=3, temperature=1.0, top_k=2, seed=1)
+    if chat:  # top_k=2 leaves -inf for the 3rd and 4th most probable tokens
+        body.update(messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=4)
+    else:
+        body.update(prompt=[1, 2, 3], logprobs=4)
+
+    def values(choice):
+        if chat:
+            return [t["logprob"] for e in choice["logprobs"]["content"] for t in e["top_logprobs"]]
+        return [v for top in choice["logprobs"]["top_logprobs"] for v in top.values()]
+
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{url}{path}", json=body)
+    assert r.status_code == 200, r.text
+    whole = values(r.json()["choices"][0])
+    assert -9999.0 in whole and all(v >= -9999.0 for v in whole)
+    chunks, _ = _stream(f"{url}{path}", body)  # json.loads would take -Infinity: check the raw values
+    streamed = [v for c in chunks if c["choices"][0].get("logprobs") for v in values(c["choices"][0])]
+    assert streamed == whole
+
+
+def _refused(url, path, body):
+    """POST ``body``; asserts a 4xx whose error names a parameter and that the server carries on."""
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{url}{path}", json=body)
+        assert 400 <= r.status_code < 500, r.text
+        assert client.get(f"{url}/health").json()["status"] == "ok"
+    return r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", dict(prompt=[1, 2, 3], model=["tiny"]), "model"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], stop=5), "stop"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], stop={"x": 1}), "stop"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], stream=True, stream_options=True), "stream_options"),
+        (
+            "/v1/chat/completions",
+            dict(messages=[{"role": "user", "content": "hi"}], stream=True, stream_options=[1]),
+            "stream_options",
+        ),
+        (
+            "/v1/completions",
+            dict(prompt=[1, 2, 3], stream=True, stream_options={"include_usage": "yes"}),
+            "stream_options.include_usage",
+        ),
+        ("/v1/completions", dict(prompt=[1, 2, 3], user=7), "user"),
+    ],
+)
+def test_fields_of_the_wrong_type_get_a_400_naming_them(served, path, body, param):
+    url, _, _, _ = served
+    error = _refused(url, path, {"max_tokens": 3, **body})
+    assert error["param"] == param and param in error["message"]
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", dict(prompt=[1, 2, 3], stream_options={"include_usage": True}), "stream_options"),
+        (
+            "/v1/completions",
+            dict(prompt=[1, 2, 3], stream=True, stream_options={"include_obfuscation": True}),
+            "stream_options",
+        ),
+        ("/v1/chat/completions", dict(messages=HI, tool_choice="required"), "tool_choice"),
+        ("/v1/chat/completions", dict(messages=HI, tool_choice={"type": "function"}), "tool_choice"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], top_k=-5), "top_k"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], min_tokens=10), "min_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias=[]), "logit_bias"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias={"5": 10}), "logit_bias"),
+    ],
+)
+def test_fields_that_would_be_ignored_get_a_400(served, path, body, param):
+    url, _, _, _ = served
+    error = _refused(url, path, {"max_tokens": 3, **body})
+    assert error["param"] == param and param in error["message"]
+
+
+def test_no_op_values_are_accepted_as_such(served):
+    url, _, _, _ = served
+    base = dict(prompt=[1, 2, 3], max_tokens=3, temperature=1.0, seed=11, return_token_ids=True)
+    with httpx.Client(timeout=60) as client:
+        ids = client.post(f"{url}/v1/completions", json=base).json()["choices"][0]["token_ids"]
+        for extra in (dict(logit_bias={}), dict(top_k=-1), dict(top_k=0), dict(min_tokens=3)):
+            r = client.post(f"{url}/v1/completions", json={**base, **extra})
+            assert r.status_code == 200, (extra, r.text)
+            assert r.json()["choices"][0]["token_ids"] == ids, extra
+        chat = dict(messages=HI, max_tokens=3, tool_choice="none", parallel_tool_calls=False)
+        assert client.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_chat_without_max_tokens_asks_for_what_the_context_leaves(served):
+    url, engine, _, tokenizer = served
+    context = engine.engine.configs["tiny"].model.config.max_position_embeddings  # 256
+    prompt = len(tokenizer.encode("user: hi\nassistant:"))
+    with httpx.Client(timeout=120) as client:
+        r = client.post(f"{url}/v1/chat/completions", json=dict(messages=HI, temperature=0))
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == context - prompt
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    full = [{"role": "user", "content": "x" * (context - prompt + 2)}]  # the prompt alone fills it
+    error = _refused(url, "/v1/chat/completions", dict(messages=full))
+    assert error["param"] == "messages" and "context" in error["message"]
+
+
+def test_chat_default_max_tokens_without_a_known_context():
+    from s2d_ext.server.protocol import DEFAULT_CHAT_TOKENS, parse
+
+    from .conftest import CharTokenizer
+
+    body = dict(messages=HI)
+    assert parse(body, CharTokenizer(), chat=True).params.max_new_tokens == DEFAULT_CHAT_TOKENS
+    assert parse(body, CharTokenizer(), chat=True, context=100).params.max_new_tokens == 100 - 19
+    assert parse(dict(prompt="hi"), CharTokenizer(), chat=False, context=100).params.max_new_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=0), "max_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), "max_tokens"),  # the engine's check
+        ("/v1/chat/completions", dict(messages=HI, max_completion_tokens=0), "max_completion_tokens"),
+        ("/v1/chat/completions", dict(messages=HI, max_completion_tokens="5"), "max_completion_tokens"),
+        ("/v1/chat/completions", dict(messages=HI, max_tokens=300), "max_tokens"),
+        ("/v1/completions", dict(prompt=[1, 2], bad_words=[""]), "bad_words"),
+        ("/v1/completions", dict(prompt=[1, 2], min_tokens=-1), "min_tokens"),
+        ("/v1/completions", dict(prompt=[1, 200]), "prompt"),
+        ("/v1/completions", dict(prompt=list(range(1, 90)) * 3, max_tokens=4), "prompt"),
+        ("/v1/completions", dict(prompt=[1, 2], stop_token_ids=[500]), "stop_token_ids"),
+        ("/v1/completions", dict(prompt=[1, 2], allowed_token_ids="ab"), "allowed_token_ids"),
+        ("/v1/completions", dict(prompt=[1, 2], seed=2**64), "seed"),
+        ("/v1/completions", dict(prompt=[1, 2], max_tokens=-1), "max_tokens"),  # not min_tokens
+        ("/v1/chat/completions", dict(messages=HI, logprobs=True, top_logprobs=25), "top_logprobs"),
+        ("/v1/completions", dict(prompt=[1, 2], logprobs=25), "logprobs"),
+    ],
+)
+def test_errors_name_the_request_field_not_the_engine_parameter(served, path, body, param):
+    url, _, _, _ = served
+    error = _refused(url, path, body)
+    assert error["param"] == param and param in error["message"]
+    for internal in ("max_new_tokens", "min_new_tokens", "bad_words_ids", "prompt_ids"):
+        assert internal not in error["message"]

@@ -9,6 +9,7 @@ client that disconnects aborts its request: the engine drops its row at a later 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -18,16 +19,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from s2d_ext.engine import RequestOutput
+from s2d_ext.engine import Engine, RequestOutput
+from s2d_ext.engine.models import draft_limit, target_window
 from s2d_ext.server.async_engine import AsyncEngine
 from s2d_ext.server.detokenize import TextStream
-from s2d_ext.server.protocol import BadRequest, EngineRequest, parse
+from s2d_ext.server.protocol import BadRequest, EngineRequest, engine_error, parse, served_model
+from s2d_ext.target import context_length
 
 
 def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] | None = None):
     """The FastAPI app. ``model_names``: served model name -> engine target (default: the targets)."""
     names = model_names or {name: name for name in engine.engine.configs}
     app = FastAPI(title="s2d_ext", description="Sorted speculative decoding, OpenAI-compatible")
+    contexts = {target: _context(engine.engine, target) for target in set(names.values())}
 
     def error(status: int, message: str, param: str | None = None) -> JSONResponse:
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -58,19 +62,16 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         except Exception:  # noqa: BLE001
             return error(400, "the request body is not valid JSON")
         try:
-            req = parse(body, tokenizer, chat)
-            model = body.get("model") or next(iter(names))
-            if model not in names:
-                raise BadRequest(
-                    f"model {model!r} is not served here (models: {sorted(names)})", "model", 404
-                )
+            model = served_model(body, names)
+            req = parse(body, tokenizer, chat, context=contexts[names[model]])
         except BadRequest as exc:
             return error(exc.status, str(exc), exc.param)
         stream = engine.generate(req.prompt_ids, req.params, names[model])
         try:
             first = await anext(stream)
         except ValueError as exc:  # the engine refused the request (RequestError)
-            return error(400, str(exc))
+            refused = engine_error(str(exc), body, chat)
+            return error(refused.status, str(refused), refused.param)
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
             "created": int(time.time()),
@@ -78,7 +79,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         }
         if req.stream:
             return StreamingResponse(
-                _events(stream, first, req, meta, tokenizer, body), media_type="text/event-stream"
+                _events(stream, first, req, meta, tokenizer), media_type="text/event-stream"
             )
         return await _whole(stream, first, req, meta, tokenizer, error)
 
@@ -91,6 +92,16 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
         return await serve(request, chat=True)
 
     return app
+
+
+def _context(engine: Engine, target: str) -> int | None:
+    """The most tokens (prompt + new) a request to ``target`` may hold (None: no known limit): the
+    target's context, below its sliding window, and the draft's limit, as ``Engine.add_request`` checks."""
+    model = engine.configs[target].model
+    window = target_window(model)
+    limits = [context_length(model), None if window is None else window - 1, draft_limit(engine.draft)]
+    limits = [v for v in limits if v is not None]
+    return min(limits) if limits else None
 
 
 def _reason(out: RequestOutput, text: TextStream) -> str | None:
@@ -115,6 +126,25 @@ def _choice(req: EngineRequest, delta: str, out: RequestOutput, reason: str | No
     return choice
 
 
+def _trim(out: RequestOutput, keep: int) -> RequestOutput:
+    """``out`` with only its first ``keep`` new tokens (and their logprobs)."""
+    if keep >= len(out.new_token_ids):
+        return out
+    keep = max(keep, 0)
+    return dataclasses.replace(
+        out,
+        new_token_ids=list(out.new_token_ids[:keep]),
+        logprobs=None if out.logprobs is None else list(out.logprobs[:keep]),
+        top_logprobs=None if out.top_logprobs is None else list(out.top_logprobs[:keep]),
+    )
+
+
+def _lp(value: float) -> float:
+    # NOTE: a token that top_k / top_p / min_p filtered out has log-probability -inf, which JSON cannot
+    # hold (a 500, or "-Infinity" in a stream); vLLM clamps to -9999.0 and so do we.
+    return max(float(value), -9999.0)
+
+
 def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
     text = lambda t: tokenizer.decode([t]) if tokenizer is not None else str(t)  # noqa: E731
     tokens = out.new_token_ids
@@ -122,20 +152,20 @@ def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
         content = [
             {
                 "token": text(t),
-                "logprob": lp,
-                "top_logprobs": [{"token": text(i), "logprob": v} for i, v in top],
+                "logprob": _lp(lp),
+                "top_logprobs": [{"token": text(i), "logprob": _lp(v)} for i, v in top],
             }
             for t, lp, top in zip(tokens, out.logprobs or [], out.top_logprobs or [])
         ]
         return {"content": content}
     return {
         "tokens": [text(t) for t in tokens],
-        "token_logprobs": list(out.logprobs or []),
-        "top_logprobs": [{text(i): v for i, v in top} for top in (out.top_logprobs or [])],
+        "token_logprobs": [_lp(v) for v in out.logprobs or []],
+        "top_logprobs": [{text(i): _lp(v) for i, v in top} for top in (out.top_logprobs or [])],
     }
 
 
-async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer, body: dict):
+async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer):
     """Server-sent events of one request; closing ``stream`` early (disconnect, stop string) aborts it."""
     text = TextStream(tokenizer, req.stop) if tokenizer is not None else None
     kind = "chat.completion.chunk" if req.chat else "text_completion"
@@ -149,15 +179,17 @@ async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, 
             if out.error is not None:
                 yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error'}})}\n\n"
                 break
-            generated += len(out.new_token_ids)
             delta = text.add(out.new_token_ids, final=out.finished) if text is not None else ""
+            if text is not None and text.stopped:
+                out = _trim(out, text.num_tokens - generated)  # NOTE: see _whole on the tokens counted
+            generated += len(out.new_token_ids)
             reason = _reason(out, text) if text is not None else (out.finish_reason if out.finished else None)
             chunk = {**meta, "object": kind, "choices": [_choice(req, delta, out, reason, tokenizer, True)]}
             yield f"data: {json.dumps(chunk)}\n\n"
             if reason is not None:
                 break
             out = await anext(stream)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if req.include_usage:
             usage = _usage(len(req.prompt_ids), generated)
             yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
@@ -188,6 +220,12 @@ async def _whole(stream, first: RequestOutput, req: EngineRequest, meta: dict, t
         finished=True,
         finish_reason=last.finish_reason,
     )
+    if text is not None and text.stopped:
+        # NOTE: a speculative step can emit tokens past the one that completes a stop string. Ids,
+        # logprobs and usage count the tokens up to and including that one and drop the rest, what vLLM
+        # reports without speculation (one token a step, the request ends on the completing token) and
+        # what its fix for speculative steps keeps (vllm-project/vllm#47616).
+        merged = _trim(merged, text.num_tokens)
     reason = _reason(merged, text) if text is not None else merged.finish_reason
     kind = "chat.completion" if req.chat else "text_completion"
     choice = _choice(req, content, merged, reason, tokenizer, False)
