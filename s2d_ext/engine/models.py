@@ -120,12 +120,12 @@ def check_length(
     context = context_length(model)
     if context is not None and longest > context:
         raise RequestError(
-            f"{arg}: a prompt of {longest} tokens is longer than target {name!r}'s context of {context}"
+            f"{arg}: a prompt of {longest} tokens is longer than the context of target {name!r} ({context})"
         )
     if context is not None and longest + max_new_tokens > context:
         raise RequestError(
-            f"max_new_tokens={max_new_tokens}: prompt ({longest}) + new tokens exceeds target {name!r}'s "
-            f"context of {context}"
+            f"max_new_tokens={max_new_tokens}: prompt ({longest}) + new tokens exceeds the context of "
+            f"target {name!r} ({context})"
         )
     reach = longest + max_new_tokens
     if window is not None and reach >= window:
