@@ -46,6 +46,32 @@ from s2d_ext.ops.exit_sample import exit_sample
 
 DEFAULT_MAX_DEFERRED = 16
 FINAL_EXIT_VOCABS = ("draft", "full")
+# NOTE: the dtypes the exit ops (exit_head / exit_sample) and the lean forward implement.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+
+
+def _describe(hf_model: nn.Module) -> str:
+    """How errors name a draft: its HF class and layer count."""
+    return f"draft {type(hf_model).__name__} ({hf_model.config.num_hidden_layers} layers)"
+
+
+def _check_dtype_argument(dtype: Any, hf_model: nn.Module | None = None) -> None:
+    """Raise ValueError when a requested draft ``dtype`` is not one SortedDraft runs in."""
+    if dtype is None or dtype in SUPPORTED_DTYPES:
+        return
+    who = f"{_describe(hf_model)}: " if hf_model is not None else ""
+    raise ValueError(f"{who}dtype={dtype} is not supported; SortedDraft runs in {_DTYPE_NAMES}")
+
+
+def _check_model_dtype(hf_model: nn.Module) -> None:
+    """Raise ValueError when a floating-point weight of ``hf_model`` is not in a supported dtype."""
+    for name, param in hf_model.named_parameters():
+        if param.is_floating_point() and param.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{_describe(hf_model)} has dtype {param.dtype} ({name}); SortedDraft runs in "
+                f"{_DTYPE_NAMES}: cast it first, e.g. model.to(torch.float32)"
+            )
 
 
 def _validate_exits(exits: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -143,6 +169,7 @@ class SortedDraft:
     ) -> None:
         config = hf_model.config
         check_architecture(config)
+        _check_model_dtype(hf_model)
         self.hf_model = hf_model
         self.config = config
         self.exits = _validate_exits(exits, config.num_hidden_layers)
@@ -200,6 +227,7 @@ class SortedDraft:
         ``draft_vocab``: None loads the checkpoint's ``draft_vocab.safetensors`` when the path has one;
         False ignores it; ids (a tensor or sequence) are used as given.
         """
+        _check_dtype_argument(dtype, model_or_path if isinstance(model_or_path, nn.Module) else None)
         saved_vocab = None
         if isinstance(model_or_path, (str, os.PathLike)) and draft_vocab is None:
             saved_vocab = load_draft_vocab(model_or_path)
@@ -311,6 +339,8 @@ class SortedDraft:
         :func:`mark_shared_modules`) are replaced by converted copies when the conversion changes them,
         so the other model is left as it was.
         """
+        # NOTE: checked before converting, so a refused dtype leaves the draft as it was.
+        _check_dtype_argument(torch._C._nn._parse_to(*args, **kwargs)[1], self.hf_model)
         convert_model(self.hf_model, *args, **kwargs)
         if self.draft_vocab is not None:
             self.draft_vocab = self.draft_vocab.to(self.device)
@@ -350,6 +380,13 @@ class SortedDraft:
             raise ValueError(
                 f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}"
             )
+        # NOTE: the HF model may have been cast after construction (draft.hf_model.to(...)): name the
+        # draft here rather than fail deep in an op.
+        if (
+            self.dtype not in SUPPORTED_DTYPES
+            or self.hf_model.model.embed_tokens.weight.dtype not in SUPPORTED_DTYPES
+        ):
+            _check_model_dtype(self.hf_model)
         device = self.device
         input_ids = input_ids.to(device=device, dtype=torch.int64)
         if bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
