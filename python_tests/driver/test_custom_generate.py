@@ -169,3 +169,14 @@ def test_an_eos_criterion_other_than_the_eos_ids_with_min_new_tokens_raises(pair
             custom_generate=s2d_ext.generate,
             draft=draft_model,
         )
+
+
+def test_an_all_ones_mask_is_kept_with_the_pad_id_inside_a_prompt(pair):
+    """generate() drops an all-ones mask before calling custom_generate; the driver must not infer a new
+    one from pad_token_id (generate() attends to every position, pad id or not)."""
+    target, draft_model = pair
+    ids = torch.tensor([[4, 7, 4, 9, 10]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=7)
+    ref = target.generate(ids, **kwargs)
+    out = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model)
+    assert torch.equal(out, ref)

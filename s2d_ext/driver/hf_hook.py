@@ -138,11 +138,16 @@ def generate(
             HFLogitsProcessor(p) for p in (logits_processor or []) if not _from_config(p, config, sampling)
         ],
     }
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        # NOTE: generate() has resolved the mask already (inferred from pad_token_id when the caller gave
+        # none) and drops it only when it is all ones; None must not be inferred again from the pad id.
+        attention_mask = torch.ones_like(input_ids)
     out = speculate(
         model,
         draft,
         input_ids,
-        model_kwargs.get("attention_mask"),
+        attention_mask,
         max_new_tokens=max(max_length - input_ids.shape[1], 0),
         num_draft_tokens=num_draft_tokens,
         draft_length=draft_length,
