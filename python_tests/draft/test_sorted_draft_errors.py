@@ -162,3 +162,22 @@ def test_advance_bad_input(model):
     with pytest.raises(ValueError, match="emitted must be token ids"):
         draft.advance(state, torch.tensor([1, 1]), torch.tensor([1, 10_000]))
     draft.advance(state, torch.tensor([2, 1]), torch.tensor([1, 1]))
+
+
+def test_an_unsupported_draft_dtype_is_named_where_the_draft_is_built(model):
+    """float64 fails deep in the exit op otherwise; the error names the draft and the dtypes it runs in."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"draft LlamaForCausalLM \(6 layers\).*float64.*float32"):
+        SortedDraft.from_pretrained(tiny_model("llama").to(torch.float64), exits=EXITS)
+    fresh = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"dtype.*float64.*float32, bfloat16, float16"):
+        SortedDraft.from_pretrained(fresh, exits=EXITS, dtype=torch.float64)
+    assert all(p.dtype == torch.float32 for p in fresh.parameters())  # refused before casting
+    draft = SortedDraft.truncate(model, 2)
+    with pytest.raises(ValueError, match=r"draft LlamaForCausalLM \(2 layers\).*float64"):
+        draft.to(torch.float64)
+    assert draft.dtype == torch.float32
+    draft.begin(ids, None, 8)  # still usable
+    draft.hf_model.to(torch.float64)  # behind the draft's back
+    with pytest.raises(ValueError, match=r"draft LlamaForCausalLM \(2 layers\).*float64"):
+        draft.begin(ids, None, 8)

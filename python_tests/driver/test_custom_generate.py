@@ -95,3 +95,88 @@ def test_processors_from_the_config_and_the_caller_run_losslessly(pair):
     assert not torch.equal(ref[:, : free.shape[1]], free[:, : ref.shape[1]])  # the processors matter
     out = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model)
     assert torch.equal(out, ref)
+
+
+class _StopOnToken:
+    """A caller's own stopping criterion: a row is done once its last token is ``token``."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_a_callers_own_stopping_criterion_raises(pair):
+    """generate() would stop on it; s2d_ext.generate cannot run it exactly, so it refuses, never ignores."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    target, draft_model = pair
+    ids, mask = left_padded([6])
+    criterion = type("StopOnToken", (_StopOnToken, StoppingCriteria), {})(5)
+    with pytest.raises(ValueError, match=r"stopping_criteria.*StopOnToken.*stop_token_ids"):
+        target.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([criterion]),
+            custom_generate=s2d_ext.generate,
+            draft=draft_model,
+        )
+
+
+def test_a_callers_eos_and_max_length_criteria_are_honoured(pair):
+    """A caller's EosTokenCriteria / MaxLengthCriteria take the place of generate()'s own: same tokens."""
+    from transformers import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+    target, draft_model = pair
+    ids, mask = left_padded([6, 9])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    free = target.generate(ids, **kwargs)
+    stop = int(free[0, ids.shape[1] + 3])
+    for criteria in (
+        [EosTokenCriteria(eos_token_id=stop)],
+        [MaxLengthCriteria(max_length=ids.shape[1] + 5)],
+        [MaxLengthCriteria(max_length=ids.shape[1] + 7), EosTokenCriteria(eos_token_id=[stop, 1])],
+    ):
+        sc = StoppingCriteriaList(criteria)
+        ref = target.generate(ids, **kwargs, stopping_criteria=sc)
+        assert ref.shape != free.shape or not torch.equal(ref, free)  # the criterion matters
+        out = target.generate(
+            ids, **kwargs, stopping_criteria=sc, custom_generate=s2d_ext.generate, draft=draft_model
+        )
+        assert torch.equal(out, ref)
+
+
+def test_an_eos_criterion_other_than_the_eos_ids_with_min_new_tokens_raises(pair):
+    """generate() then masks its EOS ids but stops on the criterion's: not what the driver implements."""
+    from transformers import EosTokenCriteria, StoppingCriteriaList
+
+    target, draft_model = pair
+    ids, mask = left_padded([6])
+    with pytest.raises(ValueError, match=r"stopping_criteria.*EosTokenCriteria.*min_new_tokens"):
+        target.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            min_new_tokens=2,
+            eos_token_id=3,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([EosTokenCriteria(eos_token_id=5)]),
+            custom_generate=s2d_ext.generate,
+            draft=draft_model,
+        )
+
+
+def test_an_all_ones_mask_is_kept_with_the_pad_id_inside_a_prompt(pair):
+    """generate() drops an all-ones mask before calling custom_generate; the driver must not infer a new
+    one from pad_token_id (generate() attends to every position, pad id or not)."""
+    target, draft_model = pair
+    ids = torch.tensor([[4, 7, 4, 9, 10]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=7)
+    ref = target.generate(ids, **kwargs)
+    out = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model)
+    assert torch.equal(out, ref)

@@ -133,3 +133,20 @@ def test_hf_draft_needs_seeds_only_when_sampling():
     assert greedy.probs is None and greedy.num_draft.tolist() == [3]
     with pytest.raises(ValueError, match="seeds are required"):
         draft.propose(state, 3, torch.tensor([3]), temperature=torch.ones(1), seeds=None, **common)
+
+
+def test_a_float64_draft_is_named(pair):
+    target, _ = pair
+    ids, mask = left_padded([3, 5])
+    draft = make_draft_model(target).to(torch.float64)
+    with pytest.raises(ValueError, match=r"draft LlamaForCausalLM \(2 layers\).*float64"):
+        s2d_ext.speculate(target, draft, ids, mask, max_new_tokens=2)
+
+
+def test_a_mask_inferred_from_pad_token_id_says_so(pair):
+    """No attention_mask: it is inferred from pad_token_id (as generate() does); a pad id inside a
+    prompt then breaks the left padding, and the error must say where the mask came from."""
+    target, draft = pair
+    ids = torch.tensor([[4, 7, 4, 9, 10]])
+    with pytest.raises(ValueError, match=r"inferred.*pad_token_id=7.*attention_mask"):
+        s2d_ext.speculate(target, draft, ids, max_new_tokens=2, pad_token_id=7)

@@ -190,3 +190,11 @@ def test_unknown_target_name(setup):
         spec.generate(ids, mask, target=["small"], max_new_tokens=4)
     with pytest.raises(ValueError, match="'medium'"):
         spec.calibrate("medium", [[1, 2]])
+
+
+@pytest.mark.parametrize("argument", ["thresholds", "num_draft_tokens", "draft_length", "stop_threshold"])
+def test_per_target_setting_for_an_unknown_target_raises(setup, argument):
+    _, small, large, draft = setup
+    value = {"thresholds": (0.9, 0.0), "num_draft_tokens": 2, "draft_length": "fixed", "stop_threshold": 0.5}
+    with pytest.raises(ValueError, match=rf"{argument}.*'lrage'.*\['large', 'small'\]"):
+        s2d_ext.Speculator(draft, {"large": large, "small": small}, **{argument: {"lrage": value[argument]}})

@@ -46,6 +46,32 @@ from s2d_ext.ops.exit_sample import exit_sample
 
 DEFAULT_MAX_DEFERRED = 16
 FINAL_EXIT_VOCABS = ("draft", "full")
+# NOTE: the dtypes the exit ops (exit_head / exit_sample) and the lean forward implement.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+
+
+def _describe(hf_model: nn.Module) -> str:
+    """How errors name a draft: its HF class and layer count."""
+    return f"draft {type(hf_model).__name__} ({hf_model.config.num_hidden_layers} layers)"
+
+
+def _check_dtype_argument(dtype: Any, hf_model: nn.Module | None = None) -> None:
+    """Raise ValueError when a requested draft ``dtype`` is not one SortedDraft runs in."""
+    if dtype is None or dtype in SUPPORTED_DTYPES:
+        return
+    who = f"{_describe(hf_model)}: " if hf_model is not None else ""
+    raise ValueError(f"{who}dtype={dtype} is not supported; SortedDraft runs in {_DTYPE_NAMES}")
+
+
+def _check_model_dtype(hf_model: nn.Module) -> None:
+    """Raise ValueError when a floating-point weight of ``hf_model`` is not in a supported dtype."""
+    for name, param in hf_model.named_parameters():
+        if param.is_floating_point() and param.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{_describe(hf_model)} has dtype {param.dtype} ({name}); SortedDraft runs in "
+                f"{_DTYPE_NAMES}: cast it first, e.g. model.to(torch.float32)"
+            )
 
 
 def _validate_exits(exits: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -143,6 +169,7 @@ class SortedDraft:
     ) -> None:
         config = hf_model.config
         check_architecture(config)
+        _check_model_dtype(hf_model)
         self.hf_model = hf_model
         self.config = config
         self.exits = _validate_exits(exits, config.num_hidden_layers)
@@ -194,11 +221,13 @@ class SortedDraft:
         ``(num_hidden_layers,)`` / ``(0.0,)`` (thresholds default to ``0.5`` for every early exit and
         ``0.0`` for the last when only ``exits`` is given). ``hf_kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained``. A model object is used in place: ``dtype`` / ``device``
-        cast and move it (``nn.Module.to``), and it is put in eval mode.
+        cast and move it (``nn.Module.to``; modules it shares with another model, see
+        :func:`mark_shared_modules`, as converted copies), and it is put in eval mode.
 
         ``draft_vocab``: None loads the checkpoint's ``draft_vocab.safetensors`` when the path has one;
         False ignores it; ids (a tensor or sequence) are used as given.
         """
+        _check_dtype_argument(dtype, model_or_path if isinstance(model_or_path, nn.Module) else None)
         saved_vocab = None
         if isinstance(model_or_path, (str, os.PathLike)) and draft_vocab is None:
             saved_vocab = load_draft_vocab(model_or_path)
@@ -216,14 +245,14 @@ class SortedDraft:
         elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
             hf_model = model_or_path
             if dtype is not None:
-                hf_model = hf_model.to(dtype)
+                hf_model = convert_model(hf_model, dtype)
         else:
             raise TypeError(
                 "model_or_path must be an HF causal LM or a checkpoint path, got "
                 f"{type(model_or_path).__name__}"
             )
         if device is not None:
-            hf_model = hf_model.to(device)
+            hf_model = convert_model(hf_model, device)
         config = hf_model.config
         check_architecture(config)
         if exits is None:
@@ -263,7 +292,8 @@ class SortedDraft:
         """A draft made of the first ``n_layers`` layers of a bigger HF model.
 
         The kept layers are deep-copied; the embedding, final norm and ``lm_head`` are copied too, or
-        shared with ``hf_model`` when ``share_embeddings=True``. ``kwargs`` go to the constructor.
+        shared with ``hf_model`` when ``share_embeddings=True`` (then :meth:`to` converts copies of them
+        and leaves ``hf_model``'s). ``kwargs`` go to the constructor.
         """
         check_architecture(hf_model.config)
         total = hf_model.config.num_hidden_layers
@@ -303,8 +333,15 @@ class SortedDraft:
         return int(self.config.num_hidden_layers)
 
     def to(self, *args: Any, **kwargs: Any) -> SortedDraft:
-        """Move / cast the HF model (states made before must be recreated)."""
-        self.hf_model.to(*args, **kwargs)
+        """Move / cast the HF model, as ``nn.Module.to`` (states made before must be recreated).
+
+        Modules the draft shares with another model (``truncate(share_embeddings=True)``, or marked with
+        :func:`mark_shared_modules`) are replaced by converted copies when the conversion changes them,
+        so the other model is left as it was.
+        """
+        # NOTE: checked before converting, so a refused dtype leaves the draft as it was.
+        _check_dtype_argument(torch._C._nn._parse_to(*args, **kwargs)[1], self.hf_model)
+        convert_model(self.hf_model, *args, **kwargs)
         if self.draft_vocab is not None:
             self.draft_vocab = self.draft_vocab.to(self.device)
         return self
@@ -343,6 +380,13 @@ class SortedDraft:
             raise ValueError(
                 f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}"
             )
+        # NOTE: the HF model may have been cast after construction (draft.hf_model.to(...)): name the
+        # draft here rather than fail deep in an op.
+        if (
+            self.dtype not in SUPPORTED_DTYPES
+            or self.hf_model.model.embed_tokens.weight.dtype not in SUPPORTED_DTYPES
+        ):
+            _check_model_dtype(self.hf_model)
         device = self.device
         input_ids = input_ids.to(device=device, dtype=torch.int64)
         if bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
@@ -743,7 +787,8 @@ def truncated_hf_model(hf_model: nn.Module, n_layers: int, *, share_embeddings: 
     """A new HF causal LM with the first ``n_layers`` decoder layers of ``hf_model`` (deep copies).
 
     The embedding, final norm, rotary buffers and ``lm_head`` are deep-copied as well, unless
-    ``share_embeddings`` (then the new model uses ``hf_model``'s modules).
+    ``share_embeddings`` (then the new model uses ``hf_model``'s modules, marked as shared: see
+    :func:`mark_shared_modules`).
     """
     base = hf_model.model
     all_layers = base.layers
@@ -769,4 +814,93 @@ def truncated_hf_model(hf_model: nn.Module, n_layers: int, *, share_embeddings: 
     new_model.model.layers = nn.ModuleList(copy.deepcopy(all_layers[i], layer_memo) for i in range(n_layers))
     new_model.config = new_config
     new_model.model.config = new_config
+    # NOTE: the deep copy carried hf_model's own marks along; this model shares exactly what it shares.
+    object.__setattr__(new_model, SHARED_MODULES_ATTR, ())
+    if share_embeddings:
+        mark_shared_modules(new_model, ("model.embed_tokens", "model.norm", "lm_head"))
     return new_model
+
+
+SHARED_MODULES_ATTR = "_s2d_shared_modules"
+
+
+def mark_shared_modules(hf_model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Record that ``hf_model``'s submodules ``names`` belong to another model too (returns ``hf_model``).
+
+    :meth:`SortedDraft.to` and :meth:`SortedDraft.from_pretrained` then cast / move converted copies of
+    them (tied weights staying tied) and leave the other model's modules as they were.
+
+    Parameters
+    ----------
+    hf_model : torch.nn.Module
+        The draft's HF model.
+    names : sequence of str
+        Dotted submodule names (``"model.embed_tokens"``, ``"lm_head"``); added to those already marked.
+
+    Raises
+    ------
+    ValueError
+        When ``hf_model`` has no submodule of one of the names.
+    """
+    names = tuple(str(n) for n in names)
+    for name in names:
+        try:
+            hf_model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"names: the model has no submodule {name!r} to mark as shared") from err
+    known = tuple(getattr(hf_model, SHARED_MODULES_ATTR, ()) or ())
+    # NOTE: object.__setattr__: a plain attribute, not a registered submodule or buffer.
+    object.__setattr__(hf_model, SHARED_MODULES_ATTR, tuple(dict.fromkeys(known + names)))
+    return hf_model
+
+
+def shared_module_names(hf_model: nn.Module) -> tuple[str, ...]:
+    """The submodule names :func:`mark_shared_modules` recorded on ``hf_model`` (empty: none)."""
+    return tuple(getattr(hf_model, SHARED_MODULES_ATTR, ()) or ())
+
+
+def convert_model(hf_model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """``hf_model.to(*args, **kwargs)``, but modules shared with another model are converted as copies.
+
+    NOTE: ``nn.Module.to`` converts parameters in place (``param.data = ...``), so a module that another
+    model holds too would change for that model as well. When the conversion changes a shared module's
+    tensors, every marked module is replaced by a deep copy first (one memo: weights tied among them stay
+    tied, and the model's own parameters tied to them follow the copies), and the marks are cleared (the
+    model owns its copies). The copies are made before converting: the shared modules take twice their
+    memory for a moment. A conversion that changes nothing keeps the sharing.
+    """
+    shared = shared_module_names(hf_model)
+    if shared and _conversion_changes([hf_model.get_submodule(n) for n in shared], args, kwargs):
+        memo: dict[int, Any] = {id(hf_model.config): hf_model.config}
+        copies = {name: copy.deepcopy(hf_model.get_submodule(name), memo) for name in shared}
+        for name, module in copies.items():
+            hf_model.set_submodule(name, module)
+        for module in hf_model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, tensor in store.items():
+                    if tensor is not None and id(tensor) in memo:
+                        store[key] = memo[id(tensor)]
+        object.__setattr__(hf_model, SHARED_MODULES_ATTR, ())
+    return hf_model.to(*args, **kwargs)
+
+
+def _conversion_changes(modules: list[nn.Module], args: tuple, kwargs: dict) -> bool:
+    """Whether ``module.to(*args, **kwargs)`` would change a tensor of one of ``modules``."""
+    # NOTE: the parser nn.Module.to itself uses, so every accepted form of the arguments reads alike.
+    device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    if memory_format is not None:
+        return True
+    if device is not None:
+        # NOTE: "cuda" means the current CUDA device, as in nn.Module.to.
+        device = torch.empty(0, device=device).device
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if device is not None and tensor.device != device:
+                return True
+            if (
+                dtype is not None
+                and (tensor.is_floating_point() or tensor.is_complex())
+                and tensor.dtype != dtype
+            ):
+                return True
+    return False

@@ -117,9 +117,21 @@ def generate_batch(
     if pad_token_id is not None:
         pad_token_id = check_int("pad_token_id", pad_token_id, low=0)
     infer_mask = attention_mask is None and pad_token_id is not None and pad_token_id not in eos
-    if infer_mask and bool((input_ids == pad_token_id).any()):
+    inferred = infer_mask and bool((input_ids == pad_token_id).any())
+    if inferred:
         attention_mask = input_ids != pad_token_id  # NOTE: what generate() infers too
-    mask = check_mask(attention_mask, input_ids)
+    try:
+        mask = check_mask(attention_mask, input_ids)
+    except ValueError as err:
+        if not inferred:
+            raise
+        # NOTE: the caller passed no mask; an error about "the" mask would point at nothing they gave.
+        raise ValueError(
+            f"no attention_mask was given, so it was inferred from pad_token_id={pad_token_id} (every "
+            f"{pad_token_id} in input_ids taken as padding, as generate() does), and the inferred {err}; "
+            f"when a prompt holds {pad_token_id} as a token, pass attention_mask=[B, L] (1 = token, "
+            "left-padded)"
+        ) from err
     if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
         raise ValueError(f"input_ids must hold token ids in [0, {vocab})")
     longest = int(mask.sum(-1).max())

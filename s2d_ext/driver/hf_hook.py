@@ -10,8 +10,10 @@ this function's signature and not in ``GenerationMixin._sample``'s (here: ``draf
 What carries over from ``generate()``: ``max_new_tokens`` / ``max_length``, ``do_sample``,
 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``bad_words_ids``,
 ``min_new_tokens`` / ``min_length``, ``eos_token_id``, ``pad_token_id``, the attention mask,
-``return_dict_in_generate`` (sequences only), and the caller's own ``logits_processor`` entries (each run
-at every verified position with its own prefix, :class:`~s2d_ext.engine.processors.HFLogitsProcessor`).
+``return_dict_in_generate`` (sequences only), the caller's own ``logits_processor`` entries (each run
+at every verified position with its own prefix, :class:`~s2d_ext.engine.processors.HFLogitsProcessor`),
+and ``stopping_criteria`` entries of the types ``MaxLengthCriteria`` / ``EosTokenCriteria`` (any other
+criterion raises a ValueError: it cannot be run exactly, and ignoring it would change the output).
 Settings that are not supported (beam search, ``no_repeat_ngram_size``, ``typical_p``, ...) raise a
 ValueError. Note: transformers does not hand a
 callable ``custom_generate`` the ``streamer`` (it only sends it the prompt); stream with
@@ -114,6 +116,12 @@ def generate(
             "generation_config.temperature=0 with do_sample=True; use do_sample=False for greedy"
         )
     eos = _ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id)
+    min_new_tokens = max(
+        int(getattr(config, "min_new_tokens", None) or 0),
+        # NOTE: min_length counts the (padded) prompt, as MinLengthLogitsProcessor does.
+        int(getattr(config, "min_length", None) or 0) - input_ids.shape[1],
+    )
+    max_length, stop_eos = _stopping(stopping_criteria, config, eos, min_new_tokens)
     extra = {
         "min_p": float(config.min_p or 0.0) if sampling else 0.0,
         "repetition_penalty": float(getattr(config, "repetition_penalty", None) or 1.0),
@@ -123,23 +131,24 @@ def generate(
             for w in (getattr(config, "bad_words_ids", None) or [])
             if not (len(w) == 1 and w[0] in (eos or []))
         ],
-        # NOTE: min_length counts the (padded) prompt, as MinLengthLogitsProcessor does.
-        "min_new_tokens": max(
-            int(getattr(config, "min_new_tokens", None) or 0),
-            int(getattr(config, "min_length", None) or 0) - input_ids.shape[1],
-        ),
+        "min_new_tokens": min_new_tokens,
         # NOTE: generate() built processors for the settings above (and warpers for the sampling ones);
         # those run natively. What is left came from the caller: run each at every verified position.
         "logits_processors": [
             HFLogitsProcessor(p) for p in (logits_processor or []) if not _from_config(p, config, sampling)
         ],
     }
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        # NOTE: generate() has resolved the mask already (inferred from pad_token_id when the caller gave
+        # none) and drops it only when it is all ones; None must not be inferred again from the pad id.
+        attention_mask = torch.ones_like(input_ids)
     out = speculate(
         model,
         draft,
         input_ids,
-        model_kwargs.get("attention_mask"),
-        max_new_tokens=max(int(config.max_length) - input_ids.shape[1], 0),
+        attention_mask,
+        max_new_tokens=max(max_length - input_ids.shape[1], 0),
         num_draft_tokens=num_draft_tokens,
         draft_length=draft_length,
         thresholds=thresholds,
@@ -147,7 +156,8 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        eos_token_id=_ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id),
+        # NOTE: [] (not None) when nothing stops on EOS: None would fall back to the generation_config.
+        eos_token_id=stop_eos,
         pad_token_id=_first(getattr(config, "_pad_token_tensor", None), config.pad_token_id),
         stop_token_ids=stop_token_ids,
         **extra,
@@ -157,6 +167,56 @@ def generate(
 
         return GenerateDecoderOnlyOutput(sequences=out.sequences)
     return out.sequences
+
+
+def _stopping(
+    stopping_criteria: Any, config: Any, eos: list[int] | None, min_new_tokens: int
+) -> tuple[int, list[int]]:
+    """``(max_length, EOS ids a row stops on)`` from the stopping criteria ``generate()`` hands over.
+
+    ``generate()`` passes its own ``MaxLengthCriteria`` / ``EosTokenCriteria`` (from the config) merged
+    with the caller's ``stopping_criteria``: a caller's criterion of one of these types takes the place
+    of generate()'s, any other is added. Those two types are honoured as ``generate()`` runs them (the
+    smallest max_length, the union of the EOS ids); every other criterion raises a ValueError.
+
+    Raises
+    ------
+    ValueError
+        For a criterion of any other type (it would be ignored: the driver emits several tokens a step
+        and has no per-token hook), and for EOS criteria other than the EOS ids together with
+        ``min_new_tokens`` (generate() then holds back its EOS ids but stops on the criterion's).
+    """
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    lengths: list[int] = []
+    stops: set[int] = set()
+    has_eos_criterion = False
+    for criterion in stopping_criteria or []:
+        # NOTE: exact types: a subclass may override __call__ with another rule.
+        if type(criterion) is MaxLengthCriteria:
+            lengths.append(int(criterion.max_length))
+        elif type(criterion) is EosTokenCriteria:
+            has_eos_criterion = True
+            stops.update(int(t) for t in torch.as_tensor(criterion.eos_token_id).flatten().tolist())
+        else:
+            raise ValueError(
+                f"stopping_criteria: {type(criterion).__name__} is not supported by s2d_ext.generate (it "
+                "verifies several tokens a step and implements only max-length and EOS stops: "
+                "MaxLengthCriteria, EosTokenCriteria); to stop on token ids pass stop_token_ids=[...] "
+                "or eos_token_id=..., else use generate() without custom_generate"
+            )
+    max_length = min(lengths) if lengths else int(config.max_length)
+    eos = list(eos or [])
+    if not has_eos_criterion or stops == set(eos):
+        return max_length, eos
+    if min_new_tokens > 0:
+        raise ValueError(
+            f"stopping_criteria: an EosTokenCriteria for {sorted(stops)} takes the place of generate()'s "
+            f"EOS stop for {eos}; with min_new_tokens={min_new_tokens} generate() would hold back {eos} "
+            f"but stop on {sorted(stops)}, which s2d_ext.generate does not implement; pass "
+            f"eos_token_id={sorted(stops)} instead of the criterion"
+        )
+    return max_length, sorted(stops)
 
 
 def _from_config(processor: Any, config: Any, sampling: bool) -> bool:

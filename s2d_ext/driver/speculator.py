@@ -38,6 +38,11 @@ class Speculator:
         "fixed", "heuristic" or "confidence", for all targets or per target.
     stop_threshold : float or dict[str, float], optional
         Confidence stop of the "confidence" policy.
+
+    Raises
+    ------
+    ValueError
+        When a per-target dict has a key that is not a name in ``targets``.
     """
 
     def __init__(
@@ -55,6 +60,14 @@ class Speculator:
         self.targets = dict(targets)
         for name, model in self.targets.items():
             check_target(name, model, self.draft)
+        per_target = {
+            "thresholds": thresholds,
+            "num_draft_tokens": num_draft_tokens,
+            "draft_length": draft_length,
+            "stop_threshold": stop_threshold,
+        }
+        for argument, value in per_target.items():
+            _check_target_keys(argument, value, self.targets)
         self.settings: dict[str, dict[str, Any]] = {}
         for name in self.targets:
             self.settings[name] = {
@@ -247,6 +260,21 @@ class Speculator:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _check_target_keys(argument: str, value: Any, targets: Mapping[str, Any]) -> None:
+    """Raise ValueError when a per-target dict ``value`` has a key that names no target.
+
+    NOTE: a misspelt name would otherwise leave that target on the defaults without a word.
+    """
+    if not isinstance(value, Mapping):
+        return
+    unknown = [key for key in value if key not in targets]
+    if unknown:
+        raise ValueError(
+            f"{argument}: {unknown[0]!r} is not a target of this Speculator (its targets are "
+            f"{sorted(targets, key=str)}); per-target settings must be keyed by target name"
+        )
+
+
 def _pick(value: Any, name: str, default: Any, argument: str) -> Any:
     if isinstance(value, Mapping):
         return value.get(name, default)
