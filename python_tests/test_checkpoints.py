@@ -127,8 +127,15 @@ def test_draft_in_another_dtype_leaves_the_target_alone(tmp_path, tie):
     with torch.no_grad():
         assert torch.equal(target(ids).logits, before)
         assert torch.equal(loaded.lm_head.weight, target.lm_head.weight.to(torch.bfloat16))
-    # the same dtype still shares (no copy)
+    # the same dtype still shares (no copy), and casting the loaded draft later copies what it shares
     assert checkpoints.load_draft_model(folder, target).lm_head is target.lm_head
+    draft = checkpoints.load_draft(folder, target)
+    assert draft.hf_model.lm_head is target.lm_head
+    draft.to(torch.bfloat16)
+    assert {p.dtype for p in target.parameters()} == {torch.float32}
+    assert draft.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(target(ids).logits, before)
 
 
 def test_standalone_draft_loads_anywhere(tmp_path):

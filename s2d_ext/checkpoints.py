@@ -386,6 +386,11 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"draft {str(folder)!r}: no weights for {left[:3]} (not in the file nor shared)")
+    if dtype == target_param.dtype:
+        from s2d_ext.draft.sorted_draft import mark_shared_modules
+
+        # NOTE: still the target's own modules: a later SortedDraft.to() casts / moves copies of them.
+        mark_shared_modules(model, ("model.embed_tokens", "lm_head"))
     return model.eval()
 
 
