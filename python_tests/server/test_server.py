@@ -159,6 +159,7 @@ def test_an_abort_mid_stream_leaves_the_others_unaffected(served):
         ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_tokens=300"),
         ("/v1/completions", dict(prompt=[1, 2], n=2), 400, "n must be 1"),
         ("/v1/completions", dict(prompt=[1, 2], presence_penalty=0.5), 400, "presence_penalty"),
+        ("/v1/completions", dict(prompt=[1, 2], best_of=True), 400, "best_of"),  # True == 1 in Python
         ("/v1/completions", dict(prompt=[1, 2], frobnicate=1), 400, "frobnicate"),
         ("/v1/completions", dict(max_tokens=3), 400, "prompt"),
         ("/v1/completions", dict(prompt=[1, 2], model="gpt-9"), 404, "gpt-9"),
@@ -215,6 +216,22 @@ def test_text_stream_holds_back_a_stop_string_split_across_steps():
     flush = TextStream(tok, ["in"])
     assert flush.add(tok.encode("ab")) == "a" and flush.add(tok.encode("ci"), final=True) == "bci"
     assert not flush.stopped and flush.num_tokens == 4
+
+
+def test_text_stream_ignores_stop_strings_within_min_tokens():
+    # vLLM's rule: a stop string completed before min_tokens tokens were generated does not stop.
+    from s2d_ext.server.detokenize import TextStream
+
+    from .conftest import CharTokenizer
+
+    tok = CharTokenizer()
+    whole = TextStream(tok, ["in"], min_tokens=5)
+    assert whole.add(tok.encode("abinxinyy")) == "abinx"  # the first "in" ends at token 4 < 5
+    assert whole.stopped and whole.num_tokens == 7
+    steps = TextStream(tok, ["in"], min_tokens=5)
+    assert "".join(steps.add(tok.encode(c)) for c in "abinxinyy") == "abinx" and steps.num_tokens == 7
+    at_min = TextStream(tok, ["in"], min_tokens=4)  # the 4th token completes "in": it counts
+    assert at_min.add(tok.encode("abinx")) == "ab" and at_min.num_tokens == 4
 
 
 def test_a_stop_string_across_two_steps_is_cut_with_its_tokens(served):

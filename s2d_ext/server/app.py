@@ -167,7 +167,7 @@ def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
 
 async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer):
     """Server-sent events of one request; closing ``stream`` early (disconnect, stop string) aborts it."""
-    text = TextStream(tokenizer, req.stop) if tokenizer is not None else None
+    text = TextStream(tokenizer, req.stop, req.params.min_new_tokens) if tokenizer is not None else None
     kind = "chat.completion.chunk" if req.chat else "text_completion"
     generated = 0
     try:
@@ -199,7 +199,7 @@ async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, 
 
 async def _whole(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer, error):
     outputs = [first]
-    text = TextStream(tokenizer, req.stop) if tokenizer is not None else None
+    text = TextStream(tokenizer, req.stop, req.params.min_new_tokens) if tokenizer is not None else None
     content = text.add(first.new_token_ids, final=first.finished) if text is not None else ""
     try:
         while not outputs[-1].finished and not (text is not None and text.stopped):

@@ -21,9 +21,13 @@ class TextStream:
     usage). Before that, :attr:`num_tokens` is every token added.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        # NOTE: as in vLLM, a stop string counts only once min_tokens tokens were generated: one that ends
+        # within the text of the first min_tokens - 1 tokens never stops the request.
+        self.min_tokens = min_tokens
+        self.floor: int | None = 0 if min_tokens <= 1 else None  # characters a stop string must end after
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.tokens: list[int] = []
         self.sent = 0  # characters of the text already handed out
@@ -44,13 +48,16 @@ class TextStream:
         self.tokens += list(tokens)
         self.num_tokens = len(self.tokens)
         text = self._settled(self.tokens, final)
+        if self.floor is None and len(self.tokens) >= self.min_tokens:
+            self.floor = len(self._settled(self.tokens[: self.min_tokens - 1], False))
         # NOTE: a stop string starting before ``sent`` was whole in the previous text (the hold-back), so
         # it would have been found then; searching from a little before ``sent`` is enough.
-        found = [
-            (i, i + len(s))
-            for i, s in ((text.find(s, max(0, self.sent - len(s))), s) for s in self.stop)
-            if i >= 0
-        ]
+        found = []
+        if self.floor is not None:
+            for s in self.stop:
+                i = text.find(s, max(0, self.sent - len(s), self.floor - len(s) + 1))
+                if i >= 0:
+                    found.append((i, i + len(s)))
         if found:
             cut, end = min(found)
             text, self.stopped = text[:cut], True

@@ -101,7 +101,8 @@ def parse(
         value = body.get(name, default)
         if name == "logit_bias" and value == {}:
             continue  # NOTE: an empty logit_bias biases nothing: accepted as a no-op
-        if value not in (default, None) and value != default:
+        # NOTE: True == 1 in Python: best_of=true must not pass as best_of=1
+        if isinstance(value, bool) or (value not in (default, None) and value != default):
             raise BadRequest(f"{name}={value!r} is not supported by this server", name)
     tool_choice = body.get("tool_choice")
     if tool_choice not in (None, "none", "auto"):
