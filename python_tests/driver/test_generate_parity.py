@@ -88,3 +88,88 @@ def test_max_new_tokens_zero_is_rejected_everywhere_like_generate(pair_with_eos)
         s2d_ext.speculate(target, draft, ids, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         s2d_ext.Speculator(draft, targets={"t": target}).generate(ids, mask, target="t", max_new_tokens=0)
+
+
+# Regression: speculate() and Speculator.generate() read only eos / pad from the generation_config, so a
+# target shipping repetition_penalty, max_new_tokens or do_sample gave other tokens than its generate().
+def _configured(**settings):
+    target = make_target("llama", seed=3)
+    for key, value in settings.items():
+        setattr(target.generation_config, key, value)
+    return target, make_draft_model(target)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(repetition_penalty=1.5),
+        "bad_words",  # the free greedy output's first new token, banned
+        "min_new_tokens",  # its second new token as EOS, held back for 5 tokens
+        dict(max_new_tokens=6),
+        dict(typical_p=0.9),  # a sampling-only setting: generate() ignores it when greedy, so do we
+    ],
+    ids=["repetition_penalty", "bad_words", "min_new_tokens", "max_new_tokens", "typical_p_greedy"],
+)
+def test_greedy_follows_the_generation_config_like_generate(settings):
+    ids, mask = left_padded([5, 8, 3])
+    if isinstance(settings, str):
+        free = make_target("llama", seed=3).generate(
+            ids, attention_mask=mask, pad_token_id=0, max_new_tokens=4
+        )
+        first, second = (int(t) for t in free[0, ids.shape[1] : ids.shape[1] + 2])
+        settings = (
+            dict(bad_words_ids=[[first]])
+            if settings == "bad_words"
+            else dict(min_new_tokens=5, eos_token_id=second)
+        )
+    target, draft = _configured(**settings)
+    kwargs = {} if "max_new_tokens" in settings else {"max_new_tokens": 16}
+    ref = target.generate(ids, attention_mask=mask, pad_token_id=0, **kwargs)
+    out = s2d_ext.speculate(target, draft, ids, mask, pad_token_id=0, **kwargs)
+    assert torch.equal(out.sequences, ref)
+    spec = s2d_ext.Speculator(draft, targets={"t": target})
+    assert torch.equal(spec.generate(ids, mask, target="t", pad_token_id=0, **kwargs).sequences, ref)
+    hooked = target.generate(
+        ids, attention_mask=mask, pad_token_id=0, custom_generate=s2d_ext.generate, draft=draft, **kwargs
+    )
+    assert torch.equal(hooked, ref)
+
+
+def test_a_sampling_generation_config_samples_with_its_settings():
+    target, draft = _configured(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    ids, mask = left_padded([5, 8, 3])
+    runs = [
+        s2d_ext.speculate(target, draft, ids, mask, max_new_tokens=12, seed=s).sequences for s in range(4)
+    ]
+    explicit = [
+        s2d_ext.speculate(
+            target, draft, ids, mask, max_new_tokens=12, seed=s, temperature=0.7, top_k=20, top_p=0.9
+        ).sequences
+        for s in range(4)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(runs, explicit))
+    greedy = s2d_ext.speculate(target, draft, ids, mask, max_new_tokens=12, temperature=0.0).sequences
+    assert any(not torch.equal(r, greedy) for r in runs)  # it samples, as generate() does
+
+
+def test_unsupported_generation_config_settings_are_refused():
+    target, draft = _configured(no_repeat_ngram_size=2)
+    ids, mask = left_padded([5, 8, 3])
+    with pytest.raises(ValueError, match=r"target\.generation_config\.no_repeat_ngram_size=2"):
+        s2d_ext.speculate(target, draft, ids, mask, max_new_tokens=4)
+    sampling, _ = _configured(do_sample=True, typical_p=0.9)
+    with pytest.raises(ValueError, match="typical_p"):
+        s2d_ext.speculate(sampling, draft, ids, mask, max_new_tokens=4)
+
+
+def test_targets_with_different_generation_settings_need_them_explicit():
+    one, draft = _configured(repetition_penalty=1.5)
+    two = make_target("llama", seed=3)
+    spec = s2d_ext.Speculator(draft, targets={"one": one, "two": two})
+    ids, mask = left_padded([5, 8])
+    with pytest.raises(ValueError, match="repetition_penalty.*pass repetition_penalty explicitly"):
+        spec.generate(ids, mask, target=["one", "two"], max_new_tokens=4, pad_token_id=0)
+    out = spec.generate(
+        ids, mask, target=["one", "two"], max_new_tokens=4, pad_token_id=0, repetition_penalty=1.0
+    )
+    assert out.sequences.shape == (2, ids.shape[1] + 4)

@@ -72,10 +72,10 @@ def generate_batch(
     attention_mask: torch.Tensor | None,
     names: Sequence[str],
     *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
     seed: Any,
     eos_token_id: Any,
     pad_token_id: int | None,
@@ -83,10 +83,14 @@ def generate_batch(
     streamer: Any,
     profile: bool = False,
     extra: Mapping[str, Any] | None = None,
+    from_generation_config: bool = True,
 ) -> SpeculateOutput:
     """Run every row of ``input_ids`` with target ``names[b]`` (see :func:`s2d_ext.speculate`).
 
     ``extra``: more :class:`SamplingParams` fields for every row (min_p, repetition_penalty, ...).
+    ``from_generation_config``: settings left None (and processing fields absent from ``extra``) come from
+    the targets' ``generation_config`` as ``generate()`` takes them; False when the caller resolved them
+    already (``custom_generate``, which gets generate()'s merged config).
     """
     input_ids = check_input_ids(input_ids)
     batch = input_ids.shape[0]
@@ -104,6 +108,14 @@ def generate_batch(
     if pad_token_id is None:
         pad_token_id = generation_default(configs, used, "pad_token_id")
     eos = [] if eos_token_id is None else eos_token_id
+    extra = dict(extra or {})
+    if from_generation_config:
+        max_new_tokens, temperature, top_k, top_p = _config_defaults(
+            configs, used, input_ids.shape[1], eos, extra, max_new_tokens, temperature, top_k, top_p
+        )
+    max_new_tokens = 128 if max_new_tokens is None else max_new_tokens
+    temperature = 0.0 if temperature is None else temperature
+    top_k, top_p = (0 if top_k is None else top_k), (1.0 if top_p is None else top_p)
     base = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -111,7 +123,7 @@ def generate_batch(
         top_p=top_p,
         eos_token_id=eos,
         stop_token_ids=() if stop_token_ids is None else stop_token_ids,
-        **dict(extra or {}),
+        **extra,
     ).resolve(vocab)
     eos = list(base.eos_token_id)
     if pad_token_id is not None:
@@ -263,6 +275,67 @@ def check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask: prompts must be left-padded (zeros, then ones, on every row)")
     return mask
+
+
+def _config_defaults(configs, used, width, eos, extra, max_new_tokens, temperature, top_k, top_p):
+    """Fill what the caller left unset from the targets' generation_config, as ``generate()`` does:
+    ``max_new_tokens``, the sampling settings (when ``temperature`` is None: ``do_sample`` decides) and
+    ``repetition_penalty`` / ``bad_words_ids`` / ``min_new_tokens`` (into ``extra``, when absent).
+
+    NOTE: an explicit ``temperature`` samples with exactly the filters passed (None = off), not with the
+    config's top-k / top-p: the call says how it samples.
+    """
+    from s2d_ext.driver.generation_config import check_supported, processing_settings, sampling_settings
+
+    gcs = {name: getattr(configs[name].model, "generation_config", None) for name in used}
+    where = {
+        name: "target.generation_config" if len(used) == 1 else f"target {name!r}'s generation_config"
+        for name in used
+    }
+    for name, gc in gcs.items():
+        if gc is not None:
+            check_supported(gc, where[name])
+    if max_new_tokens is None:
+        max_new_tokens = _agreed(
+            "max_new_tokens", {n: getattr(gc, "max_new_tokens", None) for n, gc in gcs.items()}
+        )
+    if temperature is None:
+        neutral = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        settings = _agreed(
+            "temperature",
+            {n: sampling_settings(gc, where[n]) if gc is not None else neutral for n, gc in gcs.items()},
+        )
+        temperature = settings["temperature"]
+        top_k = settings["top_k"] if top_k is None else top_k
+        top_p = settings["top_p"] if top_p is None else top_p
+        if settings["min_p"] and "min_p" not in extra:
+            extra["min_p"] = settings["min_p"]
+    neutral = {"repetition_penalty": 1.0, "bad_words_ids": [], "min_new_tokens": 0}
+    for key, value in neutral.items():
+        if key in extra:
+            continue
+        got = _agreed(
+            key,
+            {
+                n: processing_settings(gc, eos, width)[key] if gc is not None else value
+                for n, gc in gcs.items()
+            },
+        )
+        if got != value:
+            extra[key] = got
+    return max_new_tokens, temperature, top_k, top_p
+
+
+def _agreed(field: str, values: Mapping[str, Any]) -> Any:
+    """The one value the targets of this call agree on; a ValueError naming ``field`` when they differ."""
+    distinct = {repr(v) for v in values.values()}
+    if len(distinct) > 1:
+        shown = ", ".join(f"{n!r}: {v!r}" for n, v in values.items())
+        raise ValueError(
+            f"{field}: the targets of this call take different values from their generation_config "
+            f"({shown}); pass {field} explicitly"
+        )
+    return next(iter(values.values()), None)
 
 
 def generation_default(configs: Mapping[str, TargetConfig], used: Sequence[str], field: str) -> Any:

@@ -27,33 +27,12 @@ from typing import Any
 
 import torch
 
-# generation_config fields whose non-default values change the distribution in ways we do not implement.
-_UNSUPPORTED = {
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "penalty_alpha": None,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "force_words_ids": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "top_h": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "sequence_bias": None,
-    "guidance_scale": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "stop_strings": None,
-    "max_time": None,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-}
+from s2d_ext.driver.generation_config import (
+    check_supported,
+    is_sampling,
+    processing_settings,
+    sampling_settings,
+)
 
 
 def generate(
@@ -88,7 +67,8 @@ def generate(
     torch.Tensor or GenerateDecoderOnlyOutput
         [B, L + new] sequences, like ``generate()``.
     """
-    from s2d_ext.driver.speculation import speculate
+    from s2d_ext.driver.batch import generate_batch
+    from s2d_ext.engine.models import TargetConfig, as_draft
     from s2d_ext.engine.processors import HFLogitsProcessor
 
     if draft is None:
@@ -98,40 +78,21 @@ def generate(
     if synced_gpus:
         raise ValueError("synced_gpus is not supported by s2d_ext.generate")
     config = generation_config
-    for name, default in _UNSUPPORTED.items():
-        value = getattr(config, name, default)
-        if value is not None and value != default and not (value == 0 and default is None):
-            raise ValueError(f"generation_config.{name}={value!r} is not supported by s2d_ext.generate")
+    check_supported(config, "generation_config")
     past = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
         raise ValueError(
             "s2d_ext.generate cannot continue from a filled cache; pass the whole prompt instead"
         )
-    sampling = bool(getattr(config, "do_sample", False))
-    temperature = float(config.temperature if config.temperature is not None else 1.0) if sampling else 0.0
-    top_k = int(config.top_k or 0) if sampling else 0
-    top_p = float(config.top_p if config.top_p is not None else 1.0) if sampling else 1.0
-    if sampling and temperature == 0.0:
-        raise ValueError(
-            "generation_config.temperature=0 with do_sample=True; use do_sample=False for greedy"
-        )
+    sampling = is_sampling(config)
+    settings = sampling_settings(config, "generation_config")
     eos = _ids(getattr(config, "_eos_token_tensor", None), config.eos_token_id)
-    min_new_tokens = max(
-        int(getattr(config, "min_new_tokens", None) or 0),
-        # NOTE: min_length counts the (padded) prompt, as MinLengthLogitsProcessor does.
-        int(getattr(config, "min_length", None) or 0) - input_ids.shape[1],
-    )
+    processing = processing_settings(config, eos, input_ids.shape[1])
+    min_new_tokens = processing["min_new_tokens"]
     max_length, stop_eos = _stopping(stopping_criteria, config, eos, min_new_tokens)
     extra = {
-        "min_p": float(config.min_p or 0.0) if sampling else 0.0,
-        "repetition_penalty": float(getattr(config, "repetition_penalty", None) or 1.0),
-        # NOTE: as generate()'s NoBadWordsLogitsProcessor, a one-token bad word that is an EOS id is dropped.
-        "bad_words_ids": [
-            list(w)
-            for w in (getattr(config, "bad_words_ids", None) or [])
-            if not (len(w) == 1 and w[0] in (eos or []))
-        ],
-        "min_new_tokens": min_new_tokens,
+        "min_p": settings["min_p"],
+        **processing,
         # NOTE: generate() built processors for the settings above (and warpers for the sampling ones);
         # those run natively. What is left came from the caller: run each at every verified position.
         "logits_processors": [
@@ -143,24 +104,29 @@ def generate(
         # NOTE: generate() has resolved the mask already (inferred from pad_token_id when the caller gave
         # none) and drops it only when it is all ones; None must not be inferred again from the pad id.
         attention_mask = torch.ones_like(input_ids)
-    out = speculate(
-        model,
+    draft = as_draft(draft)
+    target = TargetConfig(model, num_draft_tokens, draft_length, thresholds).checked("target", draft)
+    rows = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
+    out = generate_batch(
         draft,
+        {"target": target},
         input_ids,
         attention_mask,
+        ["target"] * rows,
         max_new_tokens=max(max_length - input_ids.shape[1], 0),
-        num_draft_tokens=num_draft_tokens,
-        draft_length=draft_length,
-        thresholds=thresholds,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        temperature=settings["temperature"],
+        top_k=settings["top_k"],
+        top_p=settings["top_p"],
         seed=seed,
         # NOTE: [] (not None) when nothing stops on EOS: None would fall back to the generation_config.
         eos_token_id=stop_eos,
         pad_token_id=_first(getattr(config, "_pad_token_tensor", None), config.pad_token_id),
         stop_token_ids=stop_token_ids,
-        **extra,
+        streamer=None,
+        extra=extra,
+        # NOTE: generate() merged the call's arguments into its config, which was translated above;
+        # the model's own generation_config must not override them.
+        from_generation_config=False,
     )
     if getattr(config, "return_dict_in_generate", False):
         from transformers.generation.utils import GenerateDecoderOnlyOutput

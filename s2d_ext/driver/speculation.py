@@ -29,13 +29,13 @@ def speculate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     num_draft_tokens: int = 5,
     draft_length: str = "heuristic",
     thresholds: Sequence[float] | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | Sequence[int] | torch.Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
@@ -58,8 +58,9 @@ def speculate(
     attention_mask : torch.Tensor, optional
         [B, L] (1 = token), on ``input_ids``' device. None: all ones, or ``input_ids != pad_token_id``
         when the prompts contain the pad token (as ``generate()`` does).
-    max_new_tokens : int
-        At most this many new tokens per row, >= 1 (``generate()`` rejects 0 too).
+    max_new_tokens : int, optional
+        At most this many new tokens per row, >= 1 (``generate()`` rejects 0 too). None:
+        ``target.generation_config.max_new_tokens`` when it is set, else 128.
     num_draft_tokens : int
         Draft tokens per step (the start value of "heuristic", the cap of "confidence").
     draft_length : str
@@ -67,8 +68,11 @@ def speculate(
         drafting at a token whose confidence is below the policy's stop threshold).
     thresholds : sequence of float, optional
         Exit thresholds of a sorted draft (one per exit); None = the draft's own.
-    temperature, top_k, top_p : float, int, float
+    temperature, top_k, top_p : float, int, float, optional
         Sampling as in ``generate()`` (temperature 0 = greedy; the filters apply only when sampling).
+        ``temperature=None`` does what ``generate()`` does without sampling arguments: greedy, unless
+        ``target.generation_config.do_sample`` is set, then its temperature, top-k, top-p and min-p. An
+        explicit temperature samples with exactly the filters passed (None = off).
     seed : int, sequence of int or [B] tensor, optional
         Philox seed(s), see the module docstring.
     eos_token_id, stop_token_ids : int or sequence of int, optional
@@ -86,7 +90,9 @@ def speculate(
     **sampling
         More :class:`~s2d_ext.engine.SamplingParams` fields for every row: ``min_p``,
         ``min_new_tokens``, ``repetition_penalty``, ``bad_words_ids``, ``allowed_token_ids``,
-        ``logits_processors``.
+        ``logits_processors``. ``repetition_penalty``, ``bad_words_ids`` and ``min_new_tokens`` /
+        ``min_length`` default to the target's generation_config, as in ``generate()``; a generation_config
+        setting that s2d_ext does not implement (``no_repeat_ngram_size``, beams, ...) raises a ValueError.
 
     Returns
     -------

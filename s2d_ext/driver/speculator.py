@@ -88,10 +88,10 @@ class Speculator:
         attention_mask: torch.Tensor | None = None,
         *,
         target: str | Sequence[str],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | Sequence[int] | torch.Tensor | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
@@ -105,8 +105,9 @@ class Speculator:
     ) -> SpeculateOutput:
         """Generate every row with its own target (``target``: one name, or one name per row).
 
-        Other arguments as in :func:`s2d_ext.speculate`; ``num_draft_tokens``, ``draft_length`` and
-        ``thresholds`` override the per-target settings for this call.
+        Other arguments as in :func:`s2d_ext.speculate` (unset ones from the targets' generation_config,
+        which must then agree); ``num_draft_tokens``, ``draft_length`` and ``thresholds`` override the
+        per-target settings for this call.
 
         Returns
         -------
