@@ -180,3 +180,53 @@ def test_an_all_ones_mask_is_kept_with_the_pad_id_inside_a_prompt(pair):
     ref = target.generate(ids, **kwargs)
     out = target.generate(ids, **kwargs, custom_generate=s2d_ext.generate, draft=draft_model)
     assert torch.equal(out, ref)
+
+
+class _Recorder:
+    """A streamer that records what it is sent (transformers' BaseStreamer protocol)."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_a_streamer_gets_the_new_tokens_and_the_end(pair):
+    # Regression: transformers sends a streamer the prompt but does not hand it to a callable
+    # custom_generate, so it never got the new tokens nor end() (a TextIteratorStreamer consumer hung).
+    target, draft = pair
+    ids = torch.tensor([[5, 8, 3, 9]])
+    plain, hooked = _Recorder(), _Recorder()
+    ref = target.generate(ids, max_new_tokens=12, do_sample=False, streamer=plain)
+    out = target.generate(
+        ids,
+        max_new_tokens=12,
+        do_sample=False,
+        streamer=hooked,
+        custom_generate=s2d_ext.generate,
+        draft=draft,
+    )
+    assert torch.equal(out, ref)
+    assert hooked.puts[0] == plain.puts[0] == ids[0].tolist()  # the prompt, once
+    assert sum(hooked.puts[1:], []) == sum(plain.puts[1:], []) == ref[0, ids.shape[1] :].tolist()
+    assert hooked.ended == plain.ended == 1
+
+
+def test_inputs_embeds_is_refused(pair):
+    # Regression: with input_ids given too, the embeddings were dropped and the output followed input_ids.
+    target, draft = pair
+    ids = torch.tensor([[5, 8, 3, 9]])
+    embeds = target.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        target.generate(
+            ids,
+            inputs_embeds=embeds,
+            max_new_tokens=4,
+            do_sample=False,
+            custom_generate=s2d_ext.generate,
+            draft=draft,
+        )

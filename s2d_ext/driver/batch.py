@@ -81,6 +81,7 @@ def generate_batch(
     pad_token_id: int | None,
     stop_token_ids: Sequence[int] | None,
     streamer: Any,
+    streamer_has_prompt: bool = False,
     profile: bool = False,
     extra: Mapping[str, Any] | None = None,
     from_generation_config: bool = True,
@@ -88,6 +89,7 @@ def generate_batch(
     """Run every row of ``input_ids`` with target ``names[b]`` (see :func:`s2d_ext.speculate`).
 
     ``extra``: more :class:`SamplingParams` fields for every row (min_p, repetition_penalty, ...).
+    ``streamer_has_prompt``: the streamer got the prompt already (from ``generate()``).
     ``from_generation_config``: settings left None (and processing fields absent from ``extra``) come from
     the targets' ``generation_config`` as ``generate()`` takes them; False when the caller resolved them
     already (``custom_generate``, which gets generate()'s merged config).
@@ -157,7 +159,7 @@ def generate_batch(
 
     host_ids, host_mask = input_ids.cpu(), mask.cpu()
     prompts = [host_ids[b][host_mask[b]].tolist() for b in range(batch)]
-    if streamer is not None:
+    if streamer is not None and not streamer_has_prompt:
         streamer.put(host_ids)
     engine.clock.reset()
     wall = time.perf_counter()

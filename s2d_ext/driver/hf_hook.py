@@ -14,14 +14,15 @@ What carries over from ``generate()``: ``max_new_tokens`` / ``max_length``, ``do
 at every verified position with its own prefix, :class:`~s2d_ext.engine.processors.HFLogitsProcessor`),
 and ``stopping_criteria`` entries of the types ``MaxLengthCriteria`` / ``EosTokenCriteria`` (any other
 criterion raises a ValueError: it cannot be run exactly, and ignoring it would change the output).
-Settings that are not supported (beam search, ``no_repeat_ngram_size``, ``typical_p``, ...) raise a
-ValueError. Note: transformers does not hand a
-callable ``custom_generate`` the ``streamer`` (it only sends it the prompt); stream with
-:func:`s2d_ext.speculate` instead.
+Settings that are not supported (beam search, ``no_repeat_ngram_size``, ``typical_p`` when sampling,
+``inputs_embeds``, ...) raise a ValueError. A ``streamer`` works as with ``generate()``: transformers sends it
+the prompt and does not hand it to a callable ``custom_generate``, so the hook takes it from ``generate()``'s
+frame (see :func:`_streamer_of_generate`).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,10 @@ def generate(
         )
     if synced_gpus:
         raise ValueError("synced_gpus is not supported by s2d_ext.generate")
+    if model_kwargs.get("inputs_embeds") is not None:
+        # NOTE: generate() hands both over when given both; the draft and the engine read token ids only,
+        # and generating from input_ids alone would silently follow another prompt.
+        raise ValueError("inputs_embeds is not supported by s2d_ext.generate; pass input_ids instead")
     config = generation_config
     check_supported(config, "generation_config")
     past = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
@@ -122,7 +127,8 @@ def generate(
         eos_token_id=stop_eos,
         pad_token_id=_first(getattr(config, "_pad_token_tensor", None), config.pad_token_id),
         stop_token_ids=stop_token_ids,
-        streamer=None,
+        streamer=streamer if streamer is not None else _streamer_of_generate(),
+        streamer_has_prompt=streamer is None,
         extra=extra,
         # NOTE: generate() merged the call's arguments into its config, which was translated above;
         # the model's own generation_config must not override them.
@@ -206,6 +212,28 @@ def _from_config(processor: Any, config: Any, sampling: bool) -> bool:
     return any(
         isinstance(processor, getattr(g, name)) for name, on in fields.items() if on and hasattr(g, name)
     )
+
+
+def _streamer_of_generate() -> Any:
+    """The ``streamer`` of the ``generate()`` call that is running this hook, or None.
+
+    NOTE: transformers (5.17 - 5.24) sends a streamer the prompt and then hands a callable
+    ``custom_generate`` only the keyword arguments ``GenerationMixin._sample`` does not take, so the
+    streamer never gets the new tokens nor ``end()`` and a ``TextIteratorStreamer`` consumer waits forever.
+    ``generate()`` still holds it as its local ``streamer``: look a few frames up (decorators wrap the
+    hook's call), and find nothing (None) rather than guess when the layout differs.
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if (
+            frame.f_code.co_name == "generate"
+            and frame.f_globals.get("__name__") == "transformers.generation.utils"
+        ):
+            return frame.f_locals.get("streamer")
+    return None
 
 
 def _ids(tensor: torch.Tensor | None, fallback: Any) -> list[int] | None:
