@@ -92,3 +92,70 @@ def test_console_command_help_shows_its_own_name():
         [sys.executable, "-m", "s2d_ext", "--help"], capture_output=True, text=True, timeout=120, check=True
     )
     assert module.stdout.startswith("usage: python -m s2d_ext ")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--threads", "-2"],
+        ["--threads", "0"],
+        ["--limit", "0"],
+        ["--dtype", "foo"],
+        ["--methods", "bogus"],
+        ["--rounds", "0"],
+        ["--exits", "a,b"],
+        ["--max-new-tokens", "0"],
+        ["--temperatures", "-1"],
+    ],
+)
+def test_bench_flags_are_checked_before_anything_runs(tiny_checkpoint, capsys, flags):
+    # Regression: these raised tracebacks after the models loaded, or ran (exit 0) with a silent default.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--targets", str(tiny_checkpoint), "--draft", str(tiny_checkpoint), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and flags[0] in err
+
+
+def test_bench_device_and_methods_of_the_run_are_checked(tiny_checkpoint, capsys):
+    assert (
+        main(["bench", "--targets", str(tiny_checkpoint), "--draft", str(tiny_checkpoint), "--device", "foo"])
+        == 1
+    )
+    assert "--device foo" in _one_error_line(capsys)
+    # sd-exit9 is a method name, but the 3-layer draft has no exit 9: the run would silently skip it
+    argv = [
+        "bench",
+        "--targets",
+        str(tiny_checkpoint),
+        "--draft",
+        str(tiny_checkpoint),
+        "--methods",
+        "sd-exit9",
+    ]
+    assert main([*argv, "--limit", "1", "--batch-sizes", "1"]) == 1
+    err = capsys.readouterr().err  # NOTE: after transformers' weight-loading progress bar
+    assert "Traceback" not in err and "error: --methods sd-exit9: not a method of this run" in err
+
+
+def test_a_checkpoint_without_weights_is_one_error_line(tmp_path, tiny_checkpoint, capsys):
+    # Regression: transformers' OSError ("no file named model.safetensors") escaped as a traceback.
+    hollow = tmp_path / "hollow"
+    shutil.copytree(tiny_checkpoint, hollow)
+    for weights in hollow.glob("*.safetensors"):
+        weights.unlink()
+    assert main(_generate(hollow, tiny_checkpoint)) == 1
+    assert "model.safetensors" in _one_error_line(capsys)
+
+
+def test_serve_checks_its_port_and_paths(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    serve = ["serve", "--target", str(tiny_checkpoint), "--draft", str(tiny_checkpoint)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*serve, "--port", "99999"])  # regression: an OverflowError after the models loaded
+    assert exit_info.value.code == 2 and "--port" in capsys.readouterr().err
+    assert main([*serve, "--tokenizer", "/nope"]) == 1  # regression: "Repo id must use alphanumeric chars"
+    assert "--tokenizer" in _one_error_line(capsys)
+    assert main(["serve", "--target", str(tmp_path / "gone"), "--draft", str(tiny_checkpoint)]) == 1
+    assert "--target" in _one_error_line(capsys)

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+
+from s2d_ext.cli._common import (
+    DTYPES,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 # NOTE: the prompts ship inside the package, so `s2d bench` works from a wheel; results go to ./bench/results
 # (in a checkout: the committed results folder) unless --out says otherwise.
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "spec_bench_question.jsonl"
 DEFAULT_OUT = Path("bench") / "results"
+
+
+#: the methods of the harness (``sd-exitN`` for every exit N of the draft)
+METHODS = ("generate", "assisted", "pld", "truncation", "sd-exitN", "s2d-paper", "s2d-calibrated")
+
+
+def method_name(text: str) -> str:
+    """A method of :data:`METHODS` (argparse type)."""
+    if text in METHODS and text != "sd-exitN" or re.fullmatch(r"sd-exit[1-9][0-9]*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown method {text!r} (methods: {', '.join(METHODS)})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,27 +44,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device of --target (default: cpu)")
     parser.add_argument(
         "--prompt-lookup-tokens",
-        type=int,
+        type=positive_int,
         default=10,
         help="pld: prompt_lookup_num_tokens (10, as Spec-Bench)",
     )
     parser.add_argument("--draft", help="sorted draft checkpoint (with --targets or --target)")
-    parser.add_argument("--exits", help="draft exits, e.g. 6,9,12 (default: from the draft's config)")
-    parser.add_argument("--dtype", default=None, help="torch dtype for checkpoints, e.g. bfloat16")
+    parser.add_argument(
+        "--exits", type=int_list, help="draft exits, e.g. 6,9,12 (default: from the draft's config)"
+    )
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="torch dtype for checkpoints")
     parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Spec-Bench question.jsonl")
-    parser.add_argument("--limit", type=int, default=2, help="questions per category (quick run: 1)")
-    parser.add_argument("--calibration-prompts", type=int, default=4, help="held-out prompts for calibrate()")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--methods", nargs="*", help="subset of methods (generate always runs)")
+    parser.add_argument("--limit", type=positive_int, default=2, help="questions per category (quick run: 1)")
+    parser.add_argument(
+        "--calibration-prompts", type=positive_int, default=4, help="held-out prompts for calibrate()"
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=256)
+    parser.add_argument("--temperatures", type=non_negative_float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        type=method_name,
+        help="subset of methods (generate always runs): " + ", ".join(METHODS),
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch CPU threads (default: 1, see s2d_ext._machine.DEFAULT_CPU_THREADS)",
     )
@@ -53,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default=None, help="results file stem (default: spec_bench_<device>)")
     parser.add_argument(
         "--draft-vocab",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="the draft's reduced vocabulary for every draft method: the N most frequent tokens of the "
@@ -62,7 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-names", nargs="*", help="only these targets of the family (e.g. target-large)"
     )
-    parser.add_argument("--calibration-rounds", type=int, default=3, help="timed rounds per candidate (3)")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="evaluation rounds over the prompts (every method each round)"
+        "--calibration-rounds", type=positive_int, default=3, help="timed rounds per candidate (3)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="evaluation rounds over the prompts (every method each round)",
     )

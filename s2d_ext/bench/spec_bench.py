@@ -261,7 +261,7 @@ def load_models(args) -> tuple:
         ref = checkpoints.resolve_target(args.target, args.gguf_file)
         tokenizer = checkpoints.load_tokenizer(ref)
         target = checkpoints.load_target(ref, dtype=dtype or torch.float32, device=args.device)
-        exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
+        exits = tuple(args.exits) if args.exits else None
         draft = checkpoints.load_draft(args.draft, target, exits=exits)
         return tokenizer, {ref.name: target}, draft
     if args.targets:
@@ -272,7 +272,7 @@ def load_models(args) -> tuple:
         for path in args.targets:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=args.device_map)
             targets[Path(path).name] = model.eval()
-        exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
+        exits = tuple(args.exits) if args.exits else None
         n_vocab = getattr(args, "draft_vocab", None)
         if n_vocab:
             raise ValueError(
@@ -329,6 +329,15 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads or DEFAULT_CPU_THREADS)
     load_start = os.getloadavg()
     tokenizer, targets, draft = load_models(args)
+    if args.methods:
+        baselines = bool(getattr(args, "target", None))
+        runnable = {m for b in args.batch_sizes for m in methods_for(draft, b, baselines)}
+        missing = [m for m in args.methods if m not in runnable]
+        if missing:
+            raise ValueError(
+                f"--methods {missing[0]}: not a method of this run (it has {', '.join(sorted(runnable))}; "
+                "assisted and pld run at batch size 1, pld and truncation with --target)"
+            )
     questions = load_questions(args.data, args.limit)
     # NOTE: calibration prompts are held out: the next question of each category after the evaluated ones.
     calibration = load_questions(args.data, 1, skip=args.limit or 0)[: args.calibration_prompts]

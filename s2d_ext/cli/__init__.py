@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns the exit status.
 
-    Bad arguments exit with status 2 (argparse); a ValueError/TypeError/FileNotFoundError raised while
+    Bad arguments exit with status 2 (argparse); a ValueError/TypeError/OSError raised while
     running is printed as ``error: ...`` with status 1 (a :class:`UsageError` gets the usage line, status 2).
     """
     parser = build_parser()
@@ -59,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UsageError as exc:
         args._parser.error(str(exc))  # raises SystemExit(2)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
+        # NOTE: OSError covers what transformers raises for a folder without weights or a broken config
+        # (and FileNotFoundError / NotADirectoryError for paths): one line, not a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -29,7 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from s2d_ext.checkpoints import resolve_target
-    from s2d_ext.cli._common import checkpoint_folder
+    from s2d_ext.cli._common import check_device, checkpoint_folder
+
+    check_device(args.device)
 
     if args.target is not None:
         if args.targets:

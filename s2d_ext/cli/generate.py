@@ -98,7 +98,7 @@ def run(args) -> int:
         tokenizer = checkpoints.load_tokenizer(ref)
     target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
     draft = checkpoints.load_draft(
-        args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype
+        args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
     )
     if draft.vocab_size != target.get_output_embeddings().weight.shape[0]:
         raise ValueError(

