@@ -150,3 +150,13 @@ def test_a_mask_inferred_from_pad_token_id_says_so(pair):
     ids = torch.tensor([[4, 7, 4, 9, 10]])
     with pytest.raises(ValueError, match=r"inferred.*pad_token_id=7.*attention_mask"):
         s2d_ext.speculate(target, draft, ids, max_new_tokens=2, pad_token_id=7)
+
+
+@pytest.mark.parametrize(
+    "name,hint", [("max_length", "max_new_tokens"), ("do_sample", "temperature"), ("beams", "")]
+)
+def test_a_generate_only_keyword_says_what_to_pass(name, hint):
+    target = make_target("llama", seed=3)
+    ids = torch.tensor([[5, 8, 3]])
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'.*{hint}"):
+        s2d_ext.speculate(target, target, ids, max_new_tokens=4, **{name: 15})

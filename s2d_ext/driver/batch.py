@@ -111,6 +111,7 @@ def generate_batch(
         pad_token_id = generation_default(configs, used, "pad_token_id")
     eos = [] if eos_token_id is None else eos_token_id
     extra = dict(extra or {})
+    _check_extra(extra)
     if from_generation_config:
         max_new_tokens, temperature, top_k, top_p = _config_defaults(
             configs, used, input_ids.shape[1], eos, extra, max_new_tokens, temperature, top_k, top_p
@@ -277,6 +278,27 @@ def check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask: prompts must be left-padded (zeros, then ones, on every row)")
     return mask
+
+
+#: generate() arguments with another name (or none) here, for the error message
+_GENERATE_ONLY = {
+    "max_length": "pass max_new_tokens (new tokens, not counting the prompt)",
+    "min_length": "pass min_new_tokens (new tokens, not counting the prompt)",
+    "do_sample": "pass temperature > 0 to sample (0 = greedy)",
+    "generation_config": "pass its settings as arguments (unset ones come from target.generation_config)",
+}
+
+
+def _check_extra(extra: Mapping[str, Any]) -> None:
+    """A TypeError naming a keyword argument that is no SamplingParams field (and what to pass instead)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    own = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "eos_token_id", "stop_token_ids"}
+    for name in extra:
+        if name not in fields or name in own:
+            hint = _GENERATE_ONLY.get(name, "see s2d_ext.SamplingParams for the per-row settings")
+            raise TypeError(f"unexpected keyword argument {name!r}: {hint}")
 
 
 def _config_defaults(configs, used, width, eos, extra, max_new_tokens, temperature, top_k, top_p):
