@@ -195,8 +195,10 @@ TABLES = [
         args={"logits_ptr": "*fp32", "vocab_ids_ptr": "*i64", "temperature_ptr": "*fp32"}
         | {"min_logit_ptr": "*fp32", "threshold_ptr": "*fp32", "seeds_ptr": "*i64", "offsets_ptr": "*i64"}
         | {"positions_ptr": "*i64", "probs_ptr": "*fp32", "probs_rows_ptr": "*i64", "tokens_ptr": "*i64"}
-        | {"confidence_ptr": "*fp32", "fired_ptr": "*i8", "head_vocab": "i32", "vocab": "i32"},
+        | {"confidence_ptr": "*fp32", "fired_ptr": "*i8", "head_vocab": "i32", "vocab": "i32"}
+        | {"probs_count": "i32"},
         combos=product(HAS_IDS=BOOLS, HAS_MIN_LOGIT=BOOLS, BLOCK=(1024,), RACE_TILE=(16,)),
+        may_be_one=("probs_count",),
     ),
     KernelTable(
         module="kv_compact",

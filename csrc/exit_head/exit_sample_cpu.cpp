@@ -100,6 +100,7 @@ SamplePrepared sample_prepare(const char* op, int64_t rows, int64_t head_vocab,
   p.min_logit = nullptr;
   p.probs_rows = prepared.probs_rows.data_ptr<int64_t>();
   p.probs = probs.data_ptr<float>();
+  p.probs_count = probs.size(0);
   p.tokens = prepared.tokens.data_ptr<int64_t>();
   p.confidence = prepared.confidence.data_ptr<float>();
   p.fired = prepared.fired.data_ptr<bool>();

@@ -118,10 +118,10 @@ def test_chunked_exit_head_equals_exit_head_reference(sim):
     torch.testing.assert_close(lse, want[2], rtol=1e-5, atol=1e-5)
 
 
-def run_sample(lib, logits, settings, vocab_ids, vocab, filters):
+def run_sample(lib, logits, settings, vocab_ids, vocab, filters, probs=None, probs_rows=None):
     rows, head_vocab = logits.shape
-    probs = torch.full((rows + 2, vocab), -7.0)
-    probs_rows = torch.arange(rows) + 2
+    probs = torch.full((rows + 2, vocab), -7.0) if probs is None else probs
+    probs_rows = torch.arange(rows) + 2 if probs_rows is None else probs_rows
     tokens = torch.full((rows,), -7, dtype=torch.int64)
     confidence = torch.full((rows,), -7.0)
     fired = torch.zeros(rows, dtype=torch.bool)
@@ -134,7 +134,7 @@ def run_sample(lib, logits, settings, vocab_ids, vocab, filters):
         address(logits), address(settings["temperature"]), address(min_logit), address(settings["threshold"]),
         address(settings["seeds"]), address(settings["offsets"]), address(settings["positions"]),
         address(vocab_ids), address(probs_rows), address(probs), address(tokens), address(confidence),
-        address(fired), rows, head_vocab, vocab,
+        address(fired), rows, head_vocab, vocab, probs.shape[0],
     )  # fmt: skip
     assert status == 0, "the simulator failed (see stderr)"
     return tokens, confidence, fired, probs, probs_rows
@@ -182,3 +182,28 @@ def test_sample_kernel_matches_reference(sim, name):
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(confidence, want_confidence, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+
+
+def test_sample_kernel_writes_only_inside_probs_without_value_checks(sim):
+    # Regression: out-of-range probs_rows / vocab_ids (validate=False, or a direct op call) wrote outside
+    # probs (and segfaulted on the CPU for an id of 2**36); now such a row or id writes nothing.
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 4, generator=gen) * 3
+    settings = dict(
+        temperature=torch.tensor([0.0, 1.0, 1.0]),
+        top_k=torch.zeros(3, dtype=torch.int64),
+        top_p=torch.ones(3),
+        threshold=torch.zeros(3),
+        seeds=torch.tensor([1, 2, 3]),
+        offsets=torch.zeros(3, dtype=torch.int64),
+        positions=torch.zeros(3, dtype=torch.int64),
+    )
+    base = torch.full((6, 8), -7.0)
+    probs = base[1:4]  # M = 3: rows 0 and 4-5 of base are outside it
+    vocab_ids = torch.tensor([0, 3, 10, 2**36])  # the last two are no ids of V = 8
+    rows = torch.tensor([-1, 1, 3])  # row 0 and row 2 point outside probs
+    run_sample(sim, logits, settings, vocab_ids, 8, False, probs=probs, probs_rows=rows)
+    assert torch.equal(base[0], torch.full((8,), -7.0)) and torch.equal(base[4:], torch.full((2, 8), -7.0))
+    assert torch.equal(probs[0], torch.full((8,), -7.0)) and torch.equal(probs[2], torch.full((8,), -7.0))
+    assert float(probs[1].sum()) <= 1.0 + 1e-6 and bool((probs[1] >= 0).all())  # ids 0 and 3 only
+    assert torch.equal(probs[1][[1, 2, 4, 5, 6, 7]], torch.zeros(6))

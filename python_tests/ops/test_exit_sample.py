@@ -379,3 +379,25 @@ def test_empty_batch(device, backend):
         torch.zeros(2, 11, device=device), empty, backend=backend,
     )  # fmt: skip
     assert tokens.shape == confidence.shape == fired.shape == (0,)
+
+
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c[1] != "reference"])
+def test_out_of_contract_rows_and_ids_stay_inside_probs_without_value_checks(device, backend):
+    # Regression: with validate=False (or a direct torch.ops call) a probs row outside [0, M) or a head id
+    # outside [0, V) was written anyway: outside probs, and a segfault on the CPU for an id of 2**36.
+    # Such input now writes nothing there (its outputs are unspecified, memory is not touched).
+    rows, vocab = 3, 8
+    logits = torch.randn(rows, 4, generator=torch.Generator().manual_seed(3)).to(device) * 3
+    base = torch.full((6, vocab), SENTINEL, device=device)
+    probs = base[1:4]  # M = 3: rows 0, 4 and 5 of base are outside it
+    for temperature in (0.0, 1.0):
+        sample_logits(
+            logits, temperature, 0, 1.0, torch.tensor([1, 2, 3], device=device), 0, 0, 0.0,
+            probs, torch.tensor([-1, 1, 3], device=device),  # rows 0 and 2 point outside probs
+            vocab_ids=torch.tensor([0, 3, 10, 2**36], device=device),  # the last two are no ids of V=8
+            backend=backend, validate=False,
+        )  # fmt: skip
+        outside = torch.cat([base[:1], base[4:], probs[0:1], probs[2:3]])
+        assert bool((outside == SENTINEL).all())
+        written = probs[1].cpu()
+        assert bool((written[[1, 2, 4, 5, 6, 7]] == 0).all()) and float(written.sum()) <= 1 + 1e-6

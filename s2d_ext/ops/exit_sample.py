@@ -80,7 +80,9 @@ def exit_sample(
         False skips the value checks (one device reduction each: temperatures, top-k / top-p ranges,
         positions, thresholds, the probs rows, vocab_ids) for a caller that checked them once per call
         of its own (``SortedDraft.propose`` calls this op at every exit of every draft step). Shapes,
-        dtypes and devices are always checked.
+        dtypes and devices are always checked. NOTE: the kernels stay memory-safe without the value
+        checks: a probs row outside [0, M) or a vocab id outside [0, V) is never written (the outputs
+        of such a call are unspecified).
 
     Returns
     -------

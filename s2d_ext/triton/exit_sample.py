@@ -61,6 +61,7 @@ def _sample_kernel(
     fired_ptr,  # [N] int8 out
     head_vocab,
     vocab,
+    probs_count,  # M
     HAS_IDS: tl.constexpr,
     HAS_MIN_LOGIT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -104,15 +105,18 @@ def _sample_kernel(
         token = tl.load(vocab_ids_ptr + arg)
     else:
         token = arg.to(tl.int64)
-    if fired:
-        q_row = probs_ptr + tl.load(probs_rows_ptr + row) * vocab
+    # NOTE: without value checks a probs row outside [0, M) writes nothing and an id outside [0, V) is
+    # never written (csrc/include/s2d/exit_sample_common.h): memory outside the buffers stays untouched.
+    probs_row = tl.load(probs_rows_ptr + row)
+    if fired & (probs_row >= 0) & (probs_row < probs_count):
+        q_row = probs_ptr + probs_row * vocab
         # 3. the probs row becomes q.
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             tl.store(q_row + cols, tl.zeros((BLOCK,), dtype=tl.float32), mask=cols < vocab)
         tl.debug_barrier()
         if greedy:
-            tl.store(q_row + token, 1.0)
+            tl.store(q_row + token, 1.0, mask=(token >= 0) & (token < vocab))
         else:
             for start in range(0, head_vocab, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
@@ -125,7 +129,7 @@ def _sample_kernel(
                     ids = tl.load(vocab_ids_ptr + cols, mask=in_range, other=0)
                 else:
                     ids = cols.to(tl.int64)
-                tl.store(q_row + ids, q, mask=kept)
+                tl.store(q_row + ids, q, mask=kept & (ids >= 0) & (ids < vocab))
             tl.debug_barrier()
             # 4. the race over the q just written: stage 1 over blocks of 64 ids, ties to the
             # smallest block (strict > across tiles), stage 2 inside the winning block.
@@ -192,6 +196,7 @@ def _launch_sample(logits, temperature, top_k, top_p, seeds, offsets, positions,
         fired,
         head_vocab,
         probs.shape[1],
+        probs.shape[0],
         HAS_IDS=vocab_ids is not None,
         HAS_MIN_LOGIT=min_logit is not None,
         BLOCK=4096 if interpreting else 1024,

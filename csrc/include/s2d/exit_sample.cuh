@@ -112,25 +112,27 @@ __global__ void __launch_bounds__(kSampleThreads)
     p.confidence[row] = confidence;
     p.fired[row] = fired;
   }
-  if (!fired) {
+  // NOTE: a probs row outside [0, M) writes nothing (exit_sample_common.h); uniform across the block.
+  float* q = probs_row(p, row);
+  if (!fired || q == nullptr) {
     if (threadIdx.x == 0) p.tokens[row] = token_id;
     return;  // NOTE: uniform across the block (every thread holds the same fired)
   }
 
   // 3. the probs row becomes q.
-  float* q = p.probs + p.probs_rows[row] * p.vocab;
   for (int64_t v = threadIdx.x; v < p.vocab; v += kSampleThreads) q[v] = 0.0f;
   __syncthreads();
   if (greedy) {
     if (threadIdx.x == 0) {
-      q[token_id] = 1.0f;
+      if (valid_id(p, token_id)) q[token_id] = 1.0f;
       p.tokens[row] = token_id;
     }
     return;
   }
   for (int64_t h = threadIdx.x; h < head_vocab; h += kSampleThreads) {
     const float s = dead ? 0.0f : sanitize(base[h] / divisor);
-    if (s >= min_logit && s != -INFINITY) q[head_id(p, h)] = expf(s - top) / total;
+    const int64_t id = head_id(p, h);
+    if (s >= min_logit && s != -INFINITY && valid_id(p, id)) q[id] = expf(s - top) / total;
   }
   __threadfence_block();
   __syncthreads();

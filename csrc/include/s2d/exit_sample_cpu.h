@@ -127,7 +127,7 @@ inline void sample_row(const float* logits, int64_t i, const SampleParams& p, Ro
   const bool dead = raw_max == -kInf;
   const float temperature = p.temperature[i];
   const bool greedy = !(temperature > 0.0f);
-  float* q = p.probs + p.probs_rows[i] * p.vocab;
+  float* q = probs_row(p, i);
   float confidence;
   if (greedy) {
     if (dead) {
@@ -144,9 +144,9 @@ inline void sample_row(const float* logits, int64_t i, const SampleParams& p, Ro
     p.confidence[i] = confidence;
     p.fired[i] = fired;
     p.tokens[i] = head_id(p, arg);
-    if (fired) {
+    if (fired && q != nullptr) {
       std::memset(q, 0, sizeof(float) * static_cast<size_t>(p.vocab));
-      q[head_id(p, arg)] = 1.0f;
+      if (valid_id(p, head_id(p, arg))) q[head_id(p, arg)] = 1.0f;
     }
     return;
   }
@@ -177,7 +177,7 @@ inline void sample_row(const float* logits, int64_t i, const SampleParams& p, Ro
   const bool fired = confidence >= p.threshold[i];
   p.confidence[i] = confidence;
   p.fired[i] = fired;
-  if (!fired) {
+  if (!fired || q == nullptr) {
     p.tokens[i] = head_id(p, arg);
     return;
   }
@@ -189,6 +189,7 @@ inline void sample_row(const float* logits, int64_t i, const SampleParams& p, Ro
     const float e = scores[h];
     if (e == 0.0f) continue;
     const int64_t id = head_id(p, h);
+    if (!valid_id(p, id)) continue;
     const float prob = e / sum;
     q[id] = prob;
     // NOTE: ids ascend, so each block's sum adds its ids in id order, as a sweep of q would.

@@ -50,7 +50,7 @@ extern "C" int sim_sample(const float* logits, const float* temperature, const f
                           const int64_t* positions, const int64_t* vocab_ids,
                           const int64_t* probs_rows, float* probs, int64_t* tokens,
                           float* confidence, bool* fired, int64_t rows, int64_t head_vocab,
-                          int64_t vocab) {
+                          int64_t vocab, int64_t probs_count) {
   s2d::exit_sample::SampleParams p{};
   p.temperature = temperature;
   p.top_k = nullptr;  // NOTE: the CUDA kernel takes the threshold precomputed in min_logit
@@ -63,6 +63,7 @@ extern "C" int sim_sample(const float* logits, const float* temperature, const f
   p.min_logit = min_logit;
   p.probs_rows = probs_rows;
   p.probs = probs;
+  p.probs_count = probs_count;
   p.tokens = tokens;
   p.confidence = confidence;
   p.fired = fired;
