@@ -253,3 +253,23 @@ def test_auto_prefers_triton_on_cuda_but_cuda_elsewhere(monkeypatch):
     for op in ("verify", "kv_compact"):
         assert available_backends(op, cuda) == ["cuda", "triton", "reference"]
         assert resolve_backend(op, "auto", cuda) == "cuda"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for d, b in CASES if d == "cpu"])
+def test_confidence_of_ties_and_infinite_logits_at_a_large_scale(backend):
+    # Regression (the reference, the spec): exp(max - logsumexp) rounded two logits tied at 10 / 1e-5 to a
+    # confidence of 1.0 (the kernels: 0.5), and an infinite logit divided by T gave inf - inf = NaN.
+    hidden, norm = torch.ones(1, 1), torch.ones(1)
+    _, confidence, lse = exit_head(hidden, norm, torch.tensor([[10.0], [10.0]]), 0.0, 1e-5, backend=backend)
+    assert float(confidence) == 0.5 and float(lse) == pytest.approx(1e6 + math.log(2))
+    _, confidence, lse = exit_head(
+        hidden, norm, torch.tensor([[float("inf")], [0.0]]), 0.0, 1e-5, backend=backend
+    )
+    assert float(confidence) == 1.0 and math.isinf(float(lse))
+
+
+@pytest.mark.parametrize("temperature", [1e-30, torch.tensor([0.0, 1e-7])])
+def test_a_positive_temperature_below_the_minimum_is_refused(temperature):
+    hidden, norm, head = make_inputs(2, 8, 11, torch.float32)
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        exit_head(hidden, norm, head, 1e-6, temperature)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -10,6 +11,22 @@ import torch
 from s2d_ext import _native
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+#: The smallest positive temperature the ops take (s2d_ext.engine.params.GREEDY_BELOW is the same). NOTE:
+#: below it, scores / T overflow float32 (garbage tokens, an infinite logsumexp).
+MIN_TEMPERATURE = 1e-5
+
+
+def temperatures_ok(temperature) -> bool | torch.Tensor:
+    """Finite and 0 (greedy) or >= MIN_TEMPERATURE: a bool for a Python scalar, a 0-dim bool tensor else."""
+    if isinstance(temperature, torch.Tensor):
+        ok = torch.isfinite(temperature) & ((temperature == 0) | (temperature >= MIN_TEMPERATURE))
+        return ok.all()
+    return bool(math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE))
+
+
+#: The message of a temperature that fails :func:`temperatures_ok`.
+TEMPERATURE_MESSAGE = f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE:g}"
 
 
 def triton_usable(device: torch.device) -> bool:

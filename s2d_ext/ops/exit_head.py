@@ -17,7 +17,14 @@ import math
 import torch
 
 from s2d_ext import _native
-from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
+from s2d_ext.ops._backend import (
+    TEMPERATURE_MESSAGE,
+    check_tensor,
+    is_tracing,
+    per_row,
+    resolve_backend,
+    temperatures_ok,
+)
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -155,17 +162,17 @@ def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature, check_valu
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     # NOTE: a Python scalar is checked on the host; only a tensor's values need a (synchronising) read.
     scalar = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    if scalar and check_values and not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError("temperature must be finite and >= 0")
+    if scalar and check_values and not temperatures_ok(temperature):
+        raise ValueError(TEMPERATURE_MESSAGE)
     temperature = per_row("temperature", temperature, batch, device, torch.float32)
     if (
         check_values
         and not scalar
         and batch
         and not is_tracing(device)
-        and (not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()))
+        and not bool(temperatures_ok(temperature))
     ):
-        raise ValueError("temperature must be finite and >= 0")
+        raise ValueError(TEMPERATURE_MESSAGE)
     return hidden.contiguous(), norm_weight.contiguous(), lm_head_weight.contiguous(), eps, temperature
 
 

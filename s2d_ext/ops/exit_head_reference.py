@@ -81,7 +81,11 @@ def exit_head_reference(
     logits = sanitize(exit_head_logits(hidden, norm_weight, lm_head_weight, eps))  # [N, V]
     tokens = logits.argmax(dim=-1)
     safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
-    scaled = logits / safe_t[:, None]
-    lse = torch.logsumexp(scaled, dim=-1)
-    confidence = torch.exp(scaled.amax(dim=-1) - lse)
+    # NOTE: scaled after subtracting the max, as the kernels do: (l - max) / T <= 0 never overflows, and
+    # confidence = 1 / sum exp(...) keeps ties exact (exp(max - logsumexp) rounds 2 tied logits at a
+    # large scale to 1.0 instead of 0.5, and logits / T overflowed to inf - inf = NaN).
+    top = logits.amax(dim=-1)
+    total = torch.exp((logits - top[:, None]) / safe_t[:, None]).sum(dim=-1)
+    confidence = 1.0 / total
+    lse = top / safe_t + torch.log(total)
     return tokens, confidence, lse

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 
 from s2d_ext import _native
-from s2d_ext.ops._backend import check_tensor, is_tracing, per_row, resolve_backend
+from s2d_ext.ops._backend import (
+    TEMPERATURE_MESSAGE,
+    check_tensor,
+    is_tracing,
+    per_row,
+    resolve_backend,
+    temperatures_ok,
+)
 from s2d_ext.ops.exit_head import _normalise
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -141,13 +148,8 @@ def sample_logits(
         raise ValueError("logits must have a vocabulary of at least one token (dim 1)")
     temperature = per_row("temperature", temperature, rows, logits.device, torch.float32)
     tracing = is_tracing(logits.device)
-    if (
-        validate
-        and rows
-        and not tracing
-        and not bool((torch.isfinite(temperature) & (temperature >= 0)).all())
-    ):
-        raise ValueError("temperature must be finite and >= 0")
+    if validate and rows and not tracing and not bool(temperatures_ok(temperature)):
+        raise ValueError(TEMPERATURE_MESSAGE)
     args = _normalise_sampling(
         rows, head_vocab, logits.device, temperature, top_k, top_p, seeds, offsets, positions, threshold,
         probs, probs_rows, vocab_ids, filters, validate,

@@ -7,19 +7,22 @@ The public wrapper validates and normalises its arguments, then runs one backend
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from s2d_ext import _native
-from s2d_ext.ops._backend import check_scalar, check_tensor, is_tracing, per_row, resolve_backend
+from s2d_ext.ops._backend import (
+    TEMPERATURE_MESSAGE,
+    check_scalar,
+    check_tensor,
+    is_tracing,
+    per_row,
+    resolve_backend,
+    temperatures_ok,
+)
 from s2d_ext.ops.logit_filters import logit_threshold
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-#: The smallest positive temperature the op samples at (s2d_ext.engine.params.GREEDY_BELOW is the same).
-MIN_TEMPERATURE = 1e-5
 
 
 def verify(
@@ -193,13 +196,8 @@ def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p,
         flags["draft_tokens"] = ~in_range.all()
     # NOTE: a positive temperature below MIN_TEMPERATURE overflows logits / temperature to inf (garbage
     # tokens); SamplingParams turns such temperatures into greedy before they reach the op.
-    if isinstance(temperature, torch.Tensor):
-        ok = torch.isfinite(temperature) & ((temperature == 0) | (temperature >= MIN_TEMPERATURE))
-        flags["temperature"] = ~ok.all()
-    else:
-        flags["temperature"] = not (
-            math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE)
-        )
+    ok = temperatures_ok(temperature)
+    flags["temperature"] = ~ok if isinstance(ok, torch.Tensor) else not ok
     flags["top_k"] = ~(top_k >= 0).all() if isinstance(top_k, torch.Tensor) else not top_k >= 0
     # NOTE: written as 0 < p <= 1 so that NaN fails too.
     if isinstance(top_p, torch.Tensor):
@@ -213,7 +211,7 @@ def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p,
     messages = {
         "num_draft": f"num_draft must be in [0, K={num_spec}]",
         "draft_tokens": f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft",
-        "temperature": f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE:g}",
+        "temperature": TEMPERATURE_MESSAGE,
         "top_k": "top_k must be >= 0 (0 disables it)",
         "top_p": "top_p must be in (0, 1]",
     }
