@@ -582,3 +582,15 @@ def test_torch_compile(device, backend):
     got = compiled(logits, tokens, q, temperature, seeds)
     expected = step(logits, tokens, q, temperature, seeds)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_meta_tensors_give_shapes_without_value_checks():
+    # Regression: the value checks read meta tensors ("Tensor.item() cannot be called on meta tensors").
+    meta = torch.device("meta")
+    out, n_acc = verify(
+        torch.zeros(2, 3, 17, device=meta),
+        torch.zeros(2, 2, dtype=torch.int64, device=meta),
+        None,
+        temperature=torch.zeros(2, device=meta),
+    )
+    assert out.shape == (2, 3) and n_acc.shape == (2,) and out.device == meta

@@ -80,12 +80,15 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
 
 
 def is_tracing(device: torch.device | None = None) -> bool:
-    """True under torch.compile tracing or CUDA-graph capture, where value checks would sync.
+    """True under torch.compile tracing or CUDA-graph capture, where value checks would sync, and for
+    meta tensors, which have no values to check.
 
     With ``device`` given, capture is only looked for when it is a CUDA device: a value check on
     CPU tensors never touches the GPU stream being captured.
     """
     if torch.compiler.is_compiling():
+        return True
+    if device is not None and device.type == "meta":
         return True
     if device is not None and device.type != "cuda":
         return False
