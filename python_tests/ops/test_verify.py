@@ -480,6 +480,9 @@ def _good():
         ({"top_p": torch.tensor([0.5, 1.0, 1.1])}, ValueError, "top_p"),
         ({"seeds": torch.zeros(2, dtype=torch.int64)}, ValueError, "seeds"),
         ({"seeds": 1.5}, TypeError, "seeds"),
+        ({"seeds": 2**64}, ValueError, "seeds"),  # was an OverflowError naming nothing
+        ({"temperature": torch.tensor([True, False, True])}, TypeError, "temperature"),  # was accepted
+        ({"num_draft": torch.tensor([True, False, True])}, TypeError, "num_draft"),
         ({"offsets": torch.zeros(3, 1, dtype=torch.int64)}, ValueError, "offsets"),
     ],
 )

@@ -136,6 +136,8 @@ def per_row(
             raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
         if not dtype.is_floating_point and value.dtype.is_floating_point:
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a number tensor, got a bool tensor")
         # NOTE: tested first, because .to() and .contiguous() cost a dispatch even as no-ops.
         if value.dtype != dtype:
             value = value.to(dtype)
@@ -150,3 +152,5 @@ def check_scalar(name: str, value: object, *, integer: bool) -> None:
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
     if integer and isinstance(value, float):
         raise TypeError(f"{name} must be an integer, got {value!r}")
+    if integer and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
