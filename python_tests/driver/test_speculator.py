@@ -97,14 +97,21 @@ def test_calibrate_picks_and_keeps_settings():
         "t", prompts, max_new_tokens=8, num_draft_grid=[2, 4], threshold_grid=[0.3, 0.9], rounds=2
     )
     results = chosen["results"]
-    # 2 shared thresholds + the 2 fixed exits, times 2 draft lengths: every candidate is reported
-    assert len(results) == 8
+    # 2 shared thresholds + the 2 fixed exits, times 2 draft lengths of the target's policy and the 2
+    # short fixed lengths: every candidate is reported
+    assert len(results) == 16
+    assert {(r["draft_length"], r["num_draft_tokens"]) for r in results} == {
+        ("heuristic", 2),
+        ("heuristic", 4),
+        ("fixed", 1),
+        ("fixed", 2),
+    }
     assert {r["thresholds"] for r in results} == {(0.3, 0.0), (0.9, 0.0), (0.0, 0.0), (1.0, 0.0)}
     assert {r["fixed_exit"] for r in results if r["thresholds"] in ((0.0, 0.0), (1.0, 0.0))} == {1, 2}
     assert all(r["fixed_exit"] is None for r in results if r["thresholds"] in ((0.3, 0.0), (0.9, 0.0)))
     # every candidate ran every round; the finalists (a quarter, at least 2) twice as many times
     counts = sorted(len(r["timings"]) for r in results)
-    assert counts == [2] * 6 + [4] * 2
+    assert counts == [2] * 12 + [4] * 4
     for r in results:
         assert r["tokens_per_second"] == statistics.median(r["timings"]) and r["mat"] >= 1.0
     assert [r["tokens_per_second"] for r in results] == sorted(
@@ -143,7 +150,7 @@ def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatc
     assert {(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0)} <= taus
     assert {r["fixed_exit"] for r in chosen["results"]} == {None, 1, 2, 3}
     n = len(chosen["results"])
-    assert n == (7 + 3) * 4
+    assert n == (7 + 3) * (4 + 2)  # heuristic at 2, 4, 6, 8 and fixed at 1, 2 (SHORT_FIXED_LENGTHS)
     assert len(calls) == 1 + 3 * n + 3 * max(2, -(-n // 4))  # warm-up, 3 rounds, 3 rounds of finalists
     assert {seed for *_, seed in calls} == {0}  # sampled calibration runs with a fixed seed
     # draft-length policies as one more dimension; the winner's policy is kept
@@ -167,7 +174,8 @@ def test_calibrate_defaults_reach_low_thresholds_and_every_fixed_exit(monkeypatc
         "t", [[1, 2, 3], [4], [5, 6]], num_draft_grid=[3], threshold_grid=[], batch_size=2
     )
     assert set(shapes) == {(2, 3), (1, 2)}
-    assert result["mat"] == 2.0 and len(shapes) == 2 * (1 + 3 * 3 + 3 * 2)  # 3 fixed exits, 2 finalists
+    # 3 fixed exits x (heuristic at 3, fixed at 1 and 2) = 9 candidates, 3 finalists
+    assert result["mat"] == 2.0 and len(shapes) == 2 * (1 + 3 * 9 + 3 * 3)
 
 
 def test_calibrate_rejects_bad_grids():

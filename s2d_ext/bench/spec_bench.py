@@ -52,8 +52,10 @@ from s2d_ext.bench.arguments import add_arguments
 
 PAPER_THRESHOLD = 0.5
 # A small grid keeps calibration to a few minutes on a CPU (every fixed exit is added to the thresholds,
-# and each policy doubles the grid); pass a finer one on a GPU.
-CALIBRATION_DRAFT_LENGTHS = (3, 5)
+# and each policy doubles the grid); pass a finer one on a GPU. NOTE: 1 is in it because on this CPU a
+# verify of 4+ tokens costs 1.7x a decode step and of 2 tokens 1.2x (bench/results/forward_width_cpu.md),
+# so with SmolLM2's low acceptance a fixed single draft token is the fastest setting.
+CALIBRATION_DRAFT_LENGTHS = (1, 3, 5)
 CALIBRATION_THRESHOLDS = (0.05, 0.2)
 CALIBRATION_POLICIES = ("fixed", "heuristic")
 

@@ -177,8 +177,12 @@ class Speculator:
         0.4, 0.6, 0.8) and, with ``fixed_exits``, every single fixed exit (exit i always fires, the exits
         before it are off: thresholds 1, ..., 1, 0, ...), so calibrated S2D is never slower than the best
         fixed-exit draft on these prompts, up to timing noise. ``draft_length_grid`` adds draft-length
-        policies as a dimension ("fixed", "heuristic", "confidence"; default: the one in
-        ``generate_kwargs``, else this target's setting).
+        policies as a dimension ("fixed", "heuristic", "confidence"); by default the one in
+        ``generate_kwargs`` (else this target's setting) with ``num_draft_grid``, plus "fixed" at the
+        lengths of :data:`SHORT_FIXED_LENGTHS` (1 and 2) for every threshold option. NOTE: where verifying
+        more tokens costs disproportionately (on the 2-core Xeon of bench/results, a SmolLM2 forward of 4
+        tokens costs 1.7x one token, of 3 tokens 1.25x: the CPU GEMM slows above 3 rows), a short fixed
+        draft beats a growing one when acceptance is low.
 
         Timing: one warm-up run, then ``rounds`` rounds that time every candidate once each, in an order
         that alternates (forward, then backward) so slow drifts of the machine hit all candidates alike;
@@ -214,6 +218,14 @@ class Speculator:
             for p in policies
             for c in _calibration_candidates(self.draft.exits, num_draft_grid, threshold_grid, fixed_exits)
         ]
+        if draft_length_grid is None:
+            seen = {(repr(c["thresholds"]), c["num_draft_tokens"], c["draft_length"]) for c in candidates}
+            for c in _calibration_candidates(
+                self.draft.exits, SHORT_FIXED_LENGTHS, threshold_grid, fixed_exits
+            ):
+                key = (repr(c["thresholds"]), c["num_draft_tokens"], "fixed")
+                if key not in seen:
+                    candidates.append({**c, "draft_length": "fixed"})
         refine = max(2, -(-len(candidates) // 4)) if refine is None else _check_int("refine", refine, low=0)
         kwargs = {"max_new_tokens": max_new_tokens, **generate_kwargs}
         if kwargs.get("temperature", 0.0) > 0:
@@ -299,6 +311,10 @@ def _batch_prompts(
             ids[i, width - len(r) :] = r
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+#: Fixed draft lengths ``calibrate`` also times by default (see its docstring).
+SHORT_FIXED_LENGTHS = (1, 2)
 
 
 def _calibration_candidates(exits, num_draft_grid, threshold_grid, fixed_exits) -> list[dict[str, Any]]:
