@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(kSampleThreads)
     p.confidence[row] = confidence;
     p.fired[row] = fired;
   }
-  // NOTE: a probs row outside [0, M) writes nothing (exit_sample_common.h); uniform across the block.
+  // NOTE: a probs row outside [0, M) writes nothing (exit_sample_common.h); uniform across the
+  // block.
   float* q = probs_row(p, row);
   if (!fired || q == nullptr) {
     if (threadIdx.x == 0) p.tokens[row] = token_id;
