@@ -158,6 +158,39 @@ def tokenizer_folder(flag: str, path: str) -> Path:
     return folder
 
 
+def checked_target_paths(args):
+    """``--target`` (folder, .gguf or smollm2, with ``--gguf-file``), ``--draft`` and ``--tokenizer`` checked
+    before anything loads; returns the target's :class:`~s2d_ext.checkpoints.TargetRef`."""
+    from s2d_ext import checkpoints
+
+    ref = checkpoints.resolve_target(args.target, args.gguf_file)
+    checkpoint_folder("--draft", args.draft)
+    if args.tokenizer is not None:
+        tokenizer_folder("--tokenizer", args.tokenizer)
+    elif not ref.is_gguf:  # NOTE: a GGUF file carries its tokenizer
+        tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
+    return ref
+
+
+def load_target_and_draft(args, ref, dtype):
+    """(tokenizer, target, draft) of ``--target`` / ``--tokenizer`` / ``--draft`` (``--exits``,
+    ``--thresholds``) on ``--device``; a draft that references its target's embedding and head borrows
+    them."""
+    from s2d_ext import checkpoints
+
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = checkpoints.load_tokenizer(ref)
+    target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+    draft = checkpoints.load_draft(
+        args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
+    )
+    return tokenizer, target, draft
+
+
 def torch_dtype(name: str):
     import torch
 

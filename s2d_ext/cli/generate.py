@@ -9,10 +9,10 @@ from s2d_ext.cli import UsageError
 from s2d_ext.cli._common import (
     add_runtime_args,
     apply_runtime,
-    checkpoint_folder,
+    checked_target_paths,
     draft_run_args,
     int_list,
-    tokenizer_folder,
+    load_target_and_draft,
     torch_dtype,
 )
 
@@ -63,18 +63,11 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from s2d_ext import checkpoints
-
     prompts = _prompts(args)
-    ref = checkpoints.resolve_target(args.target, args.gguf_file)
-    checkpoint_folder("--draft", args.draft)
-    if args.tokenizer is not None:
-        tokenizer_folder("--tokenizer", args.tokenizer)
-    elif not ref.is_gguf:  # NOTE: a GGUF file carries its tokenizer
-        tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
+    ref = checked_target_paths(args)
     apply_runtime(args)
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     from s2d_ext.demo import compare_on_prompts, format_table
@@ -91,15 +84,7 @@ def run(args) -> int:
         n_exits = len(args.exits or getattr(draft_config, "s2d_exits", None) or (1,))
         if len(args.thresholds) != n_exits:
             raise UsageError(f"--thresholds has {len(args.thresholds)} values for {n_exits} exits")
-    dtype = torch_dtype(args.dtype)
-    if args.tokenizer is not None:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    else:
-        tokenizer = checkpoints.load_tokenizer(ref)
-    target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
-    draft = checkpoints.load_draft(
-        args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
-    )
+    tokenizer, target, draft = load_target_and_draft(args, ref, torch_dtype(args.dtype))
     if draft.vocab_size != target.get_output_embeddings().weight.shape[0]:
         raise ValueError(
             f"--draft vocabulary ({draft.vocab_size}) differs from --target's "

@@ -8,11 +8,11 @@ from s2d_ext.cli import UsageError
 from s2d_ext.cli._common import (
     add_runtime_args,
     apply_runtime,
-    checkpoint_folder,
+    checked_target_paths,
     float_list,
     int_list,
+    load_target_and_draft,
     positive_int,
-    tokenizer_folder,
     torch_dtype,
 )
 
@@ -77,19 +77,11 @@ def run(args) -> int:
         raise UsageError("--target needs --draft")
     if args.gguf_file is not None and args.target is None:
         raise UsageError("--gguf-file goes with --target")
-    from s2d_ext import checkpoints
     from s2d_ext.server.launch import check_installed
 
     check_installed()
-    ref = None
-    if args.target is not None:
-        # NOTE: every path is checked before a model loads (one error line, not a transformers traceback).
-        ref = checkpoints.resolve_target(args.target, args.gguf_file)
-        checkpoint_folder("--draft", args.draft)
-        if args.tokenizer is not None:
-            tokenizer_folder("--tokenizer", args.tokenizer)
-        elif not ref.is_gguf:  # NOTE: a GGUF file carries its tokenizer
-            tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
+    # NOTE: every path is checked before a model loads (one error line, not a transformers traceback).
+    ref = checked_target_paths(args) if args.target is not None else None
     apply_runtime(args)
     from s2d_ext.engine import Engine, TargetConfig
     from s2d_ext.server.app import build_app
@@ -104,17 +96,7 @@ def run(args) -> int:
         name = list(targets)[-1]  # the largest
         target = targets[name]
     else:
-        from transformers import AutoTokenizer
-
-        if args.tokenizer is not None:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        else:
-            tokenizer = checkpoints.load_tokenizer(ref)
-        target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
-        # NOTE: load_draft lends the target's embedding and head to a draft that references them.
-        draft = checkpoints.load_draft(
-            args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
-        )
+        tokenizer, target, draft = load_target_and_draft(args, ref, dtype)
         name = ref.name or "target"
     name = args.model_name or name
     config = TargetConfig(target, args.num_draft_tokens, args.draft_length, args.thresholds)

@@ -368,11 +368,4 @@ def generation_default(configs: Mapping[str, TargetConfig], used: Sequence[str],
     for name in used:
         ids = generation_default_ids(getattr(configs[name].model, "generation_config", None), field)
         values[name] = None if not ids else (ids[0] if len(ids) == 1 else ids)
-    distinct = {repr(v) for v in values.values()}
-    if len(distinct) > 1:
-        shown = ", ".join(f"{n!r}: {v!r}" for n, v in values.items())
-        raise ValueError(
-            f"{field}: the targets of this call have different generation_config.{field} ({shown}); "
-            f"pass {field} explicitly"
-        )
-    return next(iter(values.values()), None)
+    return _agreed(field, values)
