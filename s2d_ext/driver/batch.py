@@ -335,16 +335,13 @@ def _config_defaults(configs, used, width, eos, extra, max_new_tokens, temperatu
         if settings["min_p"] and "min_p" not in extra:
             extra["min_p"] = settings["min_p"]
     neutral = {"repetition_penalty": 1.0, "bad_words_ids": [], "min_new_tokens": 0}
+    processing = {
+        n: processing_settings(gc, eos, width) if gc is not None else neutral for n, gc in gcs.items()
+    }
     for key, value in neutral.items():
         if key in extra:
             continue
-        got = _agreed(
-            key,
-            {
-                n: processing_settings(gc, eos, width)[key] if gc is not None else value
-                for n, gc in gcs.items()
-            },
-        )
+        got = _agreed(key, {n: settings[key] for n, settings in processing.items()})
         if got != value:
             extra[key] = got
     return max_new_tokens, temperature, top_k, top_p
