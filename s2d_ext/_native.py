@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-OPS = ("verify", "exit_head", "kv_compact")
+OPS = ("verify", "exit_head", "kv_compact", "invariant_linear")
 BUILD_INFO = "_build_info.json"
 REBUILD = "python -m pip install --no-build-isolation --force-reinstall --no-deps ."
 

@@ -13,9 +13,10 @@ compile error, a kernel whose arguments no longer match its table below, or a ke
 shared memory than the architecture has), 0 otherwise, and 0 with a message where Triton (or its
 NVIDIA backend) is not installed.
 
-What is compiled: the kernels that ``s2d_ext/triton/{verify,exit_head,exit_sample,kv_compact}.py``
-launch, with the argument dtypes, constexpr values and ``num_warps`` their launchers pass on a CUDA
-device (not the interpreter's smaller tiles). ``s2d_ext/triton/philox.py`` launches nothing; its
+What is compiled: the kernels that
+``s2d_ext/triton/{verify,exit_head,exit_sample,kv_compact,invariant_linear}.py`` launch, with the
+argument dtypes, constexpr values and ``num_warps`` their launchers pass on a CUDA device (not the
+interpreter's smaller tiles). ``s2d_ext/triton/philox.py`` launches nothing; its
 ``@triton.jit`` helpers are compiled inside the verify and exit_sample kernels. The combinations (one
 table per kernel, below):
 
@@ -30,6 +31,8 @@ table per kernel, below):
   gets (CHUNK=64, BLOCK_D=16) on fp32 and bf16.
 - exit_head ``_merge_kernel``: BLOCK_N=64 (its only value).
 - exit_sample ``_sample_kernel``: HAS_IDS x HAS_MIN_LOGIT, BLOCK=1024, RACE_TILE=16 (the CUDA launch).
+- invariant_linear ``_invariant_linear_kernel``: weights fp32/bf16/fp16 x HAS_BIAS, BLOCK_T=4, BLOCK_N=32,
+  BLOCK_K=64 (constants: the launcher never picks them from the shapes).
 - kv_compact ``_kv_compact_kernel``: the cache as i8/i16/i32/i64 (fp8, 16-, 32-, 64-bit floats) with
   head dim 128 (BLOCK_I=32, BLOCK_D=128), plus on i16: one output slot (BLOCK_I=1), head dim 256
   (BLOCK_I=16, BLOCK_D=256) and head dim 1 (BLOCK_I=4096, BLOCK_D=1).
@@ -199,6 +202,16 @@ TABLES = [
         | {"probs_count": "i32"},
         combos=product(HAS_IDS=BOOLS, HAS_MIN_LOGIT=BOOLS, BLOCK=(1024,), RACE_TILE=(16,)),
         may_be_one=("probs_count",),
+    ),
+    KernelTable(
+        module="invariant_linear",
+        kernel="_invariant_linear_kernel",
+        args={"x_ptr": "*fp32", "w_ptr": "*{weight}", "bias_ptr": "*fp32", "y_ptr": "*fp32"}
+        | {"rows": "i32", "in_features": "i32", "out_features": "i32"},
+        combos=product(
+            weight=("fp32", "bf16", "fp16"), HAS_BIAS=BOOLS, BLOCK_T=(4,), BLOCK_N=(32,), BLOCK_K=(64,)
+        ),
+        may_be_one=("rows",),
     ),
     KernelTable(
         module="kv_compact",
