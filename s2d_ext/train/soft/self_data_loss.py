@@ -59,8 +59,8 @@ class SelfDataBatch:
     attention_mask: torch.Tensor  # [B, L] int64
     positions: torch.Tensor  # [N] int64 in [0, B * L)
     labels: torch.Tensor  # [N] int64 target token ids
-    topk_ids: torch.Tensor  # [N, K] int64 target token ids
-    topk_logprobs: torch.Tensor  # [N, K] float32
+    topk_ids: torch.Tensor  # [N, K] or [N, M, K] (M teachers) int64 target token ids
+    topk_logprobs: torch.Tensor  # [N, K] or [N, M, K] float32
 
     @property
     def num_tokens(self) -> int:
@@ -161,18 +161,26 @@ def self_data_loss(
     states = exit_hidden_states(model, batch.input_ids, batch.attention_mask, exits)
     labels_ce = torch.where(labels >= 0, labels, torch.full_like(labels, -100))
     n_ce = (labels_ce >= 0).sum().clamp_min(1)
-    target_top1 = top_index[:, 0]
+    # NOTE: [N, K] is one teacher (self-written data); [N, M, K] is M teachers (teacher-forced data): the KL
+    # term is the mean of the teachers' (the paper's one draft for several targets), and so is agreement.
+    top_index = top_index if top_index.dim() == 3 else top_index[:, None]
+    top_logprobs = batch.topk_logprobs if batch.topk_logprobs.dim() == 3 else batch.topk_logprobs[:, None]
+    teachers = top_index.shape[1]
     total = head.new_zeros((), dtype=torch.float32)
     ces, kls, agree = [], [], []
     for w, hidden in zip(weights, states):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # [N, d]
         log_q = F.log_softmax((h @ head.t().to(h.dtype)).float(), dim=-1)  # [N, V']
         ce = F.nll_loss(log_q, labels_ce, ignore_index=-100, reduction="sum") / n_ce
-        kl = topk_kl(log_q, top_index, batch.topk_logprobs).mean()
+        kl = (
+            sum(topk_kl(log_q, top_index[:, m], top_logprobs[:, m]).mean() for m in range(teachers))
+            / teachers
+        )
         total = total + w * (ce_weight * ce + kl_weight * kl)
         ces.append(ce.detach())
         kls.append(kl.detach())
-        agree.append((log_q.detach().argmax(-1) == target_top1).float().mean())
+        top1 = log_q.detach().argmax(-1)[:, None]  # [N, 1]
+        agree.append((top1 == top_index[:, :, 0]).float().mean())
     return SelfDataLossOutput(
         loss=total,
         ce_per_exit=torch.stack(ces).float().cpu(),
