@@ -44,7 +44,9 @@ def _digests(root):
 def test_build_scores_every_window_with_every_teacher(tmp_path, tiny_tokenizer, teachers):
     spec = small_spec()
     fps = {"small": "a", "large": "b"}
-    root = teacher_data.build_teacher_data(teachers, tiny_tokenizer, spec, fps, tmp_path, progress=False)
+    shards = teacher_data.build_teacher_data(teachers, tiny_tokenizer, spec, fps, tmp_path, progress=False)
+    root = teacher_data.teacher_data_dir("tiny", tmp_path)
+    assert shards == ["answers_00000.safetensors", "answers_00001.safetensors", "answers_00002.safetensors"]
     data = self_data.load_self_data(root)
     windows = teacher_data.source_windows(tiny_tokenizer, spec)
     assert data.num_sequences == spec.num_windows == 5
@@ -63,7 +65,8 @@ def test_build_scores_every_window_with_every_teacher(tmp_path, tiny_tokenizer, 
 def test_resumes_rebuilds_damage_and_keys_on_teachers(tmp_path, tiny_tokenizer, teachers):
     spec = small_spec()
     fps = {"small": "a", "large": "b"}
-    a = teacher_data.build_teacher_data(teachers, tiny_tokenizer, spec, fps, tmp_path / "a", progress=False)
+    teacher_data.build_teacher_data(teachers, tiny_tokenizer, spec, fps, tmp_path / "a", progress=False)
+    a = teacher_data.teacher_data_dir("tiny", tmp_path / "a")
 
     class Stop(Exception):
         pass
@@ -76,10 +79,18 @@ def test_resumes_rebuilds_damage_and_keys_on_teachers(tmp_path, tiny_tokenizer, 
         teacher_data.build_teacher_data(
             teachers, tiny_tokenizer, spec, fps, tmp_path / "b", progress=False, on_file=stop
         )
+    # a time budget that is spent: the shards built so far, and a partial set that loads
+    built = teacher_data.build_teacher_data(
+        teachers, tiny_tokenizer, spec, fps, tmp_path / "b", progress=False, max_seconds=1e-9
+    )
+    assert built == ["answers_00000.safetensors", "answers_00001.safetensors"]  # the interrupted run's
+    partial = self_data.load_self_data(teacher_data.teacher_data_dir("tiny", tmp_path / "b"), shards=built)
+    assert partial.num_sequences == len(partial.prompts) == 4
     written = []
-    b = teacher_data.build_teacher_data(
+    teacher_data.build_teacher_data(
         teachers, tiny_tokenizer, spec, fps, tmp_path / "b", progress=False, on_file=written.append
     )
+    b = teacher_data.teacher_data_dir("tiny", tmp_path / "b")
     assert "answers_00000.safetensors" not in written and _digests(a) == _digests(b)
     shard = a / "answers_00002.safetensors"
     raw = bytearray(shard.read_bytes())
@@ -99,10 +110,10 @@ def test_resumes_rebuilds_damage_and_keys_on_teachers(tmp_path, tiny_tokenizer, 
 
 def test_loss_distils_toward_the_mean_of_the_teachers(tmp_path, tiny_tokenizer, teachers):
     spec = small_spec()
-    root = teacher_data.build_teacher_data(
+    teacher_data.build_teacher_data(
         teachers, tiny_tokenizer, spec, {"small": "a", "large": "b"}, tmp_path, progress=False
     )
-    data = self_data.load_self_data(root)
+    data = self_data.load_self_data(teacher_data.teacher_data_dir("tiny", tmp_path))
     draft = tiny_llama(num_layers=2, vocab_size=len(tiny_tokenizer), seed=3)
     batch = self_data_batch(data, [0, 1])
     out = self_data_loss(draft, batch, exits=(2,), ce_weight=0.0)

@@ -96,6 +96,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="float32",
         help="--teacher-data: the teachers' dtype while they score (float32: the fast CPU GEMM here)",
     )
+    parser.add_argument(
+        "--teacher-minutes",
+        type=positive_float,
+        default=None,
+        metavar="MINUTES",
+        help="--teacher-data: start no new shard after this long and train on the shards built (the same "
+        "command later resumes the rest)",
+    )
     parser.add_argument("--teacher-data-dir", default=None, help="teacher-data cache root (~/.cache/s2d_ext)")
     parser.add_argument(
         "--self-data-prompts",
@@ -392,9 +400,17 @@ def _run_teacher_data(args, ref, dtype) -> int:
             teachers[t.describe()] = model
     else:
         teachers = {name: None for name in fingerprints}
-    root = teacher_data.build_teacher_data(
-        teachers, tokenizer, spec, fingerprints, args.teacher_data_dir, progress=not args.no_progress
+    shards = teacher_data.build_teacher_data(
+        teachers,
+        tokenizer,
+        spec,
+        fingerprints,
+        args.teacher_data_dir,
+        progress=not args.no_progress,
+        max_seconds=None if args.teacher_minutes is None else args.teacher_minutes * 60,
     )
+    if not shards:
+        raise ValueError("--teacher-minutes ran out before the first shard of teacher data was built")
     del teachers
     gc.collect()
     data_seconds = time.perf_counter() - t0
@@ -404,11 +420,12 @@ def _run_teacher_data(args, ref, dtype) -> int:
     return _train_on_cached_data(
         args, ref, tokenizer, target, layers, exits, root, data_seconds, extra,
         vocab_counts=lambda vocab_size: teacher_data.stdlib_token_counts(tokenizer, vocab_size),
+        shards=shards,
     )  # fmt: skip
 
 
 def _train_on_cached_data(
-    args, ref, tokenizer, target, layers, exits, root, data_seconds, extra, vocab_counts=None
+    args, ref, tokenizer, target, layers, exits, root, data_seconds, extra, vocab_counts=None, shards=None
 ) -> int:
     """Cut the draft from ``target``, train it on the cached data set at ``root`` (self-written or teacher-
     forced: :class:`~s2d_ext.train.self_data.SelfData`), save it. ``vocab_counts(V)``: the token counts a
@@ -416,7 +433,7 @@ def _train_on_cached_data(
     from s2d_ext import checkpoints
     from s2d_ext.train import self_data, soft
 
-    data = self_data.load_self_data(root)
+    data = self_data.load_self_data(root, shards=shards)
     n = data.num_sequences
     if args.heldout >= n:
         raise ValueError(f"--heldout {args.heldout} leaves nothing to train on ({n} sequences)")
@@ -443,7 +460,12 @@ def _train_on_cached_data(
         args,
         exits,
         (),
-        {"base": ref.describe(), **extra, "data_fingerprint": data.manifest["fingerprint"]},
+        {
+            "base": ref.describe(),
+            **extra,
+            "data_fingerprint": data.manifest.get("fingerprint"),
+            "data_shards": n,
+        },
     )
     # NOTE: the budget is the training's: the data is built once and cached (on the 2-core CPU SmolLM2
     # writes its 1362 answers in about 66 minutes), and a budget that counted it would leave a first run

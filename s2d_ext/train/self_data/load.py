@@ -79,19 +79,27 @@ def check_self_data(name: str, cache_dir=None, *, fingerprint: str | None = None
     return None
 
 
-def load_self_data(root: str | os.PathLike, *, verify: bool = True) -> SelfData:
-    """Load a built data set folder (checksums verified unless ``verify=False``)."""
+def load_self_data(
+    root: str | os.PathLike, *, verify: bool = True, shards: Sequence[str] | None = None
+) -> SelfData:
+    """Load a built data set folder (checksums verified unless ``verify=False``).
+
+    ``shards``: load only these answer shards (file names, in order) of a data set still being built, whose
+    digests the caller checked; ``prompts`` then holds the rows of those shards only.
+    """
     from safetensors.torch import load_file
 
     root = Path(root)
     manifest: dict[str, Any] = {}
-    if verify:
+    if verify and shards is None:
         reason = check_self_data(root.name, root.parent)
         if reason is not None:
             raise FileNotFoundError(f"self data at {str(root)!r} is not complete or is damaged ({reason})")
         manifest = json.loads((root / MANIFEST).read_text())
     prompts = [json.loads(line) for line in (root / PROMPTS_FILE).read_text().splitlines() if line.strip()]
-    shards = sorted(root.glob("answers_*.safetensors"))
+    shards = (
+        sorted(root.glob("answers_*.safetensors")) if shards is None else [root / name for name in shards]
+    )
     if not shards:
         raise FileNotFoundError(f"self data at {str(root)!r} holds no answer shards")
     parts = [load_file(str(p)) for p in shards]
@@ -120,6 +128,6 @@ def load_self_data(root: str | os.PathLike, *, verify: bool = True) -> SelfData:
         topk_logprobs=torch.cat([p["topk_logprobs"] for p in parts]).float(),
         temperature=torch.cat([p["temperature"] for p in parts]),
         finished=torch.cat([p["finished"] for p in parts]).bool(),
-        prompts=prompts,
+        prompts=prompts[: sum(int(p["answer_start"].shape[0]) for p in parts)],
         manifest=manifest,
     )

@@ -10,7 +10,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 
@@ -87,8 +86,10 @@ def build_teacher_data(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_file: Callable[[str], None] | None = None,
-) -> Path:
-    """Build (or resume, or verify) the data set of ``spec`` scored by ``teachers``; returns its folder.
+    max_seconds: float | None = None,
+) -> list[str]:
+    """Build (or resume, or verify) the data set of ``spec`` scored by ``teachers``; returns the names of its
+    answer shards that are built, in order (all of them unless ``max_seconds`` stopped the build).
 
     Parameters
     ----------
@@ -97,6 +98,9 @@ def build_teacher_data(
     spec : :class:`TeacherDataSpec`
     teacher_fingerprints : name -> identity of its weights (``checkpoints.checkpoint_fingerprint``)
     on_file : called with each file's name once it is saved (progress reporting; tests interrupt through it)
+    max_seconds : start no new shard after this long (the shards built so far stay valid: a later call with
+        the same spec resumes); None = build every shard. Load a partial set with
+        ``load_self_data(root, shards=...)``; a complete one gets its manifest and loads as usual.
 
     The shards hold ``topk_ids`` / ``topk_logprobs`` of shape [A, M, K] (M = len(teachers), in order): what
     :func:`s2d_ext.train.soft.self_data_loss` distils toward, averaging the teachers' KL terms.
@@ -112,9 +116,11 @@ def build_teacher_data(
         raise ValueError("teacher_fingerprints must name the same teachers as teachers")
     root = teacher_data_dir(spec.name, cache_dir)
     fingerprint = spec.fingerprint({n: teacher_fingerprints[n] for n in names})
+    n_shards = -(-spec.num_windows // spec.shard_size)
+    all_shards = [f"answers_{shard:05d}.safetensors" for shard in range(n_shards)]
     if check_self_data(root.name, root.parent, fingerprint=fingerprint) is None:
         say(f"teacher data {spec.name!r}: cache at {root} is complete")
-        return root
+        return all_shards
     root.mkdir(parents=True, exist_ok=True)
     if (root / MANIFEST).exists():
         (root / MANIFEST).unlink()  # NOTE: the manifest marks completion; an unfinished rebuild has none
@@ -124,11 +130,17 @@ def build_teacher_data(
         lines = "".join(json.dumps({k: w[k] for k in ("text", "source")}) + "\n" for w in windows)
         state.record(PROMPTS_FILE, atomic_write(root / PROMPTS_FILE, lambda tmp: tmp.write_text(lines)))
     t_start = time.perf_counter()
-    n_shards = -(-len(windows) // spec.shard_size)
     bar = tqdm(total=n_shards, desc="teacher data", disable=not progress, dynamic_ncols=True)
-    for shard in range(n_shards):
-        name = f"answers_{shard:05d}.safetensors"
+    for shard, name in enumerate(all_shards):
         if not state.valid(name):
+            if max_seconds is not None and time.perf_counter() - t_start >= max_seconds:
+                bar.close()
+                built = all_shards[:shard]
+                say(
+                    f"teacher data {spec.name!r}: stopped by the time budget after {shard} of {n_shards} "
+                    f"shards ({shard * spec.shard_size} windows); the same command resumes the rest"
+                )
+                return built
             chunk = windows[shard * spec.shard_size : (shard + 1) * spec.shard_size]
             tensors = _score_shard(teachers, chunk, spec)
             digest = atomic_write(root / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
@@ -160,7 +172,7 @@ def build_teacher_data(
         f"teacher data {spec.name!r}: {data.num_sequences} windows, {data.num_answer_tokens:,} scored "
         f"positions x {len(names)} teachers at {root} ({manifest['build_seconds_this_run']:.0f} s this run)"
     )
-    return root
+    return all_shards
 
 
 def _score_shard(teachers, chunk: list[dict], spec: TeacherDataSpec) -> dict[str, torch.Tensor]:
