@@ -36,6 +36,7 @@ __all__ = [
     "ATTENTION",
     "InvariantLinear",
     "invariant_linear_count",
+    "linear",
     "row_invariant_attention",
     "uses_row_invariant_kernels",
     "use_row_invariant_kernels",
@@ -49,7 +50,8 @@ _NATIVE_CPU = _native.has_native("invariant_linear")
 _PREVIOUS_ATTENTION = "_s2d_previous_attention"
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the row-invariant op (x: [..., K], weight: [N, K], bias: [N] or None)."""
     if _NATIVE_CPU and x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype in DTYPES:
         # NOTE: the op directly on the hot path (a 1.5B forward makes ~250 of these calls): the C++
         # binding checks shapes and devices itself; the Python wrapper would add ~10 us per call.
@@ -65,7 +67,7 @@ class InvariantLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        return _linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def row_invariant_attention(
@@ -96,7 +98,7 @@ def row_invariant_attention(
         mask = mask.expand(batch, heads, rows, keys)
     for b in range(batch):
         for h in range(kv_heads):
-            scores = _linear(grouped[b, h], key[b, h], None).float() * scaling  # [G * T, L]
+            scores = linear(grouped[b, h], key[b, h], None).float() * scaling  # [G * T, L]
             if mask is not None:
                 head_mask = mask[b, h * groups : (h + 1) * groups].reshape(groups * rows, -1)[:, -keys:]
                 if head_mask.dtype == torch.bool:
@@ -104,7 +106,7 @@ def row_invariant_attention(
                 else:
                     scores = scores + head_mask.float()
             probs = torch.softmax(scores, dim=-1).to(query.dtype)
-            out[b, h] = _linear(probs, value[b, h].transpose(0, 1).contiguous(), None)  # [G * T, D]
+            out[b, h] = linear(probs, value[b, h].transpose(0, 1).contiguous(), None)  # [G * T, D]
     return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous(), None
 
 

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2d_ext.row_invariant import InvariantLinear
+from s2d_ext.row_invariant import linear as invariant_linear_function
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # NOTE: rope types whose inverse frequencies do not depend on the sequence length; "dynamic" and
 # "longrope" rescale with the current length, which a static cache cannot follow.
@@ -139,6 +142,11 @@ class LeanLayers(nn.Module):
         NOTE: the forward reads plain tuples of tensors, not ``module.attr`` chains: nn.Module attribute
         lookups are a visible share of a batch-1 step's Python time.
         """
+        # NOTE: a draft whose HF model went through use_row_invariant_kernels runs its linear layers with
+        # the same kernel (on a CPU, the weights stream once: the fast batch-1 path there).
+        self._linear = F.linear
+        if self.layers and isinstance(self.layers[0].self_attn.q_proj, InvariantLinear):
+            self._linear = invariant_linear_function
         self._weights = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -181,13 +189,14 @@ class LeanLayers(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, W, hd]
         index = write_slots[:, None, :, None].expand(batch, self.num_kv_heads, window, self.head_dim)
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        linear = self._linear
         for weights, k_cache, v_cache in zip(self._weights, k_caches, v_caches, strict=True):
             (in_w, in_eps, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, post_w, post_eps,
              gate_w, gate_b, up_w, up_b, down_w, down_b, act) = weights  # fmt: skip
             x = rms_norm(hidden, in_w, in_eps)
-            q = F.linear(x, q_w, q_b).view(batch, window, heads, head_dim).transpose(1, 2)
-            k = F.linear(x, k_w, k_b).view(batch, window, kv_heads, head_dim).transpose(1, 2)
-            v = F.linear(x, v_w, v_b).view(batch, window, kv_heads, head_dim).transpose(1, 2)
+            q = linear(x, q_w, q_b).view(batch, window, heads, head_dim).transpose(1, 2)
+            k = linear(x, k_w, k_b).view(batch, window, kv_heads, head_dim).transpose(1, 2)
+            v = linear(x, v_w, v_b).view(batch, window, kv_heads, head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache.scatter_(2, index, k)
@@ -201,11 +210,9 @@ class LeanLayers(nn.Module):
                 enable_gqa=heads != kv_heads,
             )
             out = out.transpose(1, 2).reshape(batch, window, heads * head_dim)
-            hidden = hidden + F.linear(out, o_w, o_b)
+            hidden = hidden + linear(out, o_w, o_b)
             x = rms_norm(hidden, post_w, post_eps)
-            hidden = hidden + F.linear(
-                act(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b), down_w, down_b
-            )
+            hidden = hidden + linear(act(linear(x, gate_w, gate_b)) * linear(x, up_w, up_b), down_w, down_b)
         return hidden
 
 
