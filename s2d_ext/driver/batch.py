@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from s2d_ext.engine import Engine, SamplingParams, TargetConfig
-from s2d_ext.engine.models import check_length
 from s2d_ext.engine.params import check_int, generation_default_ids, seeds_for
 from s2d_ext.target import input_device
 
@@ -152,9 +151,7 @@ def generate_batch(
     longest = int(mask.sum(-1).max())
     engine = Engine(draft, {n: configs[n] for n in used}, profile=profile)
     for name in used:
-        check_length(
-            name, configs[name].model, engine._batches[name].window, longest, max_new_tokens, "input_ids"
-        )
+        engine.check_length(name, longest, max_new_tokens, arg="input_ids")
     seeds = seeds_for(seed, batch)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
 
