@@ -55,9 +55,9 @@ from s2d_ext.draft.surgery import (
     shared_module_names,
     truncated_hf_model,
 )
-from s2d_ext.ops._backend import to_per_row
-from s2d_ext.ops.exit_head import exit_head
-from s2d_ext.ops.exit_sample import exit_sample
+from s2d_ext.ops._backend import resolve_backend, to_per_row
+from s2d_ext.ops.exit_head import run_exit_head
+from s2d_ext.ops.exit_sample import run_exit_sample
 
 # NOTE: the surgery on HF models lives in s2d_ext.draft.surgery; its names stay importable from here.
 __all__ = [
@@ -402,7 +402,7 @@ class SortedDraft:
         """
         head = self.hf_model.lm_head.weight
         if self.draft_vocab is None or (group == len(self.exits) - 1 and self.final_exit_vocab == "full"):
-            return head, None
+            return head.contiguous(), None
         key = (head.data_ptr(), head._version, head.device, head.dtype, self.draft_vocab.data_ptr())
         if self._subset_head is None or self._subset_head[0] != key:
             with torch.no_grad():
@@ -466,18 +466,9 @@ class SortedDraft:
             confidence [B, k] float32.
         """
         args = checked_propose_args(
-            self,
-            state,
-            num_tokens,
-            num_draft,
-            temperature,
-            top_k,
-            top_p,
-            seeds,
-            offsets,
-            thresholds,
+            self, state, num_tokens, num_draft, temperature, top_k, top_p, seeds, offsets, thresholds,
             stop_threshold,
-        )
+        )  # fmt: skip
         plan = self._exit_plan(args.thresholds, thresholds)
         batch, k, device = state.batch_size, num_tokens, state.length.device
         tokens = torch.zeros((batch, k), dtype=torch.int64, device=device)
@@ -568,33 +559,37 @@ class SortedDraft:
         Greedy batches take the argmax and fire at ``confidence >= threshold``; sampled ones run the fused
         ``exit_sample`` (q written, and a token drawn, only where the row fires). The last exit always fires.
         """
-        norm = self.hf_model.model.norm
         head, ids = self._exit_head_rows(group)
-        # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
-        per_row = (lambda t: t) if rows.shape[0] == args.num_draft.shape[0] else (lambda t: t[rows])  # noqa: E731
+        norm = self.hf_model.model.norm
+        eps, count = float(norm.variance_epsilon), rows.shape[0]
+        # NOTE: the arguments were checked once for the whole call (checked_propose_args), so each exit runs
+        # the op's kernel directly.
         if not args.sampled:
-            tokens, conf, _ = exit_head(hidden, norm.weight, head, float(norm.variance_epsilon), 0.0)
+            zero = torch.zeros((count,), dtype=torch.float32, device=rows.device)  # temperature: raw logits
+            tokens, conf, _ = run_exit_head(plan.backend, hidden, norm.weight, head, eps, zero)
             tokens = tokens if ids is None else ids[tokens]
-            fired = torch.ones_like(rows, dtype=torch.bool) if last else conf >= plan.fire_at[rows, group]
+            fired = torch.ones_like(rows, dtype=torch.bool) if last else conf >= plan.fire_at[group][rows]
             return tokens, conf, fired
-        k = probs.shape[1]
-        return exit_sample(
+        # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
+        of_rows = (lambda t: t) if count == args.num_draft.shape[0] else (lambda t: t[rows])  # noqa: E731
+        k, vocab = probs.shape[1], probs.shape[2]
+        return run_exit_sample(
+            plan.backend,
             hidden,
             norm.weight,
             head,
-            float(norm.variance_epsilon),
-            per_row(args.temperature),
-            per_row(args.top_k),
-            per_row(args.top_p),
-            per_row(args.seeds),
-            per_row(args.offsets),
-            j,
-            0.0 if last else per_row(plan.fire_at[:, group]),
-            probs.view(-1, probs.shape[2]),
-            rows * k + j,
-            vocab_ids=ids,
-            filters=args.filters,
-            validate=False,
+            eps,
+            of_rows(args.temperature),
+            of_rows(args.top_k),
+            of_rows(args.top_p),
+            of_rows(args.seeds),
+            of_rows(args.offsets),
+            torch.full((count,), j, dtype=torch.int64, device=rows.device),  # position
+            torch.zeros((count,), device=rows.device) if last else of_rows(plan.fire_at[group]),  # threshold
+            ids,
+            probs.view(-1, vocab),
+            rows * k + j,  # the rows of probs they own
+            args.filters,
         )
 
     def _exit_plan(self, tau: torch.Tensor, given: Any) -> _ExitPlan:
@@ -612,8 +607,9 @@ class SortedDraft:
             if all(any(row[i] <= 0.0 for i in range(g + 1)) for row in host_tau):
                 reachable = g + 1
                 break
-        fire_at = tau.masked_fill(tau >= 1.0, float("inf"))  # threshold 1: never fires
-        return _ExitPlan(head_off, reachable, fire_at, torch.arange(tau.shape[0], device=tau.device))
+        fire_at = tau.masked_fill(tau >= 1.0, float("inf")).t().contiguous()  # threshold 1: never fires
+        backend = resolve_backend("exit_head", "auto", tau.device)
+        return _ExitPlan(head_off, reachable, fire_at, torch.arange(tau.shape[0], device=tau.device), backend)
 
     def advance(
         self,
@@ -658,5 +654,6 @@ class _ExitPlan:
 
     head_off: list[bool]  # per exit: its threshold is 1 for every row (the head is skipped)
     reachable: int  # exit groups a token can reach (those past an always-firing exit never run)
-    fire_at: torch.Tensor  # [B, n_exits] float32: thresholds, inf where 1 (never fires)
+    fire_at: torch.Tensor  # [n_exits, B] float32: thresholds, inf where 1 (never fires)
     row_ids: torch.Tensor  # [B] int64: 0..B-1
+    backend: str  # the exit ops' backend

@@ -64,9 +64,10 @@ class DraftBatch:
             **self.arguments,
         )
 
-    def advance(self, readout: StepReadout, still: list[bool]) -> None:
-        """Rows still running take their accepted drafts and emitted token into the draft's context."""
-        active = host_reads.to_device(still, torch.bool, self.draft.device)
+    def advance(self, readout: StepReadout, advancing: list[bool]) -> None:
+        """The ``advancing`` rows (the ones that go on) take their accepted drafts and emitted token into the
+        draft's context."""
+        active = host_reads.to_device(advancing, torch.bool, self.draft.device)
         self.draft.advance(self.state, readout.n_accepted, readout.emitted(), active)
 
     # ------------------------------------------------------------------------------ joins and leaves

@@ -281,8 +281,8 @@ class Engine:
         each produced (requests that emitted tokens, finished or failed)."""
         outputs = self._admit()
         rows = self._draft.rows
-        ran = [not r.finished for r in rows]  # [B]: the rows this step runs
-        if not any(ran):
+        running = [not r.finished for r in rows]  # [B]: the rows this step runs
+        if not any(running):
             return outputs
         n_draft = self._plan(rows)
         proposal = self._draft.propose(n_draft)
@@ -293,8 +293,8 @@ class Engine:
             outputs += batch.verify(proposal, n_draft, readout, self.clock)
         readout.read(proposal.num_draft, proposal.exits)
         self.clock.lap("other")
-        outputs += self._apply(rows, ran, readout, verifying)
-        self._commit(rows, ran, readout, verifying)
+        outputs += self._apply(rows, running, readout, verifying)
+        self._commit(rows, running, readout, verifying)
         return outputs
 
     def _plan(self, rows: list[Request]) -> list[int]:
@@ -309,13 +309,14 @@ class Engine:
         return max(asked, default=-1)
 
     def _apply(
-        self, rows: list[Request], ran: list[bool], readout: StepReadout, verified: list[TargetBatch]
+        self, rows: list[Request], running: list[bool], readout: StepReadout, verified: list[TargetBatch]
     ) -> list[RequestOutput]:
-        """Host bookkeeping of the rows that ran: new tokens, stops, outputs, stats, draft-length policies."""
+        """Host bookkeeping of the rows that ran (``running``): new tokens, stops, outputs, stats and the
+        draft-length policies."""
         self.stats.count_step(readout.k)
         outputs = []
         for i, r in enumerate(rows):
-            if not ran[i]:
+            if not running[i]:
                 continue
             if not r.finished:  # NOTE: a row whose processors failed this step was finished (and reported)
                 row = readout.row(i)
@@ -324,21 +325,21 @@ class Engine:
             if r.finished:
                 self._requests.pop(r.id, None)
         for batch in verified:
-            batch.update_lengths(readout, ran)
+            batch.update_lengths(readout, running)
         self.clock.lap("other")
         return outputs
 
     def _commit(
-        self, rows: list[Request], ran: list[bool], readout: StepReadout, verified: list[TargetBatch]
+        self, rows: list[Request], running: list[bool], readout: StepReadout, verified: list[TargetBatch]
     ) -> None:
         """Roll the caches forward: targets keep pending + accepted, the draft does the same."""
         for batch in verified:
-            self.stats.compactions += batch.commit(readout, ran)
+            self.stats.compactions += batch.commit(readout, running)
             self.stats.max_cache_columns = max(self.stats.max_cache_columns, batch.runner.num_columns)
         self.clock.lap("target")
-        still = [ran[i] and not r.finished for i, r in enumerate(rows)]
-        if any(still):
-            self._draft.advance(readout, still)
+        advancing = [running[i] and not r.finished for i, r in enumerate(rows)]  # [B]: rows that go on
+        if any(advancing):
+            self._draft.advance(readout, advancing)
         self.clock.lap("draft")
 
     # ------------------------------------------------------------------------------ joins and leaves

@@ -219,9 +219,9 @@ class TargetBatch:
                 blocks[j] = logprob_block(logits[j], out[j], r.params, readout.k, top_n)
         return blocks
 
-    def update_lengths(self, readout: StepReadout, ran: list[bool]) -> None:
-        """The draft-length policy of the rows that took part in the step (``ran``: per draft row)."""
-        stepped = [r for r in self.requests if ran[r.draft_row]]
+    def update_lengths(self, readout: StepReadout, running: list[bool]) -> None:
+        """The draft-length policy of the rows that took part in the step (``running``: per draft row)."""
+        stepped = [r for r in self.requests if running[r.draft_row]]
         if not stepped:
             return
         rows = [readout.row(r.draft_row) for r in stepped]
@@ -232,10 +232,10 @@ class TargetBatch:
         for r, n in zip(stepped, lengths):
             r.length = int(n)
 
-    def commit(self, readout: StepReadout, ran: list[bool]) -> int:
+    def commit(self, readout: StepReadout, running: list[bool]) -> int:
         """Keep each row's pending token and accepted drafts in the cache, then compact within the waste
         bound. Returns the compactions this took (0 or 1)."""
-        keep = [readout.row(r.draft_row).n_accepted + 1 if ran[r.draft_row] else 0 for r in self.requests]
+        keep = [readout.row(r.draft_row).n_accepted + 1 if running[r.draft_row] else 0 for r in self.requests]
         for r, n in zip(self.requests, keep):
             r.target_live += n
         # NOTE: a row's live tokens of this step are the first n_draft + 1 columns of the step's block

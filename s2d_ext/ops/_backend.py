@@ -238,8 +238,8 @@ def head_arguments(
 def to_per_row(
     name: str, value: object, batch: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A scalar or a [B] tensor as a [B] tensor of ``dtype`` on ``device``, converting as the drafts do
-    (where :func:`per_row` refuses another device)."""
+    """A scalar or a [B] tensor as a contiguous [B] tensor of ``dtype`` on ``device``, converting as the
+    drafts do (where :func:`per_row` refuses another device)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
@@ -247,7 +247,7 @@ def to_per_row(
             raise ValueError(
                 f"{name} must be a scalar or a [B={batch}] tensor, got shape {tuple(value.shape)}"
             )
-        return value.to(device=device, dtype=dtype)
+        return value.to(device=device, dtype=dtype).contiguous()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
     return torch.full((batch,), value, dtype=dtype, device=device)

@@ -73,11 +73,25 @@ def exit_head(
             torch.empty((0,), dtype=torch.float32, device=hidden.device),
             torch.empty((0,), dtype=torch.float32, device=hidden.device),
         )
-    if chosen == "reference":
+    return run_exit_head(chosen, hidden, norm_weight, lm_head_weight, eps, temperature)
+
+
+def run_exit_head(
+    backend: str,
+    hidden: torch.Tensor,  # [N, d], N >= 1, contiguous
+    norm_weight: torch.Tensor,  # [d]
+    lm_head_weight: torch.Tensor,  # [V, d]
+    eps: float,
+    temperature: torch.Tensor,  # [N] float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``backend`` kernel of :func:`exit_head` (a name :func:`resolve_backend` gave) on arguments already
+    normalised. NOTE: no check at all: for a caller that checked once for many calls
+    (``SortedDraft.propose``)."""
+    if backend == "reference":
         from s2d_ext.ops.exit_head_reference import exit_head_reference
 
         return exit_head_reference(hidden, norm_weight, lm_head_weight, eps, temperature)
-    if chosen == "triton":
+    if backend == "triton":
         from s2d_ext.triton.exit_head import exit_head_triton  # noqa: F401  (registers the op)
 
         return torch.ops.s2d.exit_head_triton(hidden, norm_weight, lm_head_weight, eps, temperature)

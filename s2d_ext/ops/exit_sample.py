@@ -112,11 +112,30 @@ def exit_sample(
     chosen = resolve_backend("exit_head", backend, hidden.device)
     if hidden.shape[0] == 0:
         return _empty(hidden.device)
-    if chosen == "reference":
+    return run_exit_sample(chosen, hidden, norm_weight, lm_head_weight, eps, *args)
+
+
+def run_exit_sample(
+    backend: str,
+    hidden: torch.Tensor,  # [N, d], N >= 1, contiguous
+    norm_weight: torch.Tensor,  # [d]
+    lm_head_weight: torch.Tensor,  # [Vh, d]
+    eps: float,
+    *args: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``backend`` kernel of :func:`exit_sample` (a name :func:`resolve_backend` gave) on arguments
+    already normalised: ``args`` are temperature, top_k, top_p, seeds, offsets, positions, threshold ([N]
+    tensors of float32 / int64 / float32 / int64 / int64 / int64 / float32), vocab_ids, probs, probs_rows
+    and filters (a bool), as :func:`exit_sample` passes them on.
+
+    NOTE: no check at all: for a caller that checked once for many calls (``SortedDraft.propose`` calls
+    this at every exit of every draft token, on arguments it made itself).
+    """
+    if backend == "reference":
         from s2d_ext.ops.exit_sample_reference import exit_sample_reference
 
         return exit_sample_reference(hidden, norm_weight, lm_head_weight, eps, *args)
-    if chosen == "triton":
+    if backend == "triton":
         from s2d_ext.triton.exit_sample import exit_sample_triton  # noqa: F401  (registers the op)
 
         return torch.ops.s2d.exit_sample_triton(hidden, norm_weight, lm_head_weight, eps, *args)
