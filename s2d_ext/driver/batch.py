@@ -47,11 +47,6 @@ class SpeculateStats:
     profiled: bool = False
 
     @property
-    def drafted_tokens(self) -> int:
-        """Alias of ``draft_tokens``."""
-        return self.draft_tokens
-
-    @property
     def tokens_per_second(self) -> float:
         return sum(self.new_tokens) / self.time_total if self.time_total > 0 else 0.0
 
