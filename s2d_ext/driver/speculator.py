@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from s2d_ext.driver.batch import SpeculateOutput, generate_batch
+from s2d_ext.driver.batch import BatchRequest, SpeculateOutput, generate_batch
 from s2d_ext.engine.models import DRAFT_LENGTHS, TargetConfig, as_draft, check_target
 from s2d_ext.engine.params import check_int as _check_int
 
@@ -134,9 +134,7 @@ class Speculator:
         for name in dict.fromkeys(names):
             conf = {**self.settings[name], **{k: v for k, v in overrides.items() if v is not None}}
             configs[name] = self._config(name, conf)
-        return generate_batch(
-            self.draft,
-            configs,
+        request = BatchRequest(
             input_ids,
             attention_mask,
             names,
@@ -150,8 +148,9 @@ class Speculator:
             stop_token_ids=stop_token_ids,
             streamer=streamer,
             profile=profile,
-            extra=sampling,
+            sampling=sampling,
         )
+        return generate_batch(self.draft, configs, request)
 
     # ----------------------------------------------------------------------------------------- calibrate
     def calibrate(
