@@ -96,8 +96,9 @@ def imports(module: str) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             names = [f"{base}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "s2d_ext":
-            names = [f"s2d_ext.{node.attr}"] if node.attr in s2d_ext._LAZY else []
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            lazy = node.value.id == "s2d_ext" and node.attr in s2d_ext._LAZY
+            names = [f"s2d_ext.{node.attr}"] if lazy else []
         found.update(loaded for name in names if (loaded := _loaded(name)) is not None)
     ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
     return found - ancestors - {module}
