@@ -1,4 +1,4 @@
-"""The contract between a draft model and the engine (see DRAFT_PROTOCOL.md).
+"""The contract between a draft model and the engine.
 
 A draft keeps per-batch state (its caches) in a :class:`DraftState` returned by :meth:`DraftModel.begin`;
 :meth:`DraftModel.propose` extends every row's context by up to ``num_tokens`` draft tokens and
