@@ -162,17 +162,19 @@ class ProposeArgs:
 def checked_propose_args(
     draft: Any,
     state: Any,
-    num_tokens,
-    num_draft,
-    temperature,
-    top_k,
-    top_p,
-    seeds,
-    offsets,
-    thresholds,
-    stop_threshold,
+    num_tokens: int,
+    num_draft: torch.Tensor | int | None,  # [B] or scalar
+    temperature: torch.Tensor | float,  # [B] or scalar
+    top_k: torch.Tensor | int,  # [B] or scalar
+    top_p: torch.Tensor | float,  # [B] or scalar
+    seeds: torch.Tensor | int | None,  # [B] or scalar
+    offsets: torch.Tensor | int | None,  # [B] or scalar
+    thresholds: torch.Tensor | Sequence[float] | None,  # [B, n_exits] or [n_exits]
+    stop_threshold: torch.Tensor | float | None,  # [B] or scalar
 ) -> ProposeArgs:
-    """``propose``'s arguments as [B] tensors on the state's device, checked (one device read)."""
+    """``propose``'s arguments (see :meth:`SortedDraft.propose`) as [B] tensors on the state's device,
+    checked: types and shapes on the host, every value check and the two flags the call branches on in one
+    device read."""
     if not isinstance(state, SortedDraftState):
         raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:

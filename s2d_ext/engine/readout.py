@@ -48,7 +48,7 @@ class StepReadout:
         width = block_width(k, top_n) if top_n >= 0 else 0
         self.logprobs = torch.zeros((batch, width), dtype=torch.float64, device=device) if width else None
         self._columns = _Columns(k)
-        self._host: list[list[int]] = []
+        self._rows: list[RowReadout] = []
 
     def scatter(
         self,
@@ -83,11 +83,11 @@ class StepReadout:
         ]
         if self.logprobs is not None:
             parts.append(self.logprobs.view(torch.int64))
-        self._host = host_reads.read(torch.cat(parts, dim=1))
+        self._rows = [RowReadout(line, self._columns) for line in host_reads.read(torch.cat(parts, dim=1))]
 
     def row(self, i: int) -> RowReadout:
         """Row ``i`` of the read, by field."""
-        return RowReadout(self._host[i], self._columns)
+        return self._rows[i]
 
 
 class _Columns:

@@ -147,30 +147,27 @@ class TargetBatch:
         logits = self.runner.forward(tokens, live)  # [b, w+1, V]
         clock.lap("target")
         processed = [j for j, r in enumerate(requests) if r.needs_logits and not r.finished]
-        failed = [
-            out for j in processed if (out := self._process(requests[j], logits, j, drafts)) is not None
-        ]
+        outcomes = [self._process(requests[j], logits, j, drafts) for j in processed]
+        failed = [output for output in outcomes if output is not None]
         blocked = None  # [b] int64: the first position the processors masked entirely (w + 1: none)
         if processed:
             # NOTE: only processors can mask a whole position (min-p and the op's filters keep the top
             # token); rows without any have model logits here, never all -inf.
             masked = torch.isneginf(logits).all(-1)  # [b, w+1]
             blocked = torch.where(masked.any(-1), masked.to(torch.int64).argmax(-1), width + 1)
-        on = logits.device
+        verify_device = logits.device  # NOTE: the last stage's device of a model spread over devices
         probs = None
         if proposal.probs is not None:
-            probs = proposal.probs[self.draft_rows.to(proposal.probs.device), :width].to(on)  # [b, w, V]
-        s = self.sampling
+            probs = proposal.probs[self.draft_rows.to(proposal.probs.device), :width]  # [b, w, V]
+            probs = probs.to(verify_device)
+        sampling = {name: values.to(verify_device) for name, values in self.sampling.items()}
         out, n_accepted = verify(
             logits,
-            drafts.to(on),
+            drafts.to(verify_device),
             probs,
-            n_proposed.to(on),
-            temperature=s["temperature"].to(on),
-            top_k=s["top_k"].to(on),
-            top_p=s["top_p"].to(on),
-            seeds=s["seeds"].to(on),
-            offsets=offsets.to(on),
+            n_proposed.to(verify_device),
+            offsets=offsets.to(verify_device),
+            **sampling,
         )  # out [b, w+1], n_accepted [b]
         self.pending = out.gather(1, n_accepted.long()[:, None]).squeeze(1).to(device)
         readout.scatter(self.draft_rows, out, n_accepted, blocked, self._logprobs(logits, out, readout))
