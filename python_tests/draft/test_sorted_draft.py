@@ -141,8 +141,9 @@ def test_deferred_kv_fill_matches_full_forward():
     # Every token exited at the first exit: the deeper groups lag behind ...
     assert bool((state.filled[1:] < state.filled[0]).all())
     _check_kv_against_full_forward(draft, state, model)
-    # ... and a flush fills them with exactly the KV of running every position through every layer.
-    draft.flush(state)
+    # ... and a token drafted at the last exit runs every group over every deferred position: exactly the
+    # KV of running every position through every layer.
+    draft.propose(state, 1, thresholds=torch.tensor([1.0, 1.0, 0.0]))
     assert bool((state.filled == state.filled[0]).all())
     _check_kv_against_full_forward(draft, state, model)
 
@@ -195,7 +196,7 @@ def test_groups_past_an_exit_that_always_fires_never_run():
     prop = draft.propose(state, 2, torch.full((3,), 2), thresholds=torch.tensor([1.0, 1.0, 0.0]))
     assert set(prop.exits.flatten().tolist()) == {EXITS[2]}
     draft.advance(state, torch.tensor([2, 2, 2]), torch.tensor([1, 2, 3]))
-    draft.flush(state)
+    draft.propose(state, 1, thresholds=torch.tensor([1.0, 1.0, 0.0]))  # every group catches up
     _check_kv_against_full_forward(draft, state, model)
 
 

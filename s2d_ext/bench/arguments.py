@@ -6,18 +6,19 @@ import argparse
 import re
 from pathlib import Path
 
-from s2d_ext.cli._common import (
+from s2d_ext._argtypes import (
     DTYPES,
     int_list,
     non_negative_float,
     non_negative_int,
     positive_int,
 )
+from s2d_ext._data import SPEC_BENCH_QUESTIONS
 from s2d_ext.packaged_models import ALIASES_HELP
 
 # NOTE: the prompts ship inside the package, so `s2d bench` works from a wheel; results go to ./bench/results
 # (in a checkout: the committed results folder) unless --out says otherwise.
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "spec_bench_question.jsonl"
+DEFAULT_DATA = SPEC_BENCH_QUESTIONS
 DEFAULT_OUT = Path("bench") / "results"
 
 

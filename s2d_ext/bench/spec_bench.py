@@ -35,7 +35,6 @@ method order), so a drifting machine load reaches all methods alike. Results: ``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -48,7 +47,6 @@ from pathlib import Path
 import torch
 
 from s2d_ext._machine import cpu_name
-from s2d_ext.bench.arguments import add_arguments
 
 PAPER_THRESHOLD = 0.5
 # A small grid keeps calibration to a few minutes on a CPU (every fixed exit is added to the thresholds,
@@ -225,8 +223,7 @@ def run_speculate(
     stats = out.stats
     rows = _new_token_lists(out.sequences.cpu(), input_ids.shape[1], settings["pad_id"])
     new_tokens = sum(stats.new_tokens)
-    drafted = int(getattr(stats, "drafted_tokens", 0) or 0)
-    accepted = int(getattr(stats, "accepted_tokens", 0) or 0)
+    drafted, accepted = stats.draft_tokens, stats.accepted_tokens
     return RunResult(
         new_tokens=new_tokens,
         seconds=seconds,
@@ -556,31 +553,3 @@ def machine_description(targets) -> dict:
 
     described["transformers"] = transformers.__version__
     return described
-
-
-def main(argv: list[str] | None = None) -> None:
-    from s2d_ext.bench.spec_bench_report import write_reports
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    run_and_report(args, write_reports)
-
-
-def run_and_report(args, write_reports) -> None:
-    result = run(args)
-    if args.ablation:
-        from s2d_ext.bench.ablation import run_ablation
-
-        result["ablation"] = run_ablation(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.tag or ("spec_bench_gpu" if "gpu" in result["machine"] else "spec_bench_cpu")
-    paths = write_reports(result, args.out, stem)
-    for path in paths:
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

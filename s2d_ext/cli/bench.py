@@ -54,7 +54,7 @@ def run(args) -> int:
 
         print(f"wrote {write_kernel_report(args.out)}")
         return 0
-    from s2d_ext.bench.spec_bench import run_and_report
+    from s2d_ext.bench.harness import run_and_report
     from s2d_ext.bench.spec_bench_report import write_reports
 
     run_and_report(args, write_reports)

@@ -11,10 +11,12 @@ drafts accepted). ``propose`` runs the pending block, then one token at a time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from s2d_ext._transfer import to_device
 from s2d_ext.draft.protocol import Proposal
 from s2d_ext.ops.exit_sample import sample_logits
 from s2d_ext.target import CachedLM, context_length, input_device, output_vocab_size
@@ -28,6 +30,32 @@ class HFDraftState:
     max_length: int
     last_tokens: torch.Tensor | None = None  # [B, k] int64 drafts of the last proposal
     fed: torch.Tensor | None = None  # [B] int64 drafts of the last proposal that went through the model
+
+    # ----------------------------------------------------------------- row operations (DraftState)
+    def select(self, rows: Sequence[int]) -> HFDraftState:
+        """The state of rows ``rows`` (host indices), in that order. NOTE: the runner is compacted in place
+        (it reads its live counts once), so this state is spent."""
+        index = to_device(list(rows), torch.int64, self.pending.device)
+        self.runner.compact(index)
+        return HFDraftState(
+            runner=self.runner,
+            pending=self.pending.index_select(0, index),
+            pending_live=self.pending_live.index_select(0, index),
+            max_length=self.max_length,
+        )
+
+    def concat(self, others: Sequence[HFDraftState]) -> HFDraftState:
+        states = [self, *others]
+        return HFDraftState(
+            runner=CachedLM.concat([s.runner for s in states]),
+            pending=torch.cat([s.pending for s in states], dim=0),
+            pending_live=torch.cat([s.pending_live for s in states], dim=0),
+            max_length=max(s.max_length for s in states),
+        )
+
+    def with_capacity(self, capacity: int) -> HFDraftState:
+        """Itself: the runner's cache grows as it goes."""
+        return self
 
 
 class HFDraft:

@@ -1,19 +1,40 @@
-"""The contract between a draft model and the ``speculate()`` driver (see DRAFT_PROTOCOL.md).
+"""The contract between a draft model and the engine.
 
-A draft keeps per-batch state (its caches) in a ``DraftState`` returned by :meth:`DraftModel.begin`;
+A draft keeps per-batch state (its caches) in a :class:`DraftState` returned by :meth:`DraftModel.begin`;
 :meth:`DraftModel.propose` extends every row's context by up to ``num_tokens`` draft tokens and
-:meth:`DraftModel.advance` commits what verification kept, rolling the caches back past it.
+:meth:`DraftModel.advance` commits what verification kept, rolling the caches back past it. Between steps
+requests join and leave the engine's batch through the state's own row operations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
-# NOTE: each draft implementation defines its own state class; the driver only passes it back.
-DraftState = Any
+
+@runtime_checkable
+class DraftState(Protocol):
+    """A draft's per-batch state (its caches): made by :meth:`DraftModel.begin`, passed back to the draft.
+
+    Its row operations let requests join and leave a running batch between steps. Every kept row keeps
+    its slots, caches and positions, so it computes what it would compute alone. (A state without them is
+    rebuilt instead: ``begin`` over every row's context gives the state the rows would have had.)
+    """
+
+    def select(self, rows: Sequence[int]) -> DraftState:
+        """The state of batch rows ``rows`` (host indices, repeats allowed), in that order."""
+        ...
+
+    def concat(self, others: Sequence[DraftState]) -> DraftState:
+        """One state holding this state's rows, then those of each of ``others`` (same draft), in order."""
+        ...
+
+    def with_capacity(self, capacity: int) -> DraftState:
+        """This state with room for at least ``capacity`` slots per row (static shapes for CUDA graphs)."""
+        ...
 
 
 @dataclass

@@ -19,9 +19,9 @@ The draft runs its own lean forward (:mod:`s2d_ext.draft.lean_llama`) over stati
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,94 +34,43 @@ from s2d_ext.draft.lean_llama import (
     attention_bias,
     check_architecture,
     head_dim_of,
-    max_context,
     rope_cos_sin,
     rope_inv_freq,
-    sliding_window_of,
 )
 from s2d_ext.draft.protocol import Proposal
+from s2d_ext.draft.sorted_args import (
+    ProposeArgs,
+    check_dtype_argument,
+    check_model_dtype,
+    checked_prompt,
+    checked_propose_args,
+    validate_exits,
+    validate_thresholds,
+)
 from s2d_ext.draft.static_cache import SortedDraftState
-from s2d_ext.ops.exit_head import exit_head
-from s2d_ext.ops.exit_sample import exit_sample
+from s2d_ext.draft.surgery import (
+    SHARED_MODULES_ATTR,
+    convert_model,
+    mark_shared_modules,
+    shared_module_names,
+    truncated_hf_model,
+)
+from s2d_ext.ops._backend import resolve_backend, to_per_row
+from s2d_ext.ops.exit_head import run_exit_head
+from s2d_ext.ops.exit_sample import run_exit_sample
+
+# NOTE: the surgery on HF models lives in s2d_ext.draft.surgery; its names stay importable from here.
+__all__ = [
+    "SHARED_MODULES_ATTR",
+    "SortedDraft",
+    "convert_model",
+    "mark_shared_modules",
+    "shared_module_names",
+    "truncated_hf_model",
+]
 
 DEFAULT_MAX_DEFERRED = 16
 FINAL_EXIT_VOCABS = ("draft", "full")
-# NOTE: the dtypes the exit ops (exit_head / exit_sample) and the lean forward implement.
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DTYPE_NAMES = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-
-
-def _describe(hf_model: nn.Module) -> str:
-    """How errors name a draft: its HF class and layer count."""
-    return f"draft {type(hf_model).__name__} ({hf_model.config.num_hidden_layers} layers)"
-
-
-def _check_dtype_argument(dtype: Any, hf_model: nn.Module | None = None) -> None:
-    """Raise ValueError when a requested draft ``dtype`` is not one SortedDraft runs in."""
-    if dtype is None or dtype in SUPPORTED_DTYPES:
-        return
-    who = f"{_describe(hf_model)}: " if hf_model is not None else ""
-    raise ValueError(f"{who}dtype={dtype} is not supported; SortedDraft runs in {_DTYPE_NAMES}")
-
-
-def _check_model_dtype(hf_model: nn.Module) -> None:
-    """Raise ValueError when a floating-point weight of ``hf_model`` is not in a supported dtype."""
-    for name, param in hf_model.named_parameters():
-        if param.is_floating_point() and param.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"{_describe(hf_model)} has dtype {param.dtype} ({name}); SortedDraft runs in "
-                f"{_DTYPE_NAMES}: cast it first, e.g. model.to(torch.float32)"
-            )
-
-
-def _validate_exits(exits: Sequence[int], num_layers: int) -> tuple[int, ...]:
-    try:
-        exits = tuple(int(e) for e in exits)
-    except TypeError as err:
-        raise ValueError(f"exits must be a sequence of layer counts, got {exits!r}") from err
-    if not exits:
-        raise ValueError("exits must name at least one exit (the final one, num_layers)")
-    if any(e < 1 for e in exits):
-        raise ValueError(f"exits must be layer counts >= 1, got {exits}")
-    if any(b <= a for a, b in zip(exits, exits[1:], strict=False)):
-        raise ValueError(f"exits must be strictly increasing, got {exits}")
-    if exits[-1] > num_layers:
-        raise ValueError(f"exit {exits[-1]} is beyond the model's {num_layers} layers (exits={exits})")
-    if exits[-1] != num_layers:
-        raise ValueError(
-            f"exits must end with the final exit {num_layers} (the model's num_hidden_layers), got {exits}; "
-            f"use SortedDraft.truncate to drop layers"
-        )
-    return exits
-
-
-def _validate_thresholds(thresholds: Sequence[float], exits: tuple[int, ...]) -> tuple[float, ...]:
-    try:
-        thresholds = tuple(float(t) for t in thresholds)
-    except TypeError as err:
-        raise ValueError(f"thresholds must be a sequence of floats, got {thresholds!r}") from err
-    if len(thresholds) != len(exits):
-        raise ValueError(
-            f"thresholds must have one value per exit ({len(exits)} exits {exits}), got {len(thresholds)}"
-        )
-    if any(not (0.0 <= t <= 1.0) for t in thresholds):
-        raise ValueError(f"thresholds must be in [0, 1], got {thresholds}")
-    return thresholds
-
-
-def _per_row(name: str, value: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A scalar or a [B] tensor as a [B] tensor of ``dtype`` on ``device``."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            value = value.reshape(1).expand(batch)
-        if value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(
-                f"{name} must be a scalar or a [B={batch}] tensor, got shape {tuple(value.shape)}"
-            )
-        return value.to(device=device, dtype=dtype)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
-    return torch.full((batch,), value, dtype=dtype, device=device)
 
 
 class SortedDraft:
@@ -169,11 +118,11 @@ class SortedDraft:
     ) -> None:
         config = hf_model.config
         check_architecture(config)
-        _check_model_dtype(hf_model)
+        check_model_dtype(hf_model)
         self.hf_model = hf_model
         self.config = config
-        self.exits = _validate_exits(exits, config.num_hidden_layers)
-        self.thresholds = _validate_thresholds(thresholds, self.exits)
+        self.exits = validate_exits(exits, config.num_hidden_layers)
+        self.thresholds = validate_thresholds(thresholds, self.exits)
         if int(max_deferred) < 0:
             raise ValueError(f"max_deferred must be >= 0, got {max_deferred}")
         self.max_deferred = int(max_deferred)
@@ -227,7 +176,7 @@ class SortedDraft:
         ``draft_vocab``: None loads the checkpoint's ``draft_vocab.safetensors`` when the path has one;
         False ignores it; ids (a tensor or sequence) are used as given.
         """
-        _check_dtype_argument(dtype, model_or_path if isinstance(model_or_path, nn.Module) else None)
+        check_dtype_argument(dtype, model_or_path if isinstance(model_or_path, nn.Module) else None)
         saved_vocab = None
         if isinstance(model_or_path, (str, os.PathLike)) and draft_vocab is None:
             saved_vocab = load_draft_vocab(model_or_path)
@@ -300,7 +249,7 @@ class SortedDraft:
         if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 1 <= n_layers <= total:
             raise ValueError(f"n_layers must be an int in 1..{total} (the model's layers), got {n_layers!r}")
         exits = tuple(exits) if exits is not None else (n_layers,)
-        _validate_exits(exits, n_layers)
+        validate_exits(exits, n_layers)
         if thresholds is None:
             thresholds = (0.5,) * (len(exits) - 1) + (0.0,)
         draft_model = truncated_hf_model(hf_model, n_layers, share_embeddings=share_embeddings)
@@ -340,7 +289,7 @@ class SortedDraft:
         so the other model is left as it was.
         """
         # NOTE: checked before converting, so a refused dtype leaves the draft as it was.
-        _check_dtype_argument(torch._C._nn._parse_to(*args, **kwargs)[1], self.hf_model)
+        check_dtype_argument(torch._C._nn._parse_to(*args, **kwargs)[1], self.hf_model)
         convert_model(self.hf_model, *args, **kwargs)
         if self.draft_vocab is not None:
             self.draft_vocab = self.draft_vocab.to(self.device)
@@ -365,67 +314,14 @@ class SortedDraft:
         input.
 
         The deeper groups catch up on the prompt (deferred fill) when a token first reaches them, so a
-        draft used at a fixed first exit never runs them at all; :meth:`flush` fills them at once.
+        draft used at a fixed first exit never runs them at all.
         ``max_length`` is the number of tokens (prompt + generated + one step of drafts) a row may
         reach, padding excluded; the caches hold ``max_length + max(pad)`` slots.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(
-                f"input_ids must be a [B, L] tensor, got {getattr(input_ids, 'shape', input_ids)}"
-            )
-        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        input_ids, pad, pads = checked_prompt(self, input_ids, attention_mask, max_length)
         batch, prompt_len = input_ids.shape
-        if batch < 1 or prompt_len < 1:
-            raise ValueError(
-                f"input_ids must have at least one row and one token, got shape {tuple(input_ids.shape)}"
-            )
-        # NOTE: the HF model may have been cast after construction (draft.hf_model.to(...)): name the
-        # draft here rather than fail deep in an op.
-        if (
-            self.dtype not in SUPPORTED_DTYPES
-            or self.hf_model.model.embed_tokens.weight.dtype not in SUPPORTED_DTYPES
-        ):
-            _check_model_dtype(self.hf_model)
         device = self.device
-        input_ids = input_ids.to(device=device, dtype=torch.int64)
-        if bool(((input_ids < 0) | (input_ids >= self.vocab_size)).any()):
-            raise ValueError(f"input_ids must be token ids in [0, {self.vocab_size})")
-        if attention_mask is None:
-            pad = torch.zeros((batch,), dtype=torch.int64, device=device)
-        else:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (
-                batch,
-                prompt_len,
-            ):
-                raise ValueError(
-                    f"attention_mask must be a [B={batch}, L={prompt_len}] tensor, got "
-                    f"{getattr(attention_mask, 'shape', attention_mask)}"
-                )
-            mask = attention_mask.to(device) != 0
-            pad = (~mask).sum(dim=1)
-            expected = torch.arange(prompt_len, device=device)[None, :] >= pad[:, None]
-            if not bool((mask == expected).all()):
-                raise ValueError("attention_mask must be left-padded (zeros, then ones, on every row)")
-            if bool((pad >= prompt_len).any()):
-                raise ValueError("attention_mask has a row without any token")
-        if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
-        longest = int((prompt_len - pad).max())
-        if max_length < longest:
-            raise ValueError(f"max_length={max_length} is shorter than the longest prompt ({longest} tokens)")
-        context = max_context(self.config)
-        if max_length > context:
-            raise ValueError(
-                f"max_length={max_length} exceeds the model's context (max_position_embeddings={context})"
-            )
-        window = sliding_window_of(self.config)
-        if window is not None and max_length > window:
-            raise ValueError(
-                f"max_length={max_length} exceeds the model's sliding_window={window}; SortedDraft "
-                "implements full attention only, so sequences must fit in the window"
-            )
-        capacity = max_length + int(pad.max())
+        capacity = max_length + max(pads)
         config = self.config
         state = SortedDraftState.allocate(
             batch_size=batch,
@@ -441,6 +337,7 @@ class SortedDraft:
         )
         state.tokens[:, :prompt_len] = input_ids
         state.pad.copy_(pad)
+        state.pads = pads
         state.length.fill_(prompt_len)
         self._inv_freq, self._rope_scaling = rope_inv_freq(config, device)
         for group in self._groups:
@@ -451,15 +348,6 @@ class SortedDraft:
                 stop = torch.full((batch,), prompt_len - 1, dtype=torch.int64, device=device)
                 self._run_group(state, 0, stop)
         return state
-
-    def flush(self, state: SortedDraftState) -> None:
-        """Run every deferred position through the deeper groups (all caches then hold every fed slot)."""
-        with torch.no_grad():
-            self._flush(state, stop=state.filled[0].clone())
-
-    def _flush(self, state: SortedDraftState, stop: torch.Tensor) -> None:
-        for group in range(len(self.exits)):
-            self._run_group(state, group, stop if group == 0 else state.filled[group - 1])
 
     # ------------------------------------------------------------------ the layer step
     def _run_group(
@@ -514,7 +402,7 @@ class SortedDraft:
         """
         head = self.hf_model.lm_head.weight
         if self.draft_vocab is None or (group == len(self.exits) - 1 and self.final_exit_vocab == "full"):
-            return head, None
+            return head.contiguous(), None
         key = (head.data_ptr(), head._version, head.device, head.dtype, self.draft_vocab.data_ptr())
         if self._subset_head is None or self._subset_head[0] != key:
             with torch.no_grad():
@@ -577,174 +465,151 @@ class SortedDraft:
             tokens [B, k] int64, probs [B, k, V] float32 or None, num_draft [B] int64, exits [B, k] int64,
             confidence [B, k] float32.
         """
-        if not isinstance(state, SortedDraftState):
-            raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        batch, device = state.batch_size, state.length.device
-        k = num_tokens
-        if num_draft is None:
-            num_draft = k
-        num_draft = _per_row("num_draft", num_draft, batch, device, torch.int64)
-        too_long = state.num_tokens + num_draft > state.max_length
-        temperature = _per_row("temperature", temperature, batch, device, torch.float32)
-        top_k = _per_row("top_k", top_k, batch, device, torch.int64)
-        top_p = _per_row("top_p", top_p, batch, device, torch.float32)
-        # NOTE: checked once here, so the exit op skips its per-call value checks (validate=False); every
-        # check is one flag of a single device-to-host read.
-        bad = torch.stack(
-            [
-                ((num_draft < 0) | (num_draft > k)).any(),
-                too_long.any(),
-                (temperature < 0).any() | ~torch.isfinite(temperature).all(),
-                (top_k < 0).any(),
-                ~((top_p > 0) & (top_p <= 1)).all(),
-            ]
-        ).tolist()
-        if bad[0]:
-            raise ValueError(f"num_draft must be in 0..num_tokens={k}, got {num_draft.tolist()}")
-        if bad[1]:
-            row = int(too_long.nonzero()[0, 0])
-            raise ValueError(
-                f"row {row} would exceed max_length={state.max_length}: it holds "
-                f"{int(state.num_tokens[row])} tokens and asks for {int(num_draft[row])} drafts "
-                "(the draft is longer than the cache)"
-            )
-        if bad[2]:
-            raise ValueError("temperature must be finite and >= 0")
-        if bad[3]:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
-        if bad[4]:
-            raise ValueError("top_p must be in (0, 1]")
-        if num_tokens > 2**16:
-            raise ValueError(
-                f"num_tokens must be at most {2**16} (Philox holds the draft position in 16 bits)"
-            )
-        sampled = temperature > 0
-        any_sampled = bool(sampled.any())
-        if any_sampled:
-            if seeds is None:
-                raise ValueError("seeds are required when a row samples (temperature > 0)")
-            seeds = _per_row("seeds", seeds, batch, device, torch.int64)
-            offsets = _per_row("offsets", 0 if offsets is None else offsets, batch, device, torch.int64)
-        n_exits = len(self.exits)
-        if thresholds is None:
-            tau = torch.tensor(self.thresholds, dtype=torch.float32, device=device).expand(batch, n_exits)
-        else:
-            tau = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
-            if tau.dim() == 1:
-                tau = tau.expand(batch, -1)
-            if tuple(tau.shape) != (batch, n_exits):
-                raise ValueError(
-                    f"thresholds must be [B={batch}, n_exits={n_exits}] (or [n_exits]), "
-                    f"got {tuple(tau.shape)}"
-                )
-            if bool(((tau < 0) | (tau > 1) | torch.isnan(tau)).any()):
-                raise ValueError("thresholds must be in [0, 1]")
-        if stop_threshold is not None:
-            stop_threshold = _per_row("stop_threshold", stop_threshold, batch, device, torch.float32)
-
-        vocab = self.vocab_size
+        args = checked_propose_args(
+            self, state, num_tokens, num_draft, temperature, top_k, top_p, seeds, offsets, thresholds,
+            stop_threshold,
+        )  # fmt: skip
+        plan = self._exit_plan(args.thresholds, thresholds)
+        batch, k, device = state.batch_size, num_tokens, state.length.device
         tokens = torch.zeros((batch, k), dtype=torch.int64, device=device)
-        exits_out = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+        exits = torch.full((batch, k), -1, dtype=torch.int64, device=device)
         confidence = torch.zeros((batch, k), dtype=torch.float32, device=device)
-        probs = torch.zeros((batch, k, vocab), dtype=torch.float32, device=device) if any_sampled else None
-        probs_flat = probs.view(batch * k, vocab) if probs is not None else None
-        filters = any_sampled and bool(((top_k > 0) | (top_p < 1)).any())
+        probs = torch.zeros((batch, k, self.vocab_size), device=device) if args.sampled else None
         proposed = torch.zeros((batch,), dtype=torch.int64, device=device)
         stopped = torch.zeros((batch,), dtype=torch.bool, device=device)
-        rows_all = torch.arange(batch, device=device)
-        # NOTE: the exit decisions that do not depend on the data, from the thresholds on the host:
-        # an early exit whose threshold is 1 for every row never fires (its head is skipped), and the
-        # groups past an exit where every row fires unconditionally (threshold 0) never run here at all
-        # (not even their deferred KV fill: a later call that needs them catches up in one window).
-        host_tau = self._host_thresholds(tau, thresholds)
+        # NOTE: a proposal not followed by advance() (a repeated propose) left drafts in the caches;
+        # forget them so every row restarts from its pending token.
+        state.filled.copy_(torch.minimum(state.filled, (state.length - 1)[None, :]))
+        end = state.filled[0].clone()  # [B]: slots fed (or to feed) through group 0 by this step
+        with torch.no_grad():
+            for j in range(k):
+                active = (args.num_draft > j) & ~stopped  # [B]: rows drafting token j
+                if not bool(active.any()):
+                    break
+                end = torch.where(active, state.length + j, end)
+                token, conf, layer = self._draft_token(state, j, active, end, args, plan, probs)
+                tokens[:, j] = torch.where(active, token, tokens[:, j])
+                confidence[:, j] = torch.where(active, conf, confidence[:, j])
+                exits[:, j] = torch.where(active, layer, exits[:, j])
+                proposed += active.to(torch.int64)
+                # The draft token becomes the input of the next step, at slot length + j.
+                slot = torch.where(active, state.length + j, torch.full_like(end, state.trash_slot))
+                state.tokens.scatter_(1, slot[:, None], token[:, None])
+                if args.stop_threshold is not None:
+                    stopped |= active & (conf < args.stop_threshold)
+        state.last_num_draft = proposed
+        state.steps += 1
+        return Proposal(tokens=tokens, probs=probs, num_draft=proposed, exits=exits, confidence=confidence)
+
+    def _draft_token(
+        self,
+        state: SortedDraftState,
+        j: int,
+        active: torch.Tensor,  # [B] bool: rows drafting this token
+        end: torch.Tensor,  # [B] int64: slots group 0 feeds up to
+        args: ProposeArgs,
+        plan: _ExitPlan,
+        probs: torch.Tensor | None,  # [B, k, V] float32: q, written where a sampled row exits
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draft token ``j`` of every active row: run the exit groups in turn; a row's token exits at the
+        first exit that fires for it. Returns its token, confidence and exit layer ([B] each)."""
+        batch = state.batch_size
+        token = torch.zeros((batch,), dtype=torch.int64, device=end.device)
+        conf = torch.zeros((batch,), dtype=torch.float32, device=end.device)
+        layer = torch.full((batch,), -1, dtype=torch.int64, device=end.device)
+        undecided = active.clone()  # [B]: rows whose token has not exited yet
+        for group in range(plan.reachable):
+            stop = end if group == 0 else state.filled[group - 1]
+            if group > 0:
+                lag = state.filled[group - 1] - state.filled[group]
+                wanted, behind = torch.stack([undecided.any(), (lag > self.max_deferred).any()]).tolist()
+                if not wanted and not behind:
+                    continue
+            out, n = self._run_group(state, group, stop)
+            if plan.head_off[group]:
+                continue
+            rows = plan.row_ids[undecided]  # NOTE: the one read of this exit's decision (rows still drafting)
+            if rows.shape[0] == 0:
+                continue
+            hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
+            row_token, row_conf, fired = self._exit(
+                group, group == plan.reachable - 1, hidden, rows, j, args, plan, probs
+            )
+            # NOTE: written through the integer rows with where(), not boolean-mask indexing (a
+            # device-to-host read each).
+            token[rows] = torch.where(fired, row_token, token[rows])
+            conf[rows] = torch.where(fired, row_conf, conf[rows])
+            layer[rows] = torch.where(fired, self.exits[group], layer[rows])
+            undecided[rows] = undecided[rows] & ~fired
+        return token, conf, layer
+
+    def _exit(
+        self,
+        group: int,
+        last: bool,
+        hidden: torch.Tensor,  # [R, d]: the exit's hidden states of the undecided rows
+        rows: torch.Tensor,  # [R] int64: those rows
+        j: int,
+        args: ProposeArgs,
+        plan: _ExitPlan,
+        probs: torch.Tensor | None,  # [B, k, V] float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exit ``group``'s head on ``rows``: their token, confidence and whether the exit fires ([R] each).
+
+        Greedy batches take the argmax and fire at ``confidence >= threshold``; sampled ones run the fused
+        ``exit_sample`` (q written, and a token drawn, only where the row fires). The last exit always fires.
+        """
+        head, ids = self._exit_head_rows(group)
+        norm = self.hf_model.model.norm
+        eps, count = float(norm.variance_epsilon), rows.shape[0]
+        # NOTE: the arguments were checked once for the whole call (checked_propose_args), so each exit runs
+        # the op's kernel directly.
+        if not args.sampled:
+            zero = torch.zeros((count,), dtype=torch.float32, device=rows.device)  # temperature: raw logits
+            tokens, conf, _ = run_exit_head(plan.backend, hidden, norm.weight, head, eps, zero)
+            tokens = tokens if ids is None else ids[tokens]
+            fired = torch.ones_like(rows, dtype=torch.bool) if last else conf >= plan.fire_at[group][rows]
+            return tokens, conf, fired
+        # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
+        of_rows = (lambda t: t) if count == args.num_draft.shape[0] else (lambda t: t[rows])  # noqa: E731
+        k, vocab = probs.shape[1], probs.shape[2]
+        return run_exit_sample(
+            plan.backend,
+            hidden,
+            norm.weight,
+            head,
+            eps,
+            of_rows(args.temperature),
+            of_rows(args.top_k),
+            of_rows(args.top_p),
+            of_rows(args.seeds),
+            of_rows(args.offsets),
+            torch.full((count,), j, dtype=torch.int64, device=rows.device),  # position
+            torch.zeros((count,), device=rows.device) if last else of_rows(plan.fire_at[group]),  # threshold
+            ids,
+            probs.view(-1, vocab),
+            rows * k + j,  # the rows of probs they own
+            args.filters,
+        )
+
+    def _exit_plan(self, tau: torch.Tensor, given: Any) -> _ExitPlan:
+        """The exit decisions that do not depend on the data, from the thresholds on the host.
+
+        NOTE: an early exit whose threshold is 1 for every row never fires (its head is skipped), and the
+        groups past an exit where every row fires unconditionally (threshold 0) never run here at all (not
+        even their deferred KV fill: a later call that needs them catches up in one window).
+        """
+        host_tau = self._host_thresholds(tau, given)
+        n_exits = len(self.exits)
         head_off = [all(row[g] >= 1.0 for row in host_tau) for g in range(n_exits - 1)] + [False]
         reachable = n_exits
         for g in range(n_exits - 1):
             if all(any(row[i] <= 0.0 for i in range(g + 1)) for row in host_tau):
                 reachable = g + 1
                 break
-        tau_fire = tau.masked_fill(tau >= 1.0, float("inf"))  # threshold 1: never fires
-        norm = self.hf_model.model.norm
-        eps = float(norm.variance_epsilon)
-        # NOTE: a proposal not followed by advance() (a repeated propose) left drafts in the caches;
-        # forget them so every row restarts from its pending token.
-        state.filled.copy_(torch.minimum(state.filled, (state.length - 1)[None, :]))
-        # end[b]: slots fed (or to feed) through group 0 by the current step.
-        end = state.filled[0].clone()
-        with torch.no_grad():
-            for j in range(k):
-                active = (num_draft > j) & ~stopped
-                if not bool(active.any()):
-                    break
-                end = torch.where(active, state.length + j, end)
-                step_token = torch.zeros((batch,), dtype=torch.int64, device=device)
-                step_conf = torch.zeros((batch,), dtype=torch.float32, device=device)
-                step_exit = torch.full((batch,), -1, dtype=torch.int64, device=device)
-                need = active.clone()
-                for group in range(reachable):
-                    stop = end if group == 0 else state.filled[group - 1]
-                    if group > 0:
-                        lag = state.filled[group - 1] - state.filled[group]
-                        wanted, behind = torch.stack([need.any(), (lag > self.max_deferred).any()]).tolist()
-                        if not wanted and not behind:
-                            continue
-                    out, n = self._run_group(state, group, stop)
-                    if head_off[group]:
-                        continue
-                    rows = rows_all[need]  # NOTE: the one read of this exit's decision (rows still drafting)
-                    if rows.shape[0] == 0:
-                        continue
-                    # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
-                    every = rows.shape[0] == batch
-                    hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
-                    last = group == reachable - 1
-                    head, ids = self._exit_head_rows(group)
-                    if any_sampled:
-                        r_tokens, r_conf, fire = exit_sample(
-                            hidden,
-                            norm.weight,
-                            head,
-                            eps,
-                            temperature if every else temperature[rows],
-                            top_k if every else top_k[rows],
-                            top_p if every else top_p[rows],
-                            seeds if every else seeds[rows],
-                            offsets if every else offsets[rows],
-                            j,
-                            0.0 if last else (tau_fire[:, group] if every else tau_fire[rows, group]),
-                            probs_flat,
-                            rows * k + j,
-                            vocab_ids=ids,
-                            filters=filters,
-                            validate=False,
-                        )
-                    else:
-                        r_tokens, r_conf, _ = exit_head(hidden, norm.weight, head, eps, 0.0)
-                        if ids is not None:
-                            r_tokens = ids[r_tokens]
-                        fire = torch.ones_like(need[rows]) if last else r_conf >= tau_fire[rows, group]
-                    # NOTE: written through the integer rows with where(), not boolean-mask indexing (a
-                    # device-to-host read each).
-                    step_token[rows] = torch.where(fire, r_tokens, step_token[rows])
-                    step_conf[rows] = torch.where(fire, r_conf, step_conf[rows])
-                    step_exit[rows] = torch.where(fire, self.exits[group], step_exit[rows])
-                    need[rows] = need[rows] & ~fire
-                tokens[:, j] = torch.where(active, step_token, tokens[:, j])
-                confidence[:, j] = torch.where(active, step_conf, confidence[:, j])
-                exits_out[:, j] = torch.where(active, step_exit, exits_out[:, j])
-                proposed += active.to(torch.int64)
-                # The draft token becomes the input of the next step, at slot length + j.
-                slot = torch.where(active, state.length + j, torch.full_like(end, state.trash_slot))
-                state.tokens.scatter_(1, slot[:, None], step_token[:, None])
-                if stop_threshold is not None:
-                    stopped |= active & (step_conf < stop_threshold)
-        state.last_num_draft = proposed
-        state.steps += 1
-        return Proposal(
-            tokens=tokens, probs=probs, num_draft=proposed, exits=exits_out, confidence=confidence
-        )
+        fire_at = tau.masked_fill(tau >= 1.0, float("inf")).t().contiguous()  # threshold 1: never fires
+        backend = resolve_backend("exit_head", "auto", tau.device)
+        return _ExitPlan(head_off, reachable, fire_at, torch.arange(tau.shape[0], device=tau.device), backend)
 
     def advance(
         self,
@@ -757,12 +622,12 @@ class SortedDraft:
         if not isinstance(state, SortedDraftState):
             raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
         batch, device = state.batch_size, state.length.device
-        num_accepted = _per_row("num_accepted", num_accepted, batch, device, torch.int64)
-        emitted = _per_row("emitted", emitted, batch, device, torch.int64)
+        num_accepted = to_per_row("num_accepted", num_accepted, batch, device, torch.int64)
+        emitted = to_per_row("emitted", emitted, batch, device, torch.int64)
         if active is None:
             active = torch.ones((batch,), dtype=torch.bool, device=device)
         else:
-            active = _per_row("active", active, batch, device, torch.bool)
+            active = to_per_row("active", active, batch, device, torch.bool)
         bad = active & ((num_accepted < 0) | (num_accepted > state.last_num_draft))
         if bool(bad.any()):
             raise ValueError(
@@ -783,124 +648,12 @@ class SortedDraft:
         state.last_num_draft = torch.zeros_like(state.last_num_draft)
 
 
-def truncated_hf_model(hf_model: nn.Module, n_layers: int, *, share_embeddings: bool = False) -> nn.Module:
-    """A new HF causal LM with the first ``n_layers`` decoder layers of ``hf_model`` (deep copies).
+@dataclass
+class _ExitPlan:
+    """What a proposal knows about its exits before it runs (host values, one call)."""
 
-    The embedding, final norm, rotary buffers and ``lm_head`` are deep-copied as well, unless
-    ``share_embeddings`` (then the new model uses ``hf_model``'s modules, marked as shared: see
-    :func:`mark_shared_modules`).
-    """
-    base = hf_model.model
-    all_layers = base.layers
-    new_config = copy.deepcopy(hf_model.config)
-    new_config.num_hidden_layers = n_layers
-    if getattr(new_config, "layer_types", None) is not None:
-        new_config.layer_types = list(new_config.layer_types[:n_layers])
-    for attr in ("s2d_exits", "s2d_thresholds"):
-        if hasattr(new_config, attr):
-            delattr(new_config, attr)
-    # NOTE: deep-copy the model without its layers (cheap), then only the kept layers; the memo maps
-    # the old config to the new one so every copied module points at the truncated config.
-    base.layers = nn.ModuleList()
-    try:
-        memo = {id(hf_model.config): new_config}
-        if share_embeddings:
-            for module in (base.embed_tokens, base.norm, hf_model.lm_head):
-                memo[id(module)] = module
-        new_model = copy.deepcopy(hf_model, memo)
-    finally:
-        base.layers = all_layers
-    layer_memo = {id(hf_model.config): new_config}
-    new_model.model.layers = nn.ModuleList(copy.deepcopy(all_layers[i], layer_memo) for i in range(n_layers))
-    new_model.config = new_config
-    new_model.model.config = new_config
-    # NOTE: the deep copy carried hf_model's own marks along; this model shares exactly what it shares.
-    object.__setattr__(new_model, SHARED_MODULES_ATTR, ())
-    if share_embeddings:
-        mark_shared_modules(new_model, ("model.embed_tokens", "model.norm", "lm_head"))
-    return new_model
-
-
-SHARED_MODULES_ATTR = "_s2d_shared_modules"
-
-
-def mark_shared_modules(hf_model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """Record that ``hf_model``'s submodules ``names`` belong to another model too (returns ``hf_model``).
-
-    :meth:`SortedDraft.to` and :meth:`SortedDraft.from_pretrained` then cast / move converted copies of
-    them (tied weights staying tied) and leave the other model's modules as they were.
-
-    Parameters
-    ----------
-    hf_model : torch.nn.Module
-        The draft's HF model.
-    names : sequence of str
-        Dotted submodule names (``"model.embed_tokens"``, ``"lm_head"``); added to those already marked.
-
-    Raises
-    ------
-    ValueError
-        When ``hf_model`` has no submodule of one of the names.
-    """
-    names = tuple(str(n) for n in names)
-    for name in names:
-        try:
-            hf_model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"names: the model has no submodule {name!r} to mark as shared") from err
-    known = tuple(getattr(hf_model, SHARED_MODULES_ATTR, ()) or ())
-    # NOTE: object.__setattr__: a plain attribute, not a registered submodule or buffer.
-    object.__setattr__(hf_model, SHARED_MODULES_ATTR, tuple(dict.fromkeys(known + names)))
-    return hf_model
-
-
-def shared_module_names(hf_model: nn.Module) -> tuple[str, ...]:
-    """The submodule names :func:`mark_shared_modules` recorded on ``hf_model`` (empty: none)."""
-    return tuple(getattr(hf_model, SHARED_MODULES_ATTR, ()) or ())
-
-
-def convert_model(hf_model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """``hf_model.to(*args, **kwargs)``, but modules shared with another model are converted as copies.
-
-    NOTE: ``nn.Module.to`` converts parameters in place (``param.data = ...``), so a module that another
-    model holds too would change for that model as well. When the conversion changes a shared module's
-    tensors, every marked module is replaced by a deep copy first (one memo: weights tied among them stay
-    tied, and the model's own parameters tied to them follow the copies), and the marks are cleared (the
-    model owns its copies). The copies are made before converting: the shared modules take twice their
-    memory for a moment. A conversion that changes nothing keeps the sharing.
-    """
-    shared = shared_module_names(hf_model)
-    if shared and _conversion_changes([hf_model.get_submodule(n) for n in shared], args, kwargs):
-        memo: dict[int, Any] = {id(hf_model.config): hf_model.config}
-        copies = {name: copy.deepcopy(hf_model.get_submodule(name), memo) for name in shared}
-        for name, module in copies.items():
-            hf_model.set_submodule(name, module)
-        for module in hf_model.modules():
-            for store in (module._parameters, module._buffers):
-                for key, tensor in store.items():
-                    if tensor is not None and id(tensor) in memo:
-                        store[key] = memo[id(tensor)]
-        object.__setattr__(hf_model, SHARED_MODULES_ATTR, ())
-    return hf_model.to(*args, **kwargs)
-
-
-def _conversion_changes(modules: list[nn.Module], args: tuple, kwargs: dict) -> bool:
-    """Whether ``module.to(*args, **kwargs)`` would change a tensor of one of ``modules``."""
-    # NOTE: the parser nn.Module.to itself uses, so every accepted form of the arguments reads alike.
-    device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-    if memory_format is not None:
-        return True
-    if device is not None:
-        # NOTE: "cuda" means the current CUDA device, as in nn.Module.to.
-        device = torch.empty(0, device=device).device
-    for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
-            if device is not None and tensor.device != device:
-                return True
-            if (
-                dtype is not None
-                and (tensor.is_floating_point() or tensor.is_complex())
-                and tensor.dtype != dtype
-            ):
-                return True
-    return False
+    head_off: list[bool]  # per exit: its threshold is 1 for every row (the head is skipped)
+    reachable: int  # exit groups a token can reach (those past an always-firing exit never run)
+    fire_at: torch.Tensor  # [n_exits, B] float32: thresholds, inf where 1 (never fires)
+    row_ids: torch.Tensor  # [B] int64: 0..B-1
+    backend: str  # the exit ops' backend

@@ -20,9 +20,12 @@ even if no row needs its exit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from s2d_ext._transfer import to_device
 
 
 @dataclass
@@ -47,6 +50,10 @@ class SortedDraftState:
         Per group, the input hidden states [B, S+1, d] (None for group 0, whose input is the embedding).
     last_num_draft : torch.Tensor
         [B] int64: drafts the last ``propose`` made (bounds ``num_accepted`` in ``advance``).
+    steps : int
+        Proposals made so far.
+    pads : list of int
+        ``pad`` on the host (joins size the slots with it, without reading the device).
     """
 
     batch_size: int
@@ -61,6 +68,7 @@ class SortedDraftState:
     hidden: list[torch.Tensor | None]
     last_num_draft: torch.Tensor
     steps: int = field(default=0)
+    pads: list[int] = field(default_factory=list)
 
     @property
     def trash_slot(self) -> int:
@@ -106,6 +114,78 @@ class SortedDraftState:
             last_num_draft=torch.zeros((batch_size,), dtype=torch.int64, device=device),
         )
 
+    # ----------------------------------------------------------------- row operations (DraftState)
+    def select(self, rows: Sequence[int]) -> SortedDraftState:
+        """The state of rows ``rows`` (host indices), in that order; each keeps its slots and caches."""
+        index = to_device(list(rows), torch.int64, self.length.device)
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return SortedDraftState(
+            batch_size=len(rows),
+            capacity=self.capacity,
+            max_length=self.max_length,
+            tokens=pick(self.tokens),
+            length=pick(self.length),
+            pad=pick(self.pad),
+            filled=self.filled.index_select(1, index),
+            k_cache=[pick(t) for t in self.k_cache],
+            v_cache=[pick(t) for t in self.v_cache],
+            hidden=[None if t is None else pick(t) for t in self.hidden],
+            last_num_draft=pick(self.last_num_draft),
+            steps=self.steps,
+            pads=[self.pads[i] for i in rows],
+        )
+
+    def concat(self, others: Sequence[SortedDraftState]) -> SortedDraftState:
+        """This state's rows, then each of ``others``' rows, in one state."""
+        states = [self, *others]
+        max_length = max(s.max_length for s in states)
+        # NOTE: slot = pad + position, so a row keeps its slots; only the capacity (and with it the
+        # trash slot, always the last one) grows to fit every row's pad + max_length.
+        capacity = max(max(s.capacity for s in states), max(max(s.pads) for s in states) + max_length)
+        return _joined(states, capacity, max_length)
+
+    def with_capacity(self, capacity: int) -> SortedDraftState:
+        """This state with at least ``capacity`` slots per row."""
+        return self if self.capacity >= capacity else _joined([self], capacity, self.max_length)
+
     def context(self, row: int) -> torch.Tensor:
         """[n] int64: row ``row``'s context tokens (padding excluded, pending token included)."""
         return self.tokens[row, int(self.pad[row]) : int(self.length[row])].clone()
+
+
+def _joined(states: Sequence[SortedDraftState], capacity: int, max_length: int) -> SortedDraftState:
+    """The rows of ``states`` in one state of ``capacity`` slots per row."""
+    first = states[0]
+    widen = lambda t, s: _widen_slots(t, s.capacity, capacity)  # noqa: E731
+    cat = lambda ts: torch.cat(ts, dim=0)  # noqa: E731
+    return SortedDraftState(
+        batch_size=sum(s.batch_size for s in states),
+        capacity=capacity,
+        max_length=max_length,
+        tokens=cat([widen(s.tokens, s) for s in states]),
+        length=cat([s.length for s in states]),
+        pad=cat([s.pad for s in states]),
+        filled=torch.cat([s.filled for s in states], dim=1),
+        k_cache=[cat([widen(s.k_cache[i], s) for s in states]) for i in range(len(first.k_cache))],
+        v_cache=[cat([widen(s.v_cache[i], s) for s in states]) for i in range(len(first.v_cache))],
+        hidden=[
+            None if first.hidden[g] is None else cat([widen(s.hidden[g], s) for s in states])
+            for g in range(len(first.hidden))
+        ],
+        last_num_draft=cat([s.last_num_draft for s in states]),
+        steps=max(s.steps for s in states),
+        pads=[p for s in states for p in s.pads],
+    )
+
+
+def _widen_slots(t: torch.Tensor, capacity: int, new_capacity: int) -> torch.Tensor:
+    """[B, ..., capacity + 1, ...] -> [B, ..., new_capacity + 1, ...]: the slot dim is the one of size
+    capacity + 1 (dim 1 for tokens / hidden, dim 2 for KV caches); new slots, trash included, are zero."""
+    if new_capacity == capacity:
+        return t
+    dim = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[dim] = new_capacity + 1
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, capacity).copy_(t.narrow(dim, 0, capacity))
+    return out

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from s2d_ext.engine import Engine, SamplingParams, TargetConfig
-from s2d_ext.engine.models import check_length
 from s2d_ext.engine.params import check_int, generation_default_ids, seeds_for
 from s2d_ext.target import input_device
 
@@ -48,11 +47,6 @@ class SpeculateStats:
     profiled: bool = False
 
     @property
-    def drafted_tokens(self) -> int:
-        """Alias of ``draft_tokens``."""
-        return self.draft_tokens
-
-    @property
     def tokens_per_second(self) -> float:
         return sum(self.new_tokens) / self.time_total if self.time_total > 0 else 0.0
 
@@ -65,35 +59,61 @@ class SpeculateOutput:
     stats: SpeculateStats
 
 
-def generate_batch(
-    draft: Any,
-    configs: Mapping[str, TargetConfig],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    names: Sequence[str],
-    *,
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_k: int | None,
-    top_p: float | None,
-    seed: Any,
-    eos_token_id: Any,
-    pad_token_id: int | None,
-    stop_token_ids: Sequence[int] | None,
-    streamer: Any,
-    streamer_has_prompt: bool = False,
-    profile: bool = False,
-    extra: Mapping[str, Any] | None = None,
-    from_generation_config: bool = True,
-) -> SpeculateOutput:
-    """Run every row of ``input_ids`` with target ``names[b]`` (see :func:`s2d_ext.speculate`).
+@dataclass
+class BatchRequest:
+    """One batch to generate, as ``speculate()``, ``Speculator.generate()`` and ``custom_generate`` ask it of
+    :func:`generate_batch` (the arguments as :func:`s2d_ext.speculate` documents them).
 
-    ``extra``: more :class:`SamplingParams` fields for every row (min_p, repetition_penalty, ...).
-    ``streamer_has_prompt``: the streamer got the prompt already (from ``generate()``).
-    ``from_generation_config``: settings left None (and processing fields absent from ``extra``) come from
-    the targets' ``generation_config`` as ``generate()`` takes them; False when the caller resolved them
-    already (``custom_generate``, which gets generate()'s merged config).
+    Attributes
+    ----------
+    input_ids : torch.Tensor
+        [B, L] left-padded prompts.
+    attention_mask : torch.Tensor or None
+        [B, L], 1 = token.
+    targets : sequence of str
+        The target of each row, by name.
+    max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, pad_token_id, stop_token_ids
+        Per-row settings; None: from the targets' ``generation_config`` (when ``from_generation_config``),
+        else the defaults.
+    streamer : transformers streamer, optional
+    streamer_has_prompt : bool
+        The streamer got the prompt already (from ``generate()``).
+    profile : bool
+        Measure the draft / target / verify / other time split.
+    sampling : dict
+        More :class:`SamplingParams` fields for every row (min_p, repetition_penalty, ...).
+    from_generation_config : bool
+        Settings left None (and processing fields absent from ``sampling``) come from the targets'
+        ``generation_config`` as ``generate()`` takes them; False when the caller resolved them already
+        (``custom_generate``, which gets generate()'s merged config).
     """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    targets: Sequence[str]
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: Any = None
+    eos_token_id: Any = None
+    pad_token_id: int | None = None
+    stop_token_ids: Sequence[int] | None = None
+    streamer: Any = None
+    streamer_has_prompt: bool = False
+    profile: bool = False
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    from_generation_config: bool = True
+
+
+def generate_batch(draft: Any, configs: Mapping[str, TargetConfig], request: BatchRequest) -> SpeculateOutput:
+    """Run every row of ``request.input_ids`` with its target ``request.targets[b]`` (see
+    :func:`s2d_ext.speculate`)."""
+    input_ids, attention_mask, names = request.input_ids, request.attention_mask, request.targets
+    max_new_tokens, temperature, top_k, top_p = (
+        request.max_new_tokens, request.temperature, request.top_k, request.top_p,
+    )  # fmt: skip
+    eos_token_id, pad_token_id, streamer = request.eos_token_id, request.pad_token_id, request.streamer
     input_ids = check_input_ids(input_ids)
     batch = input_ids.shape[0]
     used = list(dict.fromkeys(names))
@@ -110,9 +130,9 @@ def generate_batch(
     if pad_token_id is None:
         pad_token_id = generation_default(configs, used, "pad_token_id")
     eos = [] if eos_token_id is None else eos_token_id
-    extra = dict(extra or {})
+    extra = dict(request.sampling)
     _check_extra(extra)
-    if from_generation_config:
+    if request.from_generation_config:
         max_new_tokens, temperature, top_k, top_p = _config_defaults(
             configs, used, input_ids.shape[1], eos, extra, max_new_tokens, temperature, top_k, top_p
         )
@@ -125,7 +145,7 @@ def generate_batch(
         top_k=top_k,
         top_p=top_p,
         eos_token_id=eos,
-        stop_token_ids=() if stop_token_ids is None else stop_token_ids,
+        stop_token_ids=() if request.stop_token_ids is None else request.stop_token_ids,
         **extra,
     ).resolve(vocab)
     eos = list(base.eos_token_id)
@@ -150,17 +170,15 @@ def generate_batch(
     if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
         raise ValueError(f"input_ids must hold token ids in [0, {vocab})")
     longest = int(mask.sum(-1).max())
-    engine = Engine(draft, {n: configs[n] for n in used}, profile=profile)
+    engine = Engine(draft, {n: configs[n] for n in used}, profile=request.profile)
     for name in used:
-        check_length(
-            name, configs[name].model, engine._batches[name].window, longest, max_new_tokens, "input_ids"
-        )
-    seeds = seeds_for(seed, batch)
+        engine.check_length(name, longest, max_new_tokens, arg="input_ids")
+    seeds = seeds_for(request.seed, batch)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
 
     host_ids, host_mask = input_ids.cpu(), mask.cpu()
     prompts = [host_ids[b][host_mask[b]].tolist() for b in range(batch)]
-    if streamer is not None and not streamer_has_prompt:
+    if streamer is not None and not request.streamer_has_prompt:
         streamer.put(host_ids)
     engine.clock.reset()
     wall = time.perf_counter()

@@ -68,7 +68,7 @@ def generate(
     torch.Tensor or GenerateDecoderOnlyOutput
         [B, L + new] sequences, like ``generate()``.
     """
-    from s2d_ext.driver.batch import generate_batch
+    from s2d_ext.driver.batch import BatchRequest, generate_batch
     from s2d_ext.engine.models import TargetConfig, as_draft
     from s2d_ext.engine.processors import HFLogitsProcessor
 
@@ -95,7 +95,7 @@ def generate(
     processing = processing_settings(config, eos, input_ids.shape[1])
     min_new_tokens = processing["min_new_tokens"]
     max_length, stop_eos = _stopping(stopping_criteria, config, eos, min_new_tokens)
-    extra = {
+    sampling_params = {  # NOTE: more SamplingParams fields for every row
         "min_p": settings["min_p"],
         **processing,
         # NOTE: generate() built processors for the settings above (and warpers for the sampling ones);
@@ -112,9 +112,7 @@ def generate(
     draft = as_draft(draft)
     target = TargetConfig(model, num_draft_tokens, draft_length, thresholds).checked("target", draft)
     rows = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
-    out = generate_batch(
-        draft,
-        {"target": target},
+    request = BatchRequest(
         input_ids,
         attention_mask,
         ["target"] * rows,
@@ -129,11 +127,12 @@ def generate(
         stop_token_ids=stop_token_ids,
         streamer=streamer if streamer is not None else _streamer_of_generate(),
         streamer_has_prompt=streamer is None,
-        extra=extra,
+        sampling=sampling_params,
         # NOTE: generate() merged the call's arguments into its config, which was translated above;
         # the model's own generation_config must not override them.
         from_generation_config=False,
     )
+    out = generate_batch(draft, {"target": target}, request)
     if getattr(config, "return_dict_in_generate", False):
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from s2d_ext.driver.batch import SpeculateOutput, SpeculateStats, generate_batch
+from s2d_ext.driver.batch import BatchRequest, SpeculateOutput, SpeculateStats, generate_batch
 from s2d_ext.engine.models import TargetConfig, as_draft
 
 __all__ = ["SpeculateOutput", "SpeculateStats", "speculate"]
@@ -102,9 +102,7 @@ def speculate(
     draft = as_draft(draft)
     config = TargetConfig(target, num_draft_tokens, draft_length, thresholds).checked("target", draft)
     rows = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
-    return generate_batch(
-        draft,
-        {"target": config},
+    request = BatchRequest(
         input_ids,
         attention_mask,
         ["target"] * rows,
@@ -118,5 +116,6 @@ def speculate(
         stop_token_ids=stop_token_ids,
         streamer=streamer,
         profile=profile,
-        extra=sampling,
+        sampling=sampling,
     )
+    return generate_batch(draft, {"target": config}, request)

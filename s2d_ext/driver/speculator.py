@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from s2d_ext.driver.batch import SpeculateOutput, generate_batch
+from s2d_ext.driver.batch import BatchRequest, SpeculateOutput, generate_batch
 from s2d_ext.engine.models import DRAFT_LENGTHS, TargetConfig, as_draft, check_target
 from s2d_ext.engine.params import check_int as _check_int
 
@@ -71,10 +71,10 @@ class Speculator:
         self.settings: dict[str, dict[str, Any]] = {}
         for name in self.targets:
             self.settings[name] = {
-                "thresholds": _pick(thresholds, name, None, "thresholds"),
-                "num_draft_tokens": _pick(num_draft_tokens, name, 5, "num_draft_tokens"),
-                "draft_length": _pick(draft_length, name, "heuristic", "draft_length"),
-                "stop_threshold": _pick(stop_threshold, name, None, "stop_threshold"),
+                "thresholds": _setting_for(name, thresholds, None),
+                "num_draft_tokens": _setting_for(name, num_draft_tokens, 5),
+                "draft_length": _setting_for(name, draft_length, "heuristic"),
+                "stop_threshold": _setting_for(name, stop_threshold, None),
             }
             self.settings[name]["thresholds"] = self._config(name, self.settings[name]).thresholds
 
@@ -134,9 +134,7 @@ class Speculator:
         for name in dict.fromkeys(names):
             conf = {**self.settings[name], **{k: v for k, v in overrides.items() if v is not None}}
             configs[name] = self._config(name, conf)
-        return generate_batch(
-            self.draft,
-            configs,
+        request = BatchRequest(
             input_ids,
             attention_mask,
             names,
@@ -150,8 +148,9 @@ class Speculator:
             stop_token_ids=stop_token_ids,
             streamer=streamer,
             profile=profile,
-            extra=sampling,
+            sampling=sampling,
         )
+        return generate_batch(self.draft, configs, request)
 
     # ----------------------------------------------------------------------------------------- calibrate
     def calibrate(
@@ -288,7 +287,9 @@ def _check_target_keys(argument: str, value: Any, targets: Mapping[str, Any]) ->
         )
 
 
-def _pick(value: Any, name: str, default: Any, argument: str) -> Any:
+def _setting_for(name: str, value: Any, default: Any) -> Any:
+    """Target ``name``'s setting: ``value[name]`` of a per-target dict (else ``default``), or ``value`` itself
+    (``default`` when None)."""
     if isinstance(value, Mapping):
         return value.get(name, default)
     return default if value is None else value

@@ -8,17 +8,23 @@
         for out in engine.step():            # RequestOutput: new tokens, logprobs, finished, reason
             ...
 
-One step, for every running request at once::
+Vocabulary: a *row* is a request in a batch. The draft keeps one batch of every running request
+(:class:`~s2d_ext.engine.draft_batch.DraftBatch`); each target keeps a batch of its own requests
+(:class:`~s2d_ext.engine.target_batch.TargetBatch`), each row knowing its row in the draft's batch. A row's
+*pending* token is the last one emitted, not yet in the caches.
+
+One step (:meth:`Engine.step`), for every running request at once::
 
     admit      drop finished rows (batched), prefill joining requests in a batch of their own and
                append them to the draft's and each target's batch
-    n          = draft length of each row (its target's policy), capped by the tokens it may still emit
-    prop       = draft.propose(state, max(n), n, ...)                        # drafts + q, every row
-    per target: logits = target([pending, drafts])                           # [b, k+1, V], one forward
-                logits = processors(logits) at every position, with its own prefix   (lossless)
-                out, n_acc = verify(logits, drafts, q, ...)                  # accepted drafts + 1 token
-    read       one packed device-to-host copy: tokens, accept counts, drafts proposed, exits (+ logprobs)
-    host       stops (EOS / stop ids / max_new_tokens), outputs, draft-length policies, stats
+    plan       n = draft length of each row (its target's policy), capped by the tokens it may still emit
+    propose    prop = draft.propose(state, max(n), n, ...)                   # drafts + q, every row
+    verify     per target: logits = target([pending, drafts])                # [b, k+1, V], one forward
+                           logits = processors(logits) at every position, with its own prefix (lossless)
+                           out, n_acc = verify(logits, drafts, q, ...)       # accepted drafts + 1 token
+    read       one packed device-to-host copy (StepReadout): tokens, accept counts, drafts proposed,
+               exits (+ logprobs)
+    apply      host: stops (EOS / stop ids / max_new_tokens), outputs, draft-length policies, stats
     commit     targets keep pending + accepted; the draft advances the rows still running
 
 Randomness: a request draws every random number from Philox keyed by its seed, with counter offset =
@@ -26,8 +32,8 @@ the steps it has taken (draft: STREAM_DRAFT; verify: STREAM_ACCEPT / STREAM_SAMP
 depends only on its prompt, seed and settings, never on the other requests or when it joined.
 
 KV caches: see :mod:`s2d_ext.target` (holes + explicit position ids, compaction with ``kv_compact``);
-joins concatenate caches (:mod:`s2d_ext.engine.draft_rows`, :meth:`CachedLM.concat`), so every row keeps
-its slots and positions.
+joins concatenate caches (the draft state's ``concat``, :meth:`CachedLM.concat`), so every row keeps its
+slots and positions.
 """
 
 from __future__ import annotations
@@ -40,49 +46,17 @@ from typing import Any
 import torch
 
 from s2d_ext.engine import host_reads
-from s2d_ext.engine.draft_rows import concat_states, select_rows, supports_row_ops, with_capacity
-from s2d_ext.engine.filters import filtered_scores, min_p_logits
-from s2d_ext.engine.models import TargetConfig, as_draft, check_length, draft_limit, target_window
+from s2d_ext.engine.draft_batch import PADDING, DraftBatch
+from s2d_ext.engine.models import TargetConfig, as_draft, check_length, draft_limit
 from s2d_ext.engine.params import RequestError, SamplingParams, seeds_for
 from s2d_ext.engine.processors import processors_for
 from s2d_ext.engine.profile import Clock
-from s2d_ext.ops import verify
-from s2d_ext.target import CachedLM, input_device
+from s2d_ext.engine.readout import RowReadout, StepReadout
+from s2d_ext.engine.request import Request, RequestOutput
+from s2d_ext.engine.target_batch import TargetBatch
+from s2d_ext.target import context_length
 
-_PADDING = "padding"  # the reason of an idle draft row (static draft shapes)
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """What one step produced for one request.
-
-    Attributes
-    ----------
-    request_id : str
-    new_token_ids : list of int
-        Tokens emitted by this step (the stop token included when it stopped on one).
-    logprobs : list of float or None
-        Processed target log-probability of each new token (requests with ``logprobs`` set).
-    top_logprobs : list of list of (int, float) or None
-        The ``logprobs`` most probable (token, log-probability) pairs at each new token's position.
-    finished : bool
-    finish_reason : str or None
-        "stop" (EOS / stop id), "length" (max_new_tokens), "abort" or "error".
-    num_generated : int
-        Tokens generated so far, these included.
-    error : str or None
-        Why the request failed (``finish_reason == "error"``).
-    """
-
-    request_id: str
-    new_token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    num_generated: int = 0
-    error: str | None = None
-    exception: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
+__all__ = ["Engine", "EngineStats", "RequestOutput"]
 
 
 @dataclasses.dataclass
@@ -98,71 +72,22 @@ class EngineStats:
     compactions: int = 0  # kv_compact passes over a target cache
     max_cache_columns: int = 0  # largest target cache (columns) seen between steps
 
+    def count_step(self, k: int) -> None:
+        """One more step, whose longest draft is ``k``."""
+        self.steps += 1
+        if len(self.accepted_at) < k:
+            pad = k - len(self.accepted_at)
+            self.accepted_at += [0] * pad
+            self.proposed_at += [0] * pad
 
-class _Request:
-    """One request's host-side state (Python values only: reading them never touches a device)."""
-
-    def __init__(self, request_id, target, params, prompt, seed, processors, length):
-        self.id: str = request_id
-        self.target: str = target
-        self.params: SamplingParams = params
-        self.prompt: list[int] = prompt
-        self.seed: int = seed
-        self.processors: list = processors
-        self.stop_ids = params.stop_ids
-        self.generated: list[int] = []
-        self.steps = 0  # steps taken: the Philox counter offset
-        self.length = length  # the draft-length policy's current value
-        self.finished = False
-        self.reason: str | None = None
-        self.exception: BaseException | None = None
-        self.target_live = 0  # live tokens of the row in its target's cache
-        self.draft_pad = 0  # left padding of the row in the draft state
-        self.context: torch.Tensor | None = None  # [prompt + max_new] on the target device (processors)
-
-    @property
-    def remaining(self) -> int:
-        return self.params.max_new_tokens - len(self.generated)
-
-    @property
-    def needs_logits(self) -> bool:
-        """Whether the target's logits need more than the verify op does (processors or min-p)."""
-        return bool(self.processors) or (self.params.min_p > 0 and not self.params.greedy)
-
-
-class _TargetBatch:
-    """Per-call state of one target: its rows, their cache and pending tokens (config is separate)."""
-
-    def __init__(self, name: str, config: TargetConfig) -> None:
-        from s2d_ext.draft.policies import make_policy
-
-        self.name, self.config = name, config
-        self.policy = make_policy(config.draft_length, config.num_draft_tokens, config.stop_threshold)
-        self.device = input_device(config.model)
-        self.window = target_window(config.model)
-        self.runner: CachedLM | None = None
-        self.requests: list[_Request] = []
-        self.pending: torch.Tensor | None = None  # [b] int64 on the target's device
-        self.draft_rows: torch.Tensor | None = None  # [b] int64: the rows in the draft's batch
-        self.sampling: dict[str, torch.Tensor] = {}
-
-    def refresh(self, row_of: dict[str, int], draft_device: torch.device) -> None:
-        """Row tensors for verify, rebuilt whenever the batch changes."""
-        reqs = self.requests
-        self.draft_rows = host_reads.to_device([row_of[id(r)] for r in reqs], torch.int64, draft_device)
-        own_filters = [r.params.min_p > 0 and not r.params.greedy for r in reqs]
-        d = self.device
-        self.sampling = {
-            "temperature": host_reads.to_device([r.params.temperature for r in reqs], torch.float32, d),
-            # NOTE: min-p rows get every filter applied before the op (filters.min_p_logits).
-            "top_k": host_reads.to_device(
-                [0 if own else r.params.top_k for r, own in zip(reqs, own_filters)], torch.int64, d
-            ),
-            "top_p": host_reads.to_device(
-                [1.0 if own else r.params.top_p for r, own in zip(reqs, own_filters)], torch.float32, d
-            ),
-            "seeds": host_reads.to_device([r.seed for r in reqs], torch.int64, d),
-        }
+    def count_row(self, row: RowReadout) -> None:
+        """A row's drafts: proposed, accepted (by position) and the exit each used."""
+        self.draft_tokens += row.n_proposed
+        self.accepted_tokens += row.n_accepted
+        for j, layer in enumerate(row.exits):
+            self.proposed_at[j] += 1
+            self.accepted_at[j] += j < row.n_accepted
+            self.exit_histogram[layer] = self.exit_histogram.get(layer, 0) + 1
 
 
 class Engine:
@@ -208,8 +133,6 @@ class Engine:
         ):
             raise ValueError(f"max_running must be an int >= 1 or None, got {max_running!r}")
         self.max_running = max_running
-        self.draft_batch_multiple = draft_batch_multiple
-        self.draft_capacity = draft_capacity
         if isinstance(targets, torch.nn.Module):
             targets = {"target": targets}
         if not isinstance(targets, Mapping) or not targets:
@@ -221,13 +144,17 @@ class Engine:
                 config = TargetConfig(value, num_draft_tokens, draft_length, thresholds, stop_threshold)
             self.configs[name] = config.checked(name, self.draft)
         self.vocab_size = int(self.draft.vocab_size)
-        self._batches = {name: _TargetBatch(name, c) for name, c in self.configs.items()}
+        self._batches = {name: TargetBatch(name, c) for name, c in self.configs.items()}
+        self._draft = DraftBatch(
+            self.draft,
+            {name: c.thresholds for name, c in self.configs.items()},
+            {name: batch.policy.stop_threshold for name, batch in self._batches.items()},
+            draft_batch_multiple,
+            draft_capacity,
+        )
         self._draft_limit = draft_limit(self.draft)
-        self._requests: dict[str, _Request] = {}  # waiting + running
-        self._waiting: list[_Request] = []
-        self._rows: list[_Request] = []  # the draft state's rows, in order
-        self._state: Any = None
-        self._draft_args: dict[str, Any] = {}
+        self._requests: dict[str, Request] = {}  # waiting + running
+        self._waiting: list[Request] = []
         self._ids = itertools.count()
         self.stats = EngineStats()
         devices = [self.draft.device] + [
@@ -272,14 +199,7 @@ class Engine:
         prompt = self._prompt_list(prompt_ids)
         config = self.configs[target]
         params = params.resolve(self.vocab_size, getattr(config.model, "generation_config", None))
-        check_length(
-            target,
-            config.model,
-            self._batches[target].window,
-            len(prompt),
-            params.max_new_tokens,
-            "prompt_ids",
-        )
+        self.check_length(target, len(prompt), params.max_new_tokens)
         if self._draft_limit is not None and len(prompt) + params.max_new_tokens > self._draft_limit:
             raise RequestError(
                 f"max_new_tokens={params.max_new_tokens}: prompt ({len(prompt)}) + new tokens exceeds the "
@@ -288,7 +208,7 @@ class Engine:
         seed = params.seed if params.seed is not None else seeds_for(None, 1)[0]
         batch = self._batches[target]
         length = host_reads.host_list(batch.policy.initial(1))[0]
-        request = _Request(request_id, target, params, prompt, seed, processors_for(params), length)
+        request = Request(request_id, target, params, prompt, seed, processors_for(params), length)
         self._requests[request_id] = request
         self._waiting.append(request)
         return request_id
@@ -302,6 +222,24 @@ class Engine:
         if request in self._waiting:
             self._waiting.remove(request)
         request.finished, request.reason = True, "abort"
+
+    def context_limit(self, target: str) -> int | None:
+        """The most tokens (prompt + new) a request to ``target`` may hold, as :meth:`add_request` checks:
+        the target's context, below its sliding window, and the draft's limit. None: no known limit."""
+        batch = self._batches[target]
+        context = context_length(batch.config.model)
+        limits = [context, None if batch.window is None else batch.window - 1, self._draft_limit]
+        limits = [v for v in limits if v is not None]
+        return min(limits) if limits else None
+
+    def check_length(
+        self, target: str, prompt_tokens: int, max_new_tokens: int, arg: str = "prompt_ids"
+    ) -> None:
+        """Raise :class:`~s2d_ext.engine.params.RequestError` when a prompt of ``prompt_tokens`` tokens plus
+        ``max_new_tokens`` does not fit ``target``'s context or stay below its sliding window (``arg``: the
+        argument the message names)."""
+        batch = self._batches[target]
+        check_length(target, batch.config.model, batch.window, prompt_tokens, max_new_tokens, arg)
 
     def request_ids(self) -> list[str]:
         """The unfinished requests (waiting or running)."""
@@ -341,505 +279,123 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests, run one speculative step for every running request, and return what
         each produced (requests that emitted tokens, finished or failed)."""
-        outputs: list[RequestOutput] = []
-        self._admit(outputs)
-        rows = self._rows
-        running = [not r.finished for r in rows]
+        outputs = self._admit()
+        rows = self._draft.rows
+        running = [not r.finished for r in rows]  # [B]: the rows this step runs
         if not any(running):
             return outputs
-        self._failed = outputs  # NOTE: a processor that raises reports its request here
-        draft, dd = self.draft, self.draft.device
-        n_ask = [0 if r.finished else max(0, min(r.length, r.remaining - 1)) for r in rows]
-        k = max(n_ask)
-        self.clock.lap("other")
-
-        # 1. Draft.
-        prop = draft.propose(
-            self._state,
-            k,
-            host_reads.to_device(n_ask, torch.int64, dd),
-            offsets=host_reads.to_device([r.steps for r in rows], torch.int64, dd),
-            **self._draft_args,
-        )
+        n_draft = self._plan(rows)
+        proposal = self._draft.propose(n_draft)
         self.clock.lap("draft")
-
-        # 2. Each target scores its rows' drafts in one forward; verification keeps a prefix + 1 token.
-        batch = len(rows)
-        top_n = max(
-            (r.params.logprobs for r in rows if r.params.logprobs is not None and not r.finished), default=-1
-        )
-        lp_width = (k + 1) * (1 + 2 * top_n) if top_n >= 0 else 0
-        out_all = torch.full((batch, k + 1), -1, dtype=torch.int64, device=dd)
-        n_acc_all = torch.zeros(batch, dtype=torch.int64, device=dd)
-        blocked_all = torch.full((batch,), k + 1, dtype=torch.int64, device=dd)
-        lp_all = torch.zeros((batch, lp_width), dtype=torch.float64, device=dd) if lp_width else None
-        stepped: list[_TargetBatch] = []
-        widths: dict[str, int] = {}
-        for tb in self._batches.values():
-            if not any(not r.finished for r in tb.requests):
-                continue
-            out, n_acc, lp, blocked, k_g = self._target_step(tb, prop, n_ask, k, top_n)
-            drows = tb.draft_rows
-            out_all[drows, : k_g + 1] = out.to(dd)
-            n_acc_all[drows] = n_acc.to(dd, torch.int64)
-            if blocked is not None:
-                blocked_all[drows] = blocked.to(dd)
-            if lp is not None:
-                lp_all[drows] = lp.to(dd)
-            stepped.append(tb)
-            widths[tb.name] = k_g
-
-        # 3. The one device-to-host read of the step.
-        keep_of: dict[int, int] = {}
-        parts = [
-            out_all,
-            n_acc_all[:, None],
-            prop.num_draft.to(torch.int64)[:, None],
-            prop.exits[:, :k],
-            blocked_all[:, None],
-        ]
-        if lp_all is not None:
-            parts.append(lp_all.view(torch.int64))
-        host = host_reads.read(torch.cat(parts, dim=1))
+        readout = StepReadout(len(rows), max(n_draft), self._top_logprobs(rows), self.draft.device)
+        verifying = [batch for batch in self._batches.values() if batch.running]
+        for batch in verifying:
+            outputs += batch.verify(proposal, n_draft, readout, self.clock)
+        readout.read(proposal.num_draft, proposal.exits)
         self.clock.lap("other")
+        outputs += self._apply(rows, running, readout, verifying)
+        self._commit(rows, running, readout, verifying)
+        return outputs
 
-        # 4. Host bookkeeping: new tokens, stops, outputs, policies, stats.
-        n_acc_host = [0] * batch
-        still = [False] * batch
-        stats = self.stats
-        stats.steps += 1
-        if len(stats.accepted_at) < k:
-            pad = k - len(stats.accepted_at)
-            stats.accepted_at += [0] * pad
-            stats.proposed_at += [0] * pad
+    def _plan(self, rows: list[Request]) -> list[int]:
+        """Drafts each row asks for (0: a finished or idle row)."""
+        n_draft = [r.draft_length for r in rows]
+        self.clock.lap("other")
+        return n_draft
+
+    def _top_logprobs(self, rows: list[Request]) -> int:
+        """The most top log-probabilities a running row asks for (-1: no row asks for log-probabilities)."""
+        asked = (r.params.logprobs for r in rows if r.params.logprobs is not None and not r.finished)
+        return max(asked, default=-1)
+
+    def _apply(
+        self, rows: list[Request], running: list[bool], readout: StepReadout, verified: list[TargetBatch]
+    ) -> list[RequestOutput]:
+        """Host bookkeeping of the rows that ran (``running``): new tokens, stops, outputs, stats and the
+        draft-length policies."""
+        self.stats.count_step(readout.k)
+        outputs = []
         for i, r in enumerate(rows):
             if not running[i]:
                 continue
-            line = host[i]
-            n_acc, n_prop = line[k + 1], line[k + 2]
-            keep_of[id(r)] = n_acc + 1
-            if r.finished:  # NOTE: a processor failed on it in this step
-                continue
-            n_acc_host[i] = n_acc
-            tokens = line[: n_acc + 1]
-            # NOTE: a position where the processors left no token: what verify returned there (and after
-            # it) is no sample of anything; emit the tokens before it and fail the request.
-            blocked = line[2 * k + 3] <= n_acc
-            if blocked:
-                tokens = tokens[: line[2 * k + 3]]
-            count = len(tokens)
-            for j, t in enumerate(tokens):
-                if t in r.stop_ids:
-                    count, r.reason = j + 1, "stop"
-                    break
-            new = tokens[:count]
-            r.generated += new
-            r.steps += 1
-            error = None
-            if r.reason is None and blocked:
-                r.reason = "error"
-                error = (
-                    f"no token is allowed at generated position {len(r.generated)}: the logits processors "
-                    "(allowed_token_ids, bad_words_ids, min_new_tokens, ...) masked every token"
-                )
-                r.exception = RequestError(error)
-            if r.reason is None and r.remaining <= 0:
-                r.reason = "length"
-            r.finished = r.reason is not None
-            still[i] = not r.finished
-            stats.draft_tokens += n_prop
-            stats.accepted_tokens += n_acc
-            for j in range(n_prop):
-                stats.proposed_at[j] += 1
-                stats.accepted_at[j] += j < n_acc
-                layer = line[k + 3 + j]
-                stats.exit_histogram[layer] = stats.exit_histogram.get(layer, 0) + 1
-            output = RequestOutput(
-                r.id,
-                new,
-                finished=r.finished,
-                finish_reason=r.reason,
-                num_generated=len(r.generated),
-                error=error,
-                exception=r.exception if error else None,
-            )
-            if r.params.logprobs is not None:
-                values = host_reads.bits_to_floats(line[2 * k + 4 :])
-                _fill_logprobs(output, values, top_n, r.params.logprobs)
-            if r.context is not None:
-                start = len(r.prompt) + len(r.generated) - len(new)
-                r.context[start : start + len(new)] = host_reads.to_device(new, torch.int64, r.context.device)
-            outputs.append(output)
+            if not r.finished:  # NOTE: a row whose processors failed this step was finished (and reported)
+                row = readout.row(i)
+                outputs.append(r.take(row, readout.top_n))
+                self.stats.count_row(row)
             if r.finished:
                 self._requests.pop(r.id, None)
-        ran = {id(r): i for i, r in enumerate(rows) if running[i]}
-        for tb in stepped:
-            self._update_lengths(tb, ran, n_acc_host, host, k)
+        for batch in verified:
+            batch.update_lengths(readout, running)
         self.clock.lap("other")
-
-        # 5. Roll the caches forward: targets keep pending + accepted, the draft does the same.
-        for tb in stepped:
-            self._commit(tb, keep_of, widths[tb.name])
-        self.clock.lap("target")
-        if any(still):
-            draft.advance(
-                self._state,
-                n_acc_all,
-                out_all.gather(1, n_acc_all[:, None]).squeeze(1).clamp(min=0),
-                host_reads.to_device(still, torch.bool, dd),
-            )
-        self.clock.lap("draft")
         return outputs
 
-    def _target_step(self, tb: _TargetBatch, prop: Any, n_ask: list[int], k: int, top_n: int):
-        """Forward ``[pending, drafts]`` through tb's target, process, verify.
-
-        Returns out [b, k_g+1], n_acc [b] (target device), the log-prob block [b, (k+1)(1+2n)] or None,
-        the first position where the processors masked every token ([b] int64, k_g + 1 = none; None when
-        no row was processed), and k_g.
-        """
-        device = tb.device
-        reqs = tb.requests
-        row_of = {id(r): i for i, r in enumerate(self._rows)}
-        k_g = max(n_ask[row_of[id(r)]] for r in reqs)
-        if prop.tokens.shape[1] < k_g:
-            raise RuntimeError(f"the draft proposed {prop.tokens.shape[1]} columns for k={k_g}")
-        drows = tb.draft_rows
-        n_draft = prop.num_draft[drows].to(device)
-        drafts = prop.tokens[drows, :k_g].to(device)
-        tokens = torch.cat([tb.pending[:, None], drafts], dim=1)
-        active = host_reads.to_device([not r.finished for r in reqs], torch.bool, device)
-        live = (torch.arange(k_g + 1, device=device)[None, :] <= n_draft[:, None]) & active[:, None]
-        offsets = host_reads.to_device([r.steps for r in reqs], torch.int64, device)
-        self.clock.lap("other")
-        logits = tb.runner.forward(tokens, live)  # [b, k_g+1, V]
+    def _commit(
+        self, rows: list[Request], running: list[bool], readout: StepReadout, verified: list[TargetBatch]
+    ) -> None:
+        """Roll the caches forward: targets keep pending + accepted, the draft does the same."""
+        for batch in verified:
+            self.stats.compactions += batch.commit(readout, running)
+            self.stats.max_cache_columns = max(self.stats.max_cache_columns, batch.runner.num_columns)
         self.clock.lap("target")
-        processed = False
-        for j, r in enumerate(reqs):
-            if r.needs_logits and not r.finished:
-                self._process(r, logits, j, drafts)
-                processed = True
-        blocked = None
-        if processed:
-            # NOTE: only processors can mask a whole position (min-p and the op's filters keep the top
-            # token); rows without any have model logits here, never all -inf.
-            masked = torch.isneginf(logits).all(-1)  # [b, k_g+1]
-            blocked = torch.where(masked.any(-1), masked.to(torch.int64).argmax(-1), k_g + 1)
-        vd = logits.device
-        probs = None if prop.probs is None else prop.probs[drows.to(prop.probs.device), :k_g].to(vd)
-        s = tb.sampling
-        out, n_acc = verify(
-            logits,
-            drafts.to(vd),
-            probs,
-            n_draft.to(vd),
-            temperature=s["temperature"].to(vd),
-            top_k=s["top_k"].to(vd),
-            top_p=s["top_p"].to(vd),
-            seeds=s["seeds"].to(vd),
-            offsets=offsets.to(vd),
-        )
-        tb.pending = out.gather(1, n_acc.long()[:, None]).squeeze(1).to(device)
-        lp = None
-        if top_n >= 0 and any(r.params.logprobs is not None for r in reqs):
-            lp = torch.zeros((len(reqs), (k + 1) * (1 + 2 * top_n)), dtype=torch.float64, device=vd)
-            for j, r in enumerate(reqs):
-                if r.params.logprobs is not None and not r.finished:
-                    lp[j] = _logprob_block(logits[j], out[j], r.params, k, top_n)
-        self.clock.lap("verify")
-        return out, n_acc, lp, blocked, k_g
-
-    def _process(self, r: _Request, logits: torch.Tensor, j: int, drafts: torch.Tensor) -> None:
-        """Apply r's processors (and min-p) to its row ``j`` of ``logits`` in place; a processor that
-        raises fails the request (not the step)."""
-        n_ctx = len(r.prompt) + len(r.generated)
-        positions = logits.shape[1]
-        try:
-            row = logits[j].float()
-            if r.processors:
-                token_ids = torch.cat([r.context[:n_ctx], drafts[j, : positions - 1].to(r.context.device)])
-                prefix_lengths = [n_ctx + p for p in range(positions)]
-                for processor in r.processors:
-                    row = processor(token_ids, len(r.prompt), prefix_lengths, row)
-                    if not isinstance(row, torch.Tensor) or tuple(row.shape) != tuple(logits.shape[1:]):
-                        raise ValueError(
-                            f"logits processor {processor!r} must return a [{positions}, {logits.shape[2]}] "
-                            f"tensor, got {getattr(row, 'shape', type(row).__name__)}"
-                        )
-            p = r.params
-            if p.min_p > 0 and not p.greedy:
-                row = min_p_logits(row, p.temperature, p.top_k, p.top_p, p.min_p)
-            logits[j] = row.to(logits.dtype)
-        except Exception as exc:  # noqa: BLE001 (a user's processor may raise anything)
-            r.finished, r.reason, r.exception = True, "error", exc
-            self._requests.pop(r.id, None)
-            self._failed.append(
-                RequestOutput(
-                    r.id,
-                    [],
-                    finished=True,
-                    finish_reason="error",
-                    num_generated=len(r.generated),
-                    error=f"logits processor failed: {type(exc).__name__}: {exc}",
-                    exception=exc,
-                )
-            )
-
-    def _update_lengths(self, tb: _TargetBatch, running: dict[int, int], n_acc_host, host, k) -> None:
-        """The draft-length policy of tb's rows that took part in this step (host tensors only)."""
-        stepped = [r for r in tb.requests if id(r) in running]
-        if not stepped:
-            return
-        idx = [running[id(r)] for r in stepped]
-        current = torch.tensor([r.length for r in stepped], dtype=torch.int64)
-        accepted = torch.tensor([n_acc_host[i] for i in idx], dtype=torch.int64)
-        proposed = torch.tensor([host[i][k + 2] for i in idx], dtype=torch.int64)
-        lengths = host_reads.host_list(tb.policy.update(current, accepted, proposed))
-        for r, n in zip(stepped, lengths):
-            r.length = int(n)
-
-    def _commit(self, tb: _TargetBatch, keep_of: dict[int, int], k_g: int) -> None:
-        """Keep pending + accepted tokens in tb's cache, then compact within the waste bound."""
-        keep = [keep_of.get(id(r), 0) for r in tb.requests]
-        for r, n in zip(tb.requests, keep):
-            r.target_live += n
-        # NOTE: a row's live tokens of this step are the first n_draft + 1 columns of the step's block
-        # and it keeps the first ``keep`` of them, so the columns after the longest keep are holes in
-        # every row: the host knows the tail to crop without reading the mask back.
-        most = max(keep)
-        tb.runner.commit(
-            host_reads.to_device(keep, torch.int64, tb.device), dead_tail=k_g + 1 - most if most else None
-        )
-        longest = max(r.target_live for r in tb.requests)
-        self.stats.compactions += int(tb.runner.maybe_compact(longest=longest))
-        self.stats.max_cache_columns = max(self.stats.max_cache_columns, tb.runner.num_columns)
+        advancing = [running[i] and not r.finished for i, r in enumerate(rows)]  # [B]: rows that go on
+        if any(advancing):
+            self._draft.advance(readout, advancing)
+        self.clock.lap("draft")
 
     # ------------------------------------------------------------------------------ joins and leaves
-    def _admit(self, outputs: list[RequestOutput]) -> None:
-        """Drop finished rows (batched: a cache gather each) and prefill + append waiting requests."""
+    def _admit(self) -> list[RequestOutput]:
+        """Drop finished rows (batched: a cache gather each) and prefill + append waiting requests.
+        Returns the outputs of the requests whose prefill failed."""
         joining, self._waiting = self._waiting, []
         if self.max_running is not None:
-            room = max(0, self.max_running - sum(not r.finished for r in self._rows))
+            room = max(0, self.max_running - sum(not r.finished for r in self._draft.rows))
             joining, self._waiting = joining[:room], joining[room:]
-        done = sum(r.finished and r.reason != _PADDING for r in self._rows)
+        changed = self._drop_finished(joining=bool(joining))
+        failed = self._join(joining) if joining else []
+        if changed or (joining and not failed):
+            self._refresh()
+        return failed
+
+    def _drop_finished(self, joining: bool) -> bool:
+        """Drop finished rows where enough are done. Returns whether a batch changed."""
+        rows = self._draft.rows
+        done = sum(r.finished and r.reason != PADDING for r in rows)
         # NOTE: dropping costs one cache gather: batch it (a quarter of the rows done, or a join).
-        drop_draft = bool(done) and (4 * done >= len(self._rows) or bool(joining))
+        drop_draft = bool(done) and (4 * done >= len(rows) or joining)
         changed = False
-        for tb in self._batches.values():
-            done_t = sum(r.finished for r in tb.requests)
-            if done_t and (drop_draft or 4 * done_t >= len(tb.requests)):
-                self._drop_target_rows(tb)
+        for batch in self._batches.values():
+            done_here = sum(r.finished for r in batch.requests)
+            if done_here and (drop_draft or 4 * done_here >= len(batch.requests)):
+                self.stats.compactions += batch.drop_finished()
                 changed = True
         if drop_draft:
-            self._drop_draft_rows()
-            self._pad_draft_rows()
-        elif changed:
-            self._refresh_rows()
-        if not joining:
-            return
+            self._draft.drop_finished()
+        return changed or drop_draft
+
+    def _join(self, joining: list[Request]) -> list[RequestOutput]:
+        """Prefill ``joining`` in a batch of their own (draft, then each target), then append them. Returns
+        their failed outputs when a prefill raised (nothing was appended then)."""
         self.clock.lap("other")
         try:
-            state, pads = self._prefill_draft(joining)
+            state = self._draft.prefill(joining)
             self.clock.lap("draft")
-            per_target = {}
+            prefilled = {}
             for name in dict.fromkeys(r.target for r in joining):
-                per_target[name] = self._prefill_target(
-                    self._batches[name], [r for r in joining if r.target == name]
-                )
+                requests = [r for r in joining if r.target == name]
+                prefilled[name] = (requests, *self._batches[name].prefill(requests))
             self.clock.lap("target")
         except Exception as exc:  # noqa: BLE001 (prefill failures fail the joining requests only)
             for r in joining:
-                r.finished, r.reason, r.exception = True, "error", exc
                 self._requests.pop(r.id, None)
-                outputs.append(
-                    RequestOutput(
-                        r.id,
-                        [],
-                        finished=True,
-                        finish_reason="error",
-                        error=f"prefill failed: {exc}",
-                        exception=exc,
-                    )
-                )
-            return
-        # Every prefill succeeded: append (nothing above touched the running batch).
-        for r, pad in zip(joining, pads):
-            r.draft_pad = pad
-        if self._state is None or not self._rows:
-            self._state, self._rows = state, list(joining)
-        elif supports_row_ops(self._state):
-            max_pads = [max(r.draft_pad for r in self._rows), max(pads)]
-            self._state = concat_states([self._state, state], max_pads, self.draft_capacity or 0)
-            self._rows = self._rows + list(joining)
-        else:
-            self._rows = self._rows + list(joining)
-            self._state = self._rebuild_draft(self._rows)
-        if self.draft_capacity:
-            self._state = with_capacity(self._state, self.draft_capacity)
-        for name, (runner, pending, reqs) in per_target.items():
-            tb = self._batches[name]
-            if tb.runner is None or not tb.requests:
-                tb.runner, tb.pending, tb.requests = runner, pending, reqs
-            else:
-                tb.runner = CachedLM.concat([tb.runner, runner])
-                tb.pending = torch.cat([tb.pending, pending])
-                tb.requests = tb.requests + reqs
-        self._pad_draft_rows()
-        self._refresh_rows()
-        self.clock.lap("other")
+            return [r.fail(exc, f"prefill failed: {exc}") for r in joining]
+        self._draft.append(joining, state)
+        for name, (requests, runner, pending) in prefilled.items():
+            self._batches[name].append(requests, runner, pending)
+        return []
 
-    def _prefill_draft(self, joining: list[_Request]) -> tuple[Any, list[int]]:
-        ids, mask, pads = _left_padded([r.prompt for r in joining])
-        max_length = max(len(r.prompt) + r.params.max_new_tokens for r in joining)
-        dd = self.draft.device
-        if self._state is not None and self._rows and not supports_row_ops(self._state):
-            return None, pads  # NOTE: rebuilt over every row in _admit
-        state = self.draft.begin(ids.to(dd), mask.to(dd), max_length)
-        return state, pads
-
-    def _rebuild_draft(self, rows: list[_Request]) -> Any:
-        """A fresh draft state over every row's context (drafts whose state has no row operations)."""
-        contexts = [r.prompt + r.generated for r in rows]
-        ids, mask, pads = _left_padded(contexts)
-        for r, pad in zip(rows, pads):
-            r.draft_pad = pad
-        max_length = max(len(r.prompt) + r.params.max_new_tokens for r in rows)
-        dd = self.draft.device
-        return self.draft.begin(ids.to(dd), mask.to(dd), max_length)
-
-    def _prefill_target(self, tb: _TargetBatch, reqs: list[_Request]):
-        ids, mask, _ = _left_padded([r.prompt for r in reqs])
-        ids, live = ids.to(tb.device), mask.to(tb.device).bool()
-        runner = CachedLM(tb.config.model, len(reqs))
-        if ids.shape[1] > 1:
-            runner.forward(ids[:, :-1], live[:, :-1], logits_to_keep=1)
-            # NOTE: left padding: the last prefilled column holds a token of every row that has one.
-            runner.commit(live[:, :-1].sum(-1), dead_tail=0)
-        for r in reqs:
-            r.target_live = len(r.prompt) - 1
-            if r.processors:
-                r.context = torch.zeros(
-                    len(r.prompt) + r.params.max_new_tokens, dtype=torch.int64, device=tb.device
-                )
-                r.context[: len(r.prompt)] = host_reads.to_device(r.prompt, torch.int64, tb.device)
-        return runner, ids[:, -1].clone(), list(reqs)
-
-    def _drop_target_rows(self, tb: _TargetBatch) -> None:
-        keep = [j for j, r in enumerate(tb.requests) if not r.finished]
-        if not keep:
-            tb.runner, tb.pending, tb.requests = None, None, []
-            return
-        longest = max(tb.requests[j].target_live for j in keep)
-        index = host_reads.to_device(keep, torch.int64, tb.device)
-        tb.runner.compact(index, longest=longest)
-        self.stats.compactions += 1
-        tb.pending = tb.pending.index_select(0, index)
-        tb.requests = [tb.requests[j] for j in keep]
-
-    def _drop_draft_rows(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if not r.finished]
-        rows = [self._rows[i] for i in keep]
-        if not rows:
-            self._state, self._rows = None, []
-        elif supports_row_ops(self._state):
-            self._state = select_rows(self._state, host_reads.to_device(keep, torch.int64, self.draft.device))
-            self._rows = rows
-        else:
-            self._rows = rows
-            self._state = self._rebuild_draft(rows)
-        self._refresh_rows()
-
-    def _pad_draft_rows(self) -> None:
-        """Idle rows (copies of row 0, never drafting) up to a multiple of ``draft_batch_multiple``."""
-        m = self.draft_batch_multiple
-        if not m or not self._rows or not supports_row_ops(self._state):
-            return
-        missing = -len(self._rows) % m
-        if not missing:
-            return
-        copies = select_rows(self._state, host_reads.to_device([0] * missing, torch.int64, self.draft.device))
-        pad = self._rows[0].draft_pad
-        self._state = concat_states([self._state, copies], [max(r.draft_pad for r in self._rows), pad])
-        for _ in range(missing):
-            idle = _Request(_PADDING, self._rows[0].target, self._rows[0].params, [], 0, [], 0)
-            idle.finished, idle.reason, idle.draft_pad = True, _PADDING, pad
-            self._rows.append(idle)
-        self._refresh_rows()
-
-    def _refresh_rows(self) -> None:
+    def _refresh(self) -> None:
         """Per-row tensors of the draft and the targets, rebuilt whenever a batch changes."""
-        rows, dd = self._rows, self.draft.device
-        row_of = {id(r): i for i, r in enumerate(rows)}
-        for tb in self._batches.values():
-            if tb.requests:
-                tb.refresh(row_of, dd)
-            else:
-                tb.runner, tb.pending = None, None
-        if not rows:
-            self._draft_args = {}
-            return
-        own = getattr(self.draft, "thresholds", None)
-        n_exits = len(self.draft.exits)
-        configs = [self.configs[r.target] for r in rows]
-        use_tau = any(c.thresholds is not None for c in configs)
-        stops = [self._batches[r.target].policy.stop_threshold for r in rows]
-        self._draft_args = {
-            "temperature": host_reads.to_device([r.params.temperature for r in rows], torch.float32, dd),
-            "top_k": host_reads.to_device([r.params.top_k for r in rows], torch.int64, dd),
-            "top_p": host_reads.to_device([r.params.top_p for r in rows], torch.float32, dd),
-            "seeds": host_reads.to_device([r.seed for r in rows], torch.int64, dd),
-            "thresholds": host_reads.to_device(
-                [
-                    list(c.thresholds if c.thresholds is not None else (own or [0.0] * n_exits))
-                    for c in configs
-                ],
-                torch.float32,
-                dd,
-            )
-            if use_tau
-            else None,
-            "stop_threshold": host_reads.to_device([s or 0.0 for s in stops], torch.float32, dd)
-            if any(s is not None for s in stops)
-            else None,
-        }
-
-
-def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """[B, L] int64 ids and mask of left-padded ``prompts`` (on the host) and each row's padding."""
-    width = max(len(p) for p in prompts)
-    pads = [width - len(p) for p in prompts]
-    ids = torch.tensor([[0] * pad + p for p, pad in zip(prompts, pads)], dtype=torch.int64)
-    mask = torch.tensor([[0] * pad + [1] * len(p) for p, pad in zip(prompts, pads)], dtype=torch.int64)
-    return ids, mask, pads
-
-
-def _logprob_block(logits: torch.Tensor, out: torch.Tensor, params: SamplingParams, k: int, top_n: int):
-    """[(k+1) * (1 + 2 top_n)] float64: per position, the emitted token's log-probability, then top_n
-    (id, log-probability) pairs, under the distribution the token was drawn from."""
-    p = params
-    if p.min_p > 0 and not p.greedy:
-        # NOTE: a min-p row's logits were filtered already (min_p_logits, in _process); filtering them
-        # again would renormalise before top-p and cut tokens that were drawn. Only the temperature is left.
-        scores = filtered_scores(logits, p.temperature, 0, 1.0, 0.0)
-    else:
-        scores = filtered_scores(logits, p.temperature, p.top_k, p.top_p, p.min_p)  # [P, V]
-    logp = torch.log_softmax(scores, dim=-1)
-    positions = logp.shape[0]
-    block = torch.zeros((k + 1, 1 + 2 * top_n), dtype=torch.float64, device=logits.device)
-    block[:positions, 0] = logp.gather(1, out[:positions].clamp(min=0)[:, None]).squeeze(1).double()
-    if top_n:
-        top = logp.topk(min(top_n, logp.shape[1]), dim=-1)
-        n = top.values.shape[1]
-        block[:positions, 1 : 1 + 2 * n : 2] = top.indices.double()
-        block[:positions, 2 : 2 + 2 * n : 2] = top.values.double()
-    return block.flatten()
-
-
-def _fill_logprobs(output: RequestOutput, values: list[float], top_n: int, want: int) -> None:
-    width = 1 + 2 * top_n
-    output.logprobs, output.top_logprobs = [], []
-    for j in range(len(output.new_token_ids)):
-        cell = values[j * width : (j + 1) * width]
-        output.logprobs.append(cell[0])
-        pairs = [(int(cell[1 + 2 * i]), cell[2 + 2 * i]) for i in range(min(want, top_n))]
-        output.top_logprobs.append(pairs)
+        self._draft.refresh()
+        for batch in self._batches.values():
+            batch.refresh(self.draft.device)
+        self.clock.lap("other")

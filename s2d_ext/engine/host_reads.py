@@ -2,16 +2,20 @@
 
 Per decoding step the engine reads one packed int64 tensor: the emitted tokens, the accept counts, the
 drafts proposed and their exits (plus the log-probabilities, bit-cast, when a request asks for them).
-Host-to-device copies go through :func:`to_device`, from pinned memory and non-blocking on CUDA, so they
-never wait for the device either.
+Host-to-device copies go through :func:`to_device` (:mod:`s2d_ext._transfer`), from pinned memory and
+non-blocking on CUDA, so they never wait for the device either.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
+
+from s2d_ext._transfer import to_device
+
+__all__ = ["bits_to_floats", "count_reads", "host_list", "read", "to_device"]
 
 _counters: list[list[int]] = []
 
@@ -32,14 +36,6 @@ def count_reads() -> Iterator[list[int]]:
         yield counter
     finally:
         _counters.remove(counter)
-
-
-def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on ``device`` without a blocking copy."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def host_list(tensor: torch.Tensor) -> list:

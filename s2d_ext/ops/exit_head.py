@@ -12,21 +12,21 @@ Backends of ``exit_head``: ``"reference"`` (:mod:`s2d_ext.ops.exit_head_referenc
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import (
-    TEMPERATURE_MESSAGE,
+    FLOAT_DTYPES,
     check_tensor,
-    is_tracing,
+    check_values,
+    head_arguments,
     per_row,
     resolve_backend,
-    temperatures_ok,
+    temperature_per_row,
 )
+from s2d_ext.ops.exit_sample import exit_sample
 
-HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HIDDEN_DTYPES = FLOAT_DTYPES
 
 
 def exit_head(
@@ -63,9 +63,9 @@ def exit_head(
     logsumexp : torch.Tensor
         [N] float32, ``logsumexp(logits / T)`` (``T == 0``: unscaled).
     """
-    hidden, norm_weight, lm_head_weight, eps, temperature = _normalise(
-        hidden, norm_weight, lm_head_weight, eps, temperature
-    )
+    hidden, norm_weight, lm_head_weight, eps = head_arguments(hidden, norm_weight, lm_head_weight, eps)
+    temperature, checks = temperature_per_row(temperature, hidden.shape[0], hidden.device, validate=True)
+    check_values(checks)
     chosen = resolve_backend("exit_head", backend, hidden.device)
     if hidden.shape[0] == 0:
         return (
@@ -73,11 +73,25 @@ def exit_head(
             torch.empty((0,), dtype=torch.float32, device=hidden.device),
             torch.empty((0,), dtype=torch.float32, device=hidden.device),
         )
-    if chosen == "reference":
+    return run_exit_head(chosen, hidden, norm_weight, lm_head_weight, eps, temperature)
+
+
+def run_exit_head(
+    backend: str,
+    hidden: torch.Tensor,  # [N, d], N >= 1, contiguous
+    norm_weight: torch.Tensor,  # [d]
+    lm_head_weight: torch.Tensor,  # [V, d]
+    eps: float,
+    temperature: torch.Tensor,  # [N] float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``backend`` kernel of :func:`exit_head` (a name :func:`resolve_backend` gave) on arguments already
+    normalised. NOTE: no check at all: for a caller that checked once for many calls
+    (``SortedDraft.propose``)."""
+    if backend == "reference":
         from s2d_ext.ops.exit_head_reference import exit_head_reference
 
         return exit_head_reference(hidden, norm_weight, lm_head_weight, eps, temperature)
-    if chosen == "triton":
+    if backend == "triton":
         from s2d_ext.triton.exit_head import exit_head_triton  # noqa: F401  (registers the op)
 
         return torch.ops.s2d.exit_head_triton(hidden, norm_weight, lm_head_weight, eps, temperature)
@@ -122,8 +136,6 @@ def exit_head_probs(
     confidence : torch.Tensor
         [N] float32, ``probs.max(-1)``.
     """
-    from s2d_ext.ops.exit_sample import exit_sample  # NOTE: here, as exit_sample imports this module
-
     hidden = check_tensor("hidden", hidden, ndim=2, dtypes=HIDDEN_DTYPES)
     lm_head_weight = check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     batch, device = hidden.shape[0], hidden.device
@@ -136,44 +148,6 @@ def exit_head_probs(
     )  # fmt: skip
     greedy = per_row("temperature", temperature, batch, device, torch.float32) <= 0
     return probs, torch.where(greedy, torch.ones_like(confidence), confidence)
-
-
-def _normalise(hidden, norm_weight, lm_head_weight, eps, temperature, check_values: bool = True) -> tuple:
-    hidden = check_tensor("hidden", hidden, ndim=2, dtypes=HIDDEN_DTYPES)
-    device, dtype = hidden.device, hidden.dtype
-    batch, dim = hidden.shape
-    if dim < 1:
-        raise ValueError("hidden must have a hidden size d >= 1 (dim 1)")
-    norm_weight = check_tensor("norm_weight", norm_weight, ndim=1, device=device)
-    lm_head_weight = check_tensor("lm_head_weight", lm_head_weight, ndim=2, device=device)
-    for name, value in (("norm_weight", norm_weight), ("lm_head_weight", lm_head_weight)):
-        if value.dtype != dtype:
-            raise TypeError(f"{name} must have the dtype of hidden ({dtype}), got {value.dtype}")
-    if norm_weight.shape[0] != dim:
-        raise ValueError(f"norm_weight must have shape [d={dim}], got {list(norm_weight.shape)}")
-    if lm_head_weight.shape[1] != dim:
-        raise ValueError(f"lm_head_weight must have shape [V, d={dim}], got {list(lm_head_weight.shape)}")
-    if lm_head_weight.shape[0] < 1:
-        raise ValueError("lm_head_weight must have a vocabulary of at least one token (dim 0)")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    # NOTE: a Python scalar is checked on the host; only a tensor's values need a (synchronising) read.
-    scalar = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    if scalar and check_values and not temperatures_ok(temperature):
-        raise ValueError(TEMPERATURE_MESSAGE)
-    temperature = per_row("temperature", temperature, batch, device, torch.float32)
-    if (
-        check_values
-        and not scalar
-        and batch
-        and not is_tracing(device)
-        and not bool(temperatures_ok(temperature))
-    ):
-        raise ValueError(TEMPERATURE_MESSAGE)
-    return hidden.contiguous(), norm_weight.contiguous(), lm_head_weight.contiguous(), eps, temperature
 
 
 def _fake_exit_head(hidden, norm_weight, lm_head_weight, eps, temperature):

@@ -18,16 +18,18 @@ import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import (
-    TEMPERATURE_MESSAGE,
+    FLOAT_DTYPES,
+    Check,
     check_tensor,
+    check_values,
+    head_arguments,
     is_tracing,
     per_row,
     resolve_backend,
-    temperatures_ok,
+    temperature_per_row,
 )
-from s2d_ext.ops.exit_head import _normalise
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOGIT_DTYPES = FLOAT_DTYPES
 MAX_POSITION = 2**16  # Philox counters hold the position in 16 bits
 
 
@@ -100,21 +102,40 @@ def exit_sample(
     fired : torch.Tensor
         [N] bool: ``confidence >= threshold``.
     """
-    hidden, norm_weight, lm_head_weight, eps, temperature = _normalise(
-        hidden, norm_weight, lm_head_weight, eps, temperature, check_values=validate
-    )
+    hidden, norm_weight, lm_head_weight, eps = head_arguments(hidden, norm_weight, lm_head_weight, eps)
+    rows, device = hidden.shape[0], hidden.device
+    temperature, checks = temperature_per_row(temperature, rows, device, validate)
     args = _normalise_sampling(
-        hidden.shape[0], lm_head_weight.shape[0], hidden.device, temperature, top_k, top_p, seeds, offsets,
-        positions, threshold, probs, probs_rows, vocab_ids, filters, validate,
+        rows, lm_head_weight.shape[0], device, temperature, top_k, top_p, seeds, offsets, positions,
+        threshold, probs, probs_rows, vocab_ids, filters, checks, validate,
     )  # fmt: skip
     chosen = resolve_backend("exit_head", backend, hidden.device)
     if hidden.shape[0] == 0:
         return _empty(hidden.device)
-    if chosen == "reference":
+    return run_exit_sample(chosen, hidden, norm_weight, lm_head_weight, eps, *args)
+
+
+def run_exit_sample(
+    backend: str,
+    hidden: torch.Tensor,  # [N, d], N >= 1, contiguous
+    norm_weight: torch.Tensor,  # [d]
+    lm_head_weight: torch.Tensor,  # [Vh, d]
+    eps: float,
+    *args: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``backend`` kernel of :func:`exit_sample` (a name :func:`resolve_backend` gave) on arguments
+    already normalised: ``args`` are temperature, top_k, top_p, seeds, offsets, positions, threshold ([N]
+    tensors of float32 / int64 / float32 / int64 / int64 / int64 / float32), vocab_ids, probs, probs_rows
+    and filters (a bool), as :func:`exit_sample` passes them on.
+
+    NOTE: no check at all: for a caller that checked once for many calls (``SortedDraft.propose`` calls
+    this at every exit of every draft token, on arguments it made itself).
+    """
+    if backend == "reference":
         from s2d_ext.ops.exit_sample_reference import exit_sample_reference
 
         return exit_sample_reference(hidden, norm_weight, lm_head_weight, eps, *args)
-    if chosen == "triton":
+    if backend == "triton":
         from s2d_ext.triton.exit_sample import exit_sample_triton  # noqa: F401  (registers the op)
 
         return torch.ops.s2d.exit_sample_triton(hidden, norm_weight, lm_head_weight, eps, *args)
@@ -146,13 +167,10 @@ def sample_logits(
     rows, head_vocab = logits.shape
     if head_vocab < 1:
         raise ValueError("logits must have a vocabulary of at least one token (dim 1)")
-    temperature = per_row("temperature", temperature, rows, logits.device, torch.float32)
-    tracing = is_tracing(logits.device)
-    if validate and rows and not tracing and not bool(temperatures_ok(temperature)):
-        raise ValueError(TEMPERATURE_MESSAGE)
+    temperature, checks = temperature_per_row(temperature, rows, logits.device, validate)
     args = _normalise_sampling(
         rows, head_vocab, logits.device, temperature, top_k, top_p, seeds, offsets, positions, threshold,
-        probs, probs_rows, vocab_ids, filters, validate,
+        probs, probs_rows, vocab_ids, filters, checks, validate,
     )  # fmt: skip
     chosen = resolve_backend("exit_head", backend, logits.device)
     logits = logits.contiguous()
@@ -171,9 +189,10 @@ def sample_logits(
 
 def _normalise_sampling(
     rows, head_vocab, device, temperature, top_k, top_p, seeds, offsets, positions, threshold, probs,
-    probs_rows, vocab_ids, filters, validate=True,
+    probs_rows, vocab_ids, filters, checks, validate,
 ) -> tuple:  # fmt: skip
-    """The per-row arguments as [N] tensors, checked; returns them in the ops' order."""
+    """The per-row arguments as [N] tensors, checked (``checks``: the temperature's, read with the others);
+    returns them in the ops' order."""
     probs = check_tensor("probs", probs, ndim=2, dtypes=(torch.float32,), device=device)
     if not probs.is_contiguous():
         raise ValueError("probs must be contiguous (it is written in place)")
@@ -205,11 +224,17 @@ def _normalise_sampling(
     offsets = per_row("offsets", offsets, rows, device, torch.int64)
     positions = per_row("positions", positions, rows, device, torch.int64)
     threshold = per_row("threshold", threshold, rows, device, torch.float32)
-    tracing = is_tracing(device)
+    readable = rows and not is_tracing(device)
+    if validate and readable:
+        checks = checks + _value_checks(
+            rows, vocab, probs.shape[0], top_k, top_p, positions, threshold, probs_rows, vocab_ids
+        )
+    # NOTE: whether any row filters is read with the checks (one device read); while tracing, or with no
+    # rows, the op assumes filters.
+    queries = [((top_k > 0) | (top_p < 1)).any()] if filters is None and readable else []
+    answers = check_values(checks, queries)
     if filters is None:
-        filters = True if tracing or not rows else bool(((top_k > 0) | (top_p < 1)).any())
-    if validate and rows and not tracing:
-        _check_values(rows, vocab, probs.shape[0], top_k, top_p, positions, threshold, probs_rows, vocab_ids)
+        filters = answers[0] if queries else True
     return (
         temperature,
         top_k,
@@ -233,29 +258,37 @@ def _scalar_filters(top_k, top_p) -> bool:
     return top_k > 0 or top_p < 1.0
 
 
-def _check_values(
+def _value_checks(
     rows, vocab, buffer_rows, top_k, top_p, positions, threshold, probs_rows, vocab_ids
-) -> None:
-    """Value checks (each one reduction; they synchronise, so they are skipped while tracing)."""
-    if not bool((top_k >= 0).all()):
-        raise ValueError("top_k must be >= 0 (0 disables it)")
-    # NOTE: written as 0 < p <= 1 so that NaN fails too.
-    if not bool(((top_p > 0) & (top_p <= 1)).all()):
-        raise ValueError("top_p must be in (0, 1]")
-    if not bool(((positions >= 0) & (positions < MAX_POSITION)).all()):
-        raise ValueError(f"positions must be in [0, {MAX_POSITION}) (Philox holds them in 16 bits)")
-    if bool(torch.isnan(threshold).any()):
-        raise ValueError("threshold must not be NaN")
-    low, high = torch.aminmax(probs_rows)
-    if low.item() < 0 or high.item() >= buffer_rows:
-        raise ValueError(f"probs_rows must be rows of probs, in [0, M={buffer_rows})")
-    if rows > 1 and torch.unique(probs_rows).numel() != rows:
-        raise ValueError("probs_rows must be distinct (each row of the step owns its row of probs)")
+) -> list[Check]:
+    """The value checks of the per-row arguments (read at once by :func:`check_values`)."""
+    ordered = probs_rows.sort().values
+    checks = [
+        ((top_k >= 0).all(), "top_k must be >= 0 (0 disables it)"),
+        # NOTE: written as 0 < p <= 1 so that NaN fails too.
+        (((top_p > 0) & (top_p <= 1)).all(), "top_p must be in (0, 1]"),
+        (
+            ((positions >= 0) & (positions < MAX_POSITION)).all(),
+            f"positions must be in [0, {MAX_POSITION}) (Philox holds them in 16 bits)",
+        ),
+        (~torch.isnan(threshold).any(), "threshold must not be NaN"),
+        (
+            (ordered[0] >= 0) & (ordered[-1] < buffer_rows),
+            f"probs_rows must be rows of probs, in [0, M={buffer_rows})",
+        ),
+        (
+            (ordered[1:] != ordered[:-1]).all(),
+            "probs_rows must be distinct (each row of the step owns its row of probs)",
+        ),
+    ]
     if vocab_ids is not None and vocab_ids.numel():
-        if vocab_ids[0].item() < 0 or vocab_ids[-1].item() >= vocab:
-            raise ValueError(f"vocab_ids must be token ids in [0, V={vocab})")
-        if vocab_ids.numel() > 1 and not bool((vocab_ids[1:] > vocab_ids[:-1]).all()):
-            raise ValueError("vocab_ids must be unique and sorted ascending")
+        checks.append(
+            ((vocab_ids[0] >= 0) & (vocab_ids[-1] < vocab), f"vocab_ids must be token ids in [0, V={vocab})")
+        )
+        checks.append(
+            ((vocab_ids[1:] > vocab_ids[:-1]).all(), "vocab_ids must be unique and sorted ascending")
+        )
+    return checks
 
 
 def _empty(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

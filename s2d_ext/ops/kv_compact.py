@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from s2d_ext import _native
-from s2d_ext.ops._backend import check_tensor, is_tracing, resolve_backend
+from s2d_ext.ops._backend import check_tensor, check_values, is_tracing, resolve_backend
 
 
 def kv_compact(cache: torch.Tensor, index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -78,9 +78,9 @@ def _normalise(cache, index) -> tuple[torch.Tensor, torch.Tensor]:
     if index.shape[0] != cache.shape[0]:
         raise ValueError(f"index has batch {index.shape[0]} but cache has batch {cache.shape[0]}")
     slots = cache.shape[2]
-    checked = index.numel() and not is_tracing(index.device)
-    if checked and (bool((index < -1).any()) or bool((index >= slots).any())):
-        raise ValueError(f"index must hold slots in [0, S={slots}) or -1 for a hole")
+    if index.numel() and not is_tracing(index.device):
+        in_range = ((index >= -1) & (index < slots)).all()
+        check_values([(in_range, f"index must hold slots in [0, S={slots}) or -1 for a hole")])
     return cache.contiguous(), index.contiguous()
 
 

@@ -11,9 +11,12 @@ import torch
 
 from s2d_ext import _native
 from s2d_ext.ops._backend import (
+    FLOAT_DTYPES,
     TEMPERATURE_MESSAGE,
+    Check,
     check_scalar,
     check_tensor,
+    check_values,
     is_tracing,
     per_row,
     resolve_backend,
@@ -21,7 +24,7 @@ from s2d_ext.ops._backend import (
 )
 from s2d_ext.ops.logit_filters import logit_threshold
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOGIT_DTYPES = FLOAT_DTYPES
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -152,15 +155,18 @@ def _normalise(
     offsets = per_row("offsets", 0 if offsets is None else offsets, batch, device, torch.int64)
 
     tracing = is_tracing(device)
+    checks = []
     if batch and not tracing:
-        _check_values(tokens, num_draft, num_draft_given, temperature_in, top_k, top_p, vocab, num_spec)
-
+        checks = _value_checks(
+            tokens, num_draft, num_draft_given, temperature_in, top_k, top_p, vocab, num_spec
+        )
+    # NOTE: whether a row filters (top-k / top-p) is read with the checks: one device read a call.
+    queries = [] if scalar_filters or tracing else [((top_k > 0) | (top_p < 1.0)).any()]
+    answers = check_values(checks, queries)
     if scalar_filters:
         needs_threshold = top_k > 0 or top_p < 1.0
-    elif tracing:
-        needs_threshold = True
     else:
-        needs_threshold = bool(((top_k > 0) | (top_p < 1.0)).any())
+        needs_threshold = True if tracing else answers[0]
     min_logit = None
     if needs_threshold and batch:
         top_k_t = per_row("top_k", top_k, batch, device, torch.int64)
@@ -178,46 +184,38 @@ def _normalise(
     )
 
 
-def _check_values(tokens, num_draft, num_draft_given, temperature, top_k, top_p, vocab, num_spec) -> None:
-    """Value checks. Python scalars are checked in Python; every tensor check is one flag of a single
-    device-to-host read (they synchronise with the device, so they are skipped while tracing).
+def _value_checks(
+    tokens, num_draft, num_draft_given, temperature, top_k, top_p, vocab, num_spec
+) -> list[Check]:
+    """The value checks of a call (Python scalars are known now; tensors are read at once by
+    :func:`check_values`, and not at all while tracing).
 
     NOTE: the kernels stay safe without them: an out-of-range draft token is rejected, never read.
     """
-    flags: dict[str, torch.Tensor | bool] = {}
+    checks: list[Check] = []
     if num_draft_given:
-        flags["num_draft"] = ~((num_draft >= 0) & (num_draft <= num_spec)).all()
+        checks.append(
+            (((num_draft >= 0) & (num_draft <= num_spec)).all(), f"num_draft must be in [0, K={num_spec}]")
+        )
     # NOTE: entries j >= num_draft[b] are padding (the draft protocol fills them with 0) and are
     # never read, so only the valid drafts must be token ids.
     if tokens.numel():
         in_range = (tokens >= 0) & (tokens < vocab)
         if num_draft_given:
             in_range |= torch.arange(num_spec, device=tokens.device)[None, :] >= num_draft[:, None]
-        flags["draft_tokens"] = ~in_range.all()
+        checks.append(
+            (in_range.all(), f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft")
+        )
     # NOTE: a positive temperature below MIN_TEMPERATURE overflows logits / temperature to inf (garbage
     # tokens); SamplingParams turns such temperatures into greedy before they reach the op.
-    ok = temperatures_ok(temperature)
-    flags["temperature"] = ~ok if isinstance(ok, torch.Tensor) else not ok
-    flags["top_k"] = ~(top_k >= 0).all() if isinstance(top_k, torch.Tensor) else not top_k >= 0
+    checks.append((temperatures_ok(temperature), TEMPERATURE_MESSAGE))
+    tensors = isinstance(top_k, torch.Tensor)
+    checks.append(((top_k >= 0).all() if tensors else top_k >= 0, "top_k must be >= 0 (0 disables it)"))
     # NOTE: written as 0 < p <= 1 so that NaN fails too.
-    if isinstance(top_p, torch.Tensor):
-        flags["top_p"] = ~((top_p > 0) & (top_p <= 1)).all()
-    else:
-        flags["top_p"] = not 0 < top_p <= 1
-    on_device = [name for name, flag in flags.items() if isinstance(flag, torch.Tensor)]
-    if on_device:
-        read = torch.stack([flags[name] for name in on_device]).tolist()
-        flags.update(zip(on_device, read))
-    messages = {
-        "num_draft": f"num_draft must be in [0, K={num_spec}]",
-        "draft_tokens": f"draft_tokens must hold token ids in [0, V={vocab}) at positions j < num_draft",
-        "temperature": TEMPERATURE_MESSAGE,
-        "top_k": "top_k must be >= 0 (0 disables it)",
-        "top_p": "top_p must be in (0, 1]",
-    }
-    for name, bad in flags.items():
-        if bad:
-            raise ValueError(messages[name])
+    checks.append(
+        (((top_p > 0) & (top_p <= 1)).all() if tensors else 0 < top_p <= 1, "top_p must be in (0, 1]")
+    )
+    return checks
 
 
 def _fake_verify(target_logits, draft_tokens, draft_probs, num_draft, temperature, min_logit, seeds, offsets):

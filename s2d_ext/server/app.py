@@ -19,19 +19,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from s2d_ext.engine import Engine, RequestOutput
-from s2d_ext.engine.models import draft_limit, target_window
+from s2d_ext.engine import RequestOutput
 from s2d_ext.server.async_engine import AsyncEngine
 from s2d_ext.server.detokenize import TextStream
 from s2d_ext.server.protocol import BadRequest, EngineRequest, engine_error, parse, served_model
-from s2d_ext.target import context_length
 
 
 def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] | None = None):
     """The FastAPI app. ``model_names``: served model name -> engine target (default: the targets)."""
     names = model_names or {name: name for name in engine.engine.configs}
     app = FastAPI(title="s2d_ext", description="Sorted speculative decoding, OpenAI-compatible")
-    contexts = {target: _context(engine.engine, target) for target in set(names.values())}
+    contexts = {target: engine.engine.context_limit(target) for target in set(names.values())}
 
     def error(status: int, message: str, param: str | None = None) -> JSONResponse:
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -81,7 +79,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
             return StreamingResponse(
                 _events(stream, first, req, meta, tokenizer), media_type="text/event-stream"
             )
-        return await _whole(stream, first, req, meta, tokenizer, error)
+        return await _full_response(stream, first, req, meta, tokenizer, error)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -94,22 +92,12 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_names: dict[str, str] |
     return app
 
 
-def _context(engine: Engine, target: str) -> int | None:
-    """The most tokens (prompt + new) a request to ``target`` may hold (None: no known limit): the
-    target's context, below its sliding window, and the draft's limit, as ``Engine.add_request`` checks."""
-    model = engine.configs[target].model
-    window = target_window(model)
-    limits = [context_length(model), None if window is None else window - 1, draft_limit(engine.draft)]
-    limits = [v for v in limits if v is not None]
-    return min(limits) if limits else None
-
-
 def _reason(out: RequestOutput, text: TextStream) -> str | None:
     if text.stopped:
         return "stop"
     if not out.finished:
         return None
-    return {"stop": "stop", "length": "length"}.get(out.finish_reason, out.finish_reason)
+    return out.finish_reason
 
 
 def _choice(req: EngineRequest, delta: str, out: RequestOutput, reason: str | None, tokenizer, stream: bool):
@@ -139,7 +127,7 @@ def _trim(out: RequestOutput, keep: int) -> RequestOutput:
     )
 
 
-def _lp(value: float) -> float:
+def _json_logprob(value: float) -> float:
     # NOTE: a token that top_k / top_p / min_p filtered out has log-probability -inf, which JSON cannot
     # hold (a 500, or "-Infinity" in a stream); vLLM clamps to -9999.0 and so do we.
     return max(float(value), -9999.0)
@@ -152,16 +140,16 @@ def _logprobs(out: RequestOutput, req: EngineRequest, tokenizer) -> dict:
         content = [
             {
                 "token": text(t),
-                "logprob": _lp(lp),
-                "top_logprobs": [{"token": text(i), "logprob": _lp(v)} for i, v in top],
+                "logprob": _json_logprob(logprob),
+                "top_logprobs": [{"token": text(i), "logprob": _json_logprob(v)} for i, v in top],
             }
-            for t, lp, top in zip(tokens, out.logprobs or [], out.top_logprobs or [])
+            for t, logprob, top in zip(tokens, out.logprobs or [], out.top_logprobs or [])
         ]
         return {"content": content}
     return {
         "tokens": [text(t) for t in tokens],
-        "token_logprobs": [_lp(v) for v in out.logprobs or []],
-        "top_logprobs": [{text(i): _lp(v) for i, v in top} for top in (out.top_logprobs or [])],
+        "token_logprobs": [_json_logprob(v) for v in out.logprobs or []],
+        "top_logprobs": [{text(i): _json_logprob(v) for i, v in top} for top in (out.top_logprobs or [])],
     }
 
 
@@ -181,7 +169,9 @@ async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, 
                 break
             delta = text.add(out.new_token_ids, final=out.finished) if text is not None else ""
             if text is not None and text.stopped:
-                out = _trim(out, text.num_tokens - generated)  # NOTE: see _whole on the tokens counted
+                out = _trim(
+                    out, text.num_tokens - generated
+                )  # NOTE: see _full_response on the tokens counted
             generated += len(out.new_token_ids)
             reason = _reason(out, text) if text is not None else (out.finish_reason if out.finished else None)
             chunk = {**meta, "object": kind, "choices": [_choice(req, delta, out, reason, tokenizer, True)]}
@@ -197,7 +187,7 @@ async def _events(stream, first: RequestOutput, req: EngineRequest, meta: dict, 
         await stream.aclose()
 
 
-async def _whole(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer, error):
+async def _full_response(stream, first: RequestOutput, req: EngineRequest, meta: dict, tokenizer, error):
     outputs = [first]
     text = TextStream(tokenizer, req.stop, req.params.min_new_tokens) if tokenizer is not None else None
     content = text.add(first.new_token_ids, final=first.finished) if text is not None else ""

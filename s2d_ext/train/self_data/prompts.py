@@ -10,6 +10,8 @@ import random
 import sysconfig
 from pathlib import Path
 
+from s2d_ext._data import SPEC_BENCH_QUESTIONS
+
 #: question templates over a docstring entry: {module}, {name} (qualified) and {doc} (first paragraph)
 DOCSTRING_TEMPLATES = (
     "What does `{name}` from Python's `{module}` module do?",
@@ -28,9 +30,7 @@ def normalize_prompt(text: str) -> str:
 def evaluation_prompts(path: str | os.PathLike | None = None) -> set[str]:
     """Every turn of every Spec-Bench question (normalised): text no training prompt may equal."""
     if path is None:
-        from s2d_ext.bench.arguments import DEFAULT_DATA
-
-        path = DEFAULT_DATA
+        path = SPEC_BENCH_QUESTIONS
     out = set()
     for line in Path(path).read_text().splitlines():
         if line.strip():

@@ -11,7 +11,7 @@ import s2d_ext
 from s2d_ext.draft.draft_vocab import most_frequent_tokens
 from s2d_ext.draft.sorted_draft import SortedDraft
 
-from .test_speculate_sampling import _exact_two_token_distribution
+from .test_speculation_sampling import _exact_two_token_distribution
 from .tiny_models import VOCAB, greedy_reference, left_padded, make_target
 
 MAX_NEW = 24

@@ -148,16 +148,16 @@ def test_static_draft_shapes_keep_every_output(target):
     prompts = _prompts(len(PARAMS), seed=6)
     add = lambda i: lambda e: e.add_request(prompts[i], PARAMS[i], request_id=f"r{i}")  # noqa: E731
     shapes = set()
-    original_step = engine.step
+    original_propose = draft.propose
 
-    def step():
-        out = original_step()
-        if engine._state is not None:
-            shapes.add((engine._state.batch_size, engine._state.capacity))
-        return out
+    def propose(state, *args, **kwargs):
+        # NOTE: the draft protocol: every step hands the draft the state of its whole batch.
+        shapes.add((state.batch_size, state.capacity))
+        return original_propose(state, *args, **kwargs)
 
-    engine.step = step
+    draft.propose = propose
     got = collect(engine, {0: add(0), 1: add(1), 2: add(2), 4: lambda e: (add(3)(e), add(4)(e)), 6: add(5)})
+    del draft.propose  # NOTE: the runs alone below are not this engine's
     for i, params in enumerate(PARAMS):
         assert got[f"r{i}"]["tokens"] == run_alone(make, prompts[i], params)["tokens"], i
     assert all(b % 4 == 0 for b, _ in shapes) and {c for _, c in shapes} == {200}, shapes

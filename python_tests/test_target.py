@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from python_tests.driver.tiny_models import left_padded, make_target
 from s2d_ext import _cache_compat
 from s2d_ext.target import CachedLM
-
-from .tiny_models import left_padded, make_target
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
