@@ -3,9 +3,9 @@ no import cycle joins s2d_ext modules. Imports inside functions count as much as
 
 The layers, lowest first (a layer with several groups: the groups do not import each other)::
 
-    base        _native, _machine, _transfer, _argtypes, _data   (no s2d_ext imports)
+    base        _native, _machine, _transfer, _argtypes, _data, packaged_models   (no s2d_ext imports)
     kernels     ops, triton
-    target      target, _cache_compat
+    target      target, _cache_compat, row_invariant, compute
     draft       draft
     engine      engine
     apis        driver | server | checkpoints
@@ -32,9 +32,9 @@ import s2d_ext
 PACKAGE = Path(s2d_ext.__file__).resolve().parent
 
 LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"base": ("_native", "_machine", "_transfer", "_argtypes", "_data")},
+    {"base": ("_native", "_machine", "_transfer", "_argtypes", "_data", "packaged_models")},
     {"kernels": ("ops", "triton")},
-    {"target": ("target", "_cache_compat")},
+    {"target": ("target", "_cache_compat", "row_invariant", "compute")},
     {"draft": ("draft",)},
     {"engine": ("engine",)},
     {"driver": ("driver",), "server": ("server",), "checkpoints": ("checkpoints",)},
