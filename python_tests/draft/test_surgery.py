@@ -87,3 +87,25 @@ def test_casting_a_loaded_draft_leaves_the_target():
 def test_mark_shared_modules_rejects_names_the_model_lacks():
     with pytest.raises(ValueError, match="names.*'model.embed'"):
         mark_shared_modules(tiny_model("llama"), ("model.embed",))
+
+
+def test_a_draft_truncated_from_a_gguf_loaded_model_saves_and_reloads(tmp_path):
+    """transformers keeps a GGUF quantizer on a model loaded with gguf_file= (its weights are plain
+    dequantised tensors) and save_pretrained refused the truncation; the truncation forgets it."""
+    target = tiny_model("llama")
+
+    class GGUFQuantizer:  # what transformers' GGUF loading leaves on the model
+        quantization_config = type("Config", (), {"quant_method": "gguf"})()
+
+        def is_serializable(self):
+            return False
+
+    target.hf_quantizer = GGUFQuantizer()
+    target.config.quantization_config = {"quant_method": "gguf"}
+    draft = SortedDraft.truncate(target, 2, exits=(1, 2))
+    draft.save_pretrained(tmp_path)
+    reloaded = SortedDraft.from_pretrained(tmp_path)
+    assert reloaded.exits == (1, 2)
+    with torch.no_grad():
+        assert torch.equal(reloaded.hf_model(PROMPT).logits, draft.hf_model(PROMPT).logits)
+    assert target.hf_quantizer is not None  # the loaded model itself is left as it was

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2d_ext.packaged_models import drop_gguf_quantizer
+
 #: The attribute :func:`mark_shared_modules` records the shared submodule names in.
 SHARED_MODULES_ATTR = "_s2d_shared_modules"
 
@@ -48,6 +50,9 @@ def truncated_hf_model(hf_model: nn.Module, n_layers: int, *, share_embeddings: 
     new_model.model.config = new_config
     # NOTE: the deep copy carried hf_model's own marks along; this model shares exactly what it shares.
     object.__setattr__(new_model, SHARED_MODULES_ATTR, ())
+    # NOTE: a model loaded with gguf_file= keeps transformers' GGUF quantizer, and save_pretrained refuses
+    # it ("not serializable") although its weights are plain dequantised tensors: the copy forgets it.
+    drop_gguf_quantizer(new_model)
     if share_embeddings:
         mark_shared_modules(new_model, ("model.embed_tokens", "model.norm", "lm_head"))
     return new_model
