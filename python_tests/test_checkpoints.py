@@ -4,6 +4,7 @@ their target's embedding and head instead of copying them."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,9 +102,19 @@ def test_draft_references_the_targets_embedding_and_head(tmp_path, tie):
     sorted_draft = checkpoints.load_draft(folder, target)
     assert sorted_draft.exits == (1, 2)
 
-    with pytest.raises(ValueError, match="shares its embedding and head"):
-        checkpoints.load_draft_model(folder)
     other = tiny_llama(num_layers=4, tie=tie, seed=7)
+    assert checkpoints.load_draft_model(folder, [other, target]).get_input_embeddings() is (
+        target.get_input_embeddings()
+    )  # the one of several targets it was trained with lends them
+    # no matching target given: the recorded one is loaded for its embedding and head (a copy of its own)
+    for given in (None, other):
+        alone = checkpoints.load_draft_model(folder, given)
+        assert alone.get_input_embeddings() is not target.get_input_embeddings()
+        with torch.no_grad():
+            assert torch.equal(alone(ids).logits, draft(ids).logits)
+    shutil.rmtree(tmp_path / "target")  # ... unless it cannot be loaded here
+    with pytest.raises(ValueError, match="shares its embedding and head .* neither given nor loadable"):
+        checkpoints.load_draft_model(folder)
     with pytest.raises(ValueError, match="SHA-256 differs"):
         checkpoints.load_draft_model(folder, other)
 

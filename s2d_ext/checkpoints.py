@@ -328,7 +328,12 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
     modules, no copy) when the checkpoint references them; with a ``dtype`` other than the target's they are
     converted copies, and the target is left as it was.
 
-    Raises ValueError when the checkpoint references a target and ``target`` is None, or when the target's
+    ``target`` may also be a sequence of models (e.g. every target of a run): the one whose embedding and
+    head the draft was trained with lends them. When none of them is, and the checkpoint names a target this
+    machine can load (a packaged model's alias or a path), the draft loads that model's embedding and head
+    itself (its own copy): one draft cut from Qwen2.5-Coder-0.5B serving Qwen2.5-Coder-1.5B alone.
+
+    Raises ValueError when the checkpoint references a target that is neither given nor loadable, or whose
     embedding / head are not the ones the draft was trained with (their SHA-256 differ).
     """
     from safetensors.torch import load_file
@@ -340,20 +345,11 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
     if record is None:
         kwargs = {"dtype": dtype} if dtype is not None else {}
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    if target is None:
-        raise ValueError(
-            f"draft {str(folder)!r} shares its embedding and head with target {record['target']!r}; "
-            "load that target and pass it (or save the draft with standalone=True)"
-        )
-    state = target.state_dict()
-    for name, digest in record["tensors"].items():
-        if name not in state:
-            raise ValueError(f"the target has no {name} to lend draft {str(folder)!r}")
-        if tensor_digest(state[name]) != digest:
-            raise ValueError(
-                f"draft {str(folder)!r} was trained with another target's {name} (recorded "
-                f"{record['target']!r}); its SHA-256 differs from the given target's"
-            )
+    candidates = [] if target is None else list(target) if isinstance(target, (list, tuple)) else [target]
+    lender = next((m for m in candidates if _lends(m, record) is None), None)
+    if lender is None:
+        lender = _load_lender(folder, record, dtype, candidates)
+    target = lender
     config = AutoConfig.from_pretrained(folder)
     target_param = target.get_input_embeddings().weight
     dtype = dtype or target_param.dtype
@@ -392,6 +388,38 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
         # NOTE: still the target's own modules: a later SortedDraft.to() casts / moves copies of them.
         mark_shared_modules(model, ("model.embed_tokens", "lm_head"))
     return model.eval()
+
+
+def _lends(model, record: dict) -> str | None:
+    """None when ``model`` holds the shared tensors of ``record`` with their recorded SHA-256, else why."""
+    state = model.state_dict()
+    for name, digest in record["tensors"].items():
+        if name not in state:
+            return f"the target has no {name}"
+        if tensor_digest(state[name]) != digest:
+            return f"its {name}'s SHA-256 differs from the recorded target {record['target']!r}'s"
+    return None
+
+
+def _load_lender(folder: Path, record: dict, dtype, candidates: list):
+    """The model the draft's record names, loaded here for its embedding and head (ValueError if it cannot
+    be, or if it is not the one the draft was trained with)."""
+    named = record["target"]
+    if candidates and not (named in PACKAGED_MODELS or named == SMOLLM2 or Path(named).exists()):
+        why = _lends(candidates[0], record)
+        raise ValueError(f"draft {str(folder)!r} was trained with another target: {why}")
+    try:
+        ref = resolve_target(named)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(
+            f"draft {str(folder)!r} shares its embedding and head with target {named!r}, which is neither "
+            f"given nor loadable here ({err}); pass that target (or save the draft with standalone=True)"
+        ) from None
+    lender = load_target(ref, dtype=dtype or torch.float32)
+    why = _lends(lender, record)
+    if why is not None:
+        raise ValueError(f"draft {str(folder)!r}: its base {named!r} as loaded here does not match: {why}")
+    return lender
 
 
 def load_draft(folder: str | os.PathLike, target=None, *, exits=None, thresholds=None, dtype=None, **kwargs):
