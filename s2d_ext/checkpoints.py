@@ -348,7 +348,7 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
     candidates = [] if target is None else list(target) if isinstance(target, (list, tuple)) else [target]
     lender = next((m for m in candidates if _lends(m, record) is None), None)
     if lender is None:
-        lender = _load_lender(folder, record, dtype, candidates)
+        lender = _load_lender(folder, record, candidates)
     target = lender
     config = AutoConfig.from_pretrained(folder)
     target_param = target.get_input_embeddings().weight
@@ -401,7 +401,7 @@ def _lends(model, record: dict) -> str | None:
     return None
 
 
-def _load_lender(folder: Path, record: dict, dtype, candidates: list):
+def _load_lender(folder: Path, record: dict, candidates: list):
     """The model the draft's record names, loaded here for its embedding and head (ValueError if it cannot
     be, or if it is not the one the draft was trained with)."""
     named = record["target"]
@@ -415,7 +415,9 @@ def _load_lender(folder: Path, record: dict, dtype, candidates: list):
             f"draft {str(folder)!r} shares its embedding and head with target {named!r}, which is neither "
             f"given nor loadable here ({err}); pass that target (or save the draft with standalone=True)"
         ) from None
-    lender = load_target(ref, dtype=dtype or torch.float32)
+    # NOTE: in float32, the precision the digests were taken in: a bf16 run of a draft recorded from float32
+    # weights would never match its own base in bf16 (the draft converts its copies afterwards).
+    lender = load_target(ref, dtype=torch.float32)
     why = _lends(lender, record)
     if why is not None:
         raise ValueError(f"draft {str(folder)!r}: its base {named!r} as loaded here does not match: {why}")

@@ -25,7 +25,7 @@ def run_ablation(
 ) -> list:
     from tqdm.auto import tqdm
 
-    tokenizer, targets, draft = load_models(args)
+    tokenizer, targets, draft, _ = load_models(args)
     questions = load_questions(args.data, 1)[:num_prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     prompts = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in questions]

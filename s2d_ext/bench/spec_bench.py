@@ -43,6 +43,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -250,19 +251,32 @@ def _sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------------- models
 def load_models(args) -> tuple:
-    """(tokenizer, {target name: model}, SortedDraft)."""
+    """(tokenizer, {target name: model}, SortedDraft, setup): ``setup`` holds the run's ``kernels``, ``dtype``
+    and the line saying which and why (``dtype_line``), and with ``--target`` the targets' ``refs``."""
     from s2d_ext import SortedDraft
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    setup = {"kernels": "torch", "dtype": dtype, "dtype_line": None, "refs": {}}
     if getattr(args, "target", None):
-        from s2d_ext import checkpoints
+        from s2d_ext import checkpoints, compute
 
-        ref = checkpoints.resolve_target(args.target, args.gguf_file)
-        tokenizer = checkpoints.load_tokenizer(ref)
-        target = checkpoints.load_target(ref, dtype=dtype or torch.float32, device=args.device)
+        specs = args.target if isinstance(args.target, list) else [args.target]
+        refs = [checkpoints.resolve_target(t, args.gguf_file) for t in specs]
+        dtype, kernels, line = compute.choose(args.device, dtype, getattr(args, "kernels", None))
+        setup.update(kernels=kernels, dtype=dtype, dtype_line=line, refs={ref.name: ref for ref in refs})
+        tokenizer = checkpoints.load_tokenizer(refs[0])
+        targets = {ref.name: checkpoints.load_target(ref, dtype=dtype, device=args.device) for ref in refs}
         exits = tuple(args.exits) if args.exits else None
-        draft = checkpoints.load_draft(args.draft, target, exits=exits)
-        return tokenizer, {ref.name: target}, draft
+        # NOTE: every target may lend the draft its embedding and head (the one it was cut from does).
+        draft = checkpoints.load_draft(args.draft, list(targets.values()), exits=exits, dtype=dtype)
+        for name, target in targets.items():
+            size = int(target.get_output_embeddings().weight.shape[0])
+            if size != draft.vocab_size:
+                raise ValueError(
+                    f"--target {name} has a vocabulary of {size} ids and --draft {args.draft} of "
+                    f"{draft.vocab_size}: a draft serves targets that share its tokenizer"
+                )
+        return tokenizer, targets, draft, setup
     if args.targets:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -281,7 +295,7 @@ def load_models(args) -> tuple:
         draft = SortedDraft.from_pretrained(
             args.draft, exits=exits, torch_dtype=dtype, draft_vocab=False if n_vocab == 0 else None
         )
-        return tokenizer, targets, draft
+        return tokenizer, targets, draft, setup
     from s2d_ext.train.family import family_draft_vocab, load_family
 
     tokenizer, targets, draft = load_family(args.family)
@@ -297,11 +311,15 @@ def load_models(args) -> tuple:
         if unknown:
             raise ValueError(f"--target-names: the family has no {unknown} (it has {sorted(targets)})")
         targets = {name: model for name, model in targets.items() if name in names}
-    return tokenizer, {name: model.eval() for name, model in targets.items()}, draft
+    return tokenizer, {name: model.eval() for name, model in targets.items()}, draft, setup
 
 
-def methods_for(draft, batch_size: int, baselines: bool = False) -> list[str]:
+def methods_for(draft, batch_size: int, baselines: bool = False, setup: dict | None = None) -> list[str]:
     names = ["generate"]
+    if setup and setup["kernels"] == "invariant":
+        names.append("generate-invariant")
+    if setup and setup["refs"] and setup["dtype"] != torch.float32:
+        names.append("generate-fp32")
     if batch_size == 1:
         names.append("assisted")
         if baselines:
@@ -320,44 +338,65 @@ def paper_thresholds(draft) -> tuple[float, ...]:
 
 # ------------------------------------------------------------------------------------------- main
 def run(args) -> dict:
-    from s2d_ext import SortedDraft
+    from s2d_ext import SortedDraft, compute
 
     torch.manual_seed(args.seed)
     from s2d_ext._machine import DEFAULT_CPU_THREADS
 
     torch.set_num_threads(args.threads or DEFAULT_CPU_THREADS)
     load_start = os.getloadavg()
-    tokenizer, targets, draft = load_models(args)
+    tokenizer, targets, draft, setup = load_models(args)
+    if setup["dtype_line"]:
+        print(f"s2d bench: {setup['dtype_line']}")
+    baselines = bool(getattr(args, "target", None))
     if args.methods:
-        baselines = bool(getattr(args, "target", None))
-        runnable = {m for b in args.batch_sizes for m in methods_for(draft, b, baselines)}
+        runnable = {m for b in args.batch_sizes for m in methods_for(draft, b, baselines, setup)}
         missing = [m for m in args.methods if m not in runnable]
         if missing:
             raise ValueError(
                 f"--methods {missing[0]}: not a method of this run (it has {', '.join(sorted(runnable))}; "
-                "assisted and pld run at batch size 1, pld and truncation with --target)"
+                "assisted and pld run at batch size 1, pld and truncation with --target, generate-fp32 with "
+                "--target in another dtype, generate-invariant with s2d's kernels)"
             )
-    questions = load_questions(args.data, args.limit)
-    # NOTE: calibration prompts are held out: the next question of each category after the evaluated ones.
-    calibration = load_questions(args.data, 1, skip=args.limit or 0)[: args.calibration_prompts]
+    humaneval = getattr(args, "workload", "spec-bench") == "humaneval"
+    if humaneval:
+        from s2d_ext.bench import humaneval as he
+
+        problems = he.load_problems(args.problems, stride=args.problem_stride)
+        # NOTE: calibration takes the problems halfway between the evaluated ones (never one of them)
+        held_out = he.load_problems(
+            args.calibration_prompts, stride=args.problem_stride, offset=args.problem_stride // 2
+        )
+        questions = [
+            {"question_id": p["task_id"], "category": "humaneval", "turns": [p["prompt"]]} for p in problems
+        ]
+        calibration = [{"turns": [p["prompt"]]} for p in held_out]
+    else:
+        problems = []
+        questions = load_questions(args.data, args.limit)
+        # NOTE: calibration prompts are held out: the next question of each category after the evaluated ones.
+        calibration = load_questions(args.data, 1, skip=args.limit or 0)[: args.calibration_prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         pad_id = 0
-    encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in questions]
-    calib_encoded = [encode_prompt(tokenizer, q["turns"][0], args.max_prompt_tokens) for q in calibration]
+    # NOTE: HumanEval's prompts are code to complete (no chat template); Spec-Bench's are chat turns.
+    encode = (
+        (lambda text: raw_prompt(tokenizer, text, args.max_prompt_tokens))
+        if humaneval
+        else (lambda text: encode_prompt(tokenizer, text, args.max_prompt_tokens))
+    )
+    encoded = [encode(q["turns"][0]) for q in questions]
+    calib_encoded = [encode(q["turns"][0]) for q in calibration]
+    kernels = setup["kernels"]
+    compute.apply_kernels(draft.hf_model, kernels)
     fixed_exit_drafts = {
         e: SortedDraft.truncate(
             draft.hf_model, e, exits=(e,), draft_vocab=draft.draft_vocab, share_embeddings=True
         )
         for e in draft.exits
     }
-    baselines = bool(getattr(args, "target", None))
-    if baselines:
-        # NOTE: the untrained truncation keeps the target's own final norm and head (shared, no copy)
-        only = next(iter(targets.values()))
-        fixed_exit_drafts["truncation"] = SortedDraft.truncate(
-            only, draft.num_layers, draft_vocab=draft.draft_vocab, share_embeddings=True
-        )
+    assistant = load_assistant(args, targets, setup, draft)
+    fp32_targets: dict = {}
 
     from tqdm.auto import tqdm
 
@@ -366,10 +405,20 @@ def run(args) -> dict:
     calibration_runs = {}  # "target T=t" -> every candidate it timed
     for target_name, target in targets.items():
         device = target.get_input_embeddings().weight.device
+        fixed_exit_drafts.pop("truncation", None)
+        if baselines and draft.num_layers <= target.config.num_hidden_layers:
+            # NOTE: the untrained truncation keeps the target's own final norm and head (shared, no copy)
+            truncation = SortedDraft.truncate(
+                target, draft.num_layers, draft_vocab=draft.draft_vocab, share_embeddings=True
+            )
+            compute.apply_kernels(truncation.hf_model, kernels)
+            fixed_exit_drafts["truncation"] = truncation
+        compute.apply_kernels(target, kernels)  # NOTE: calibration and the speculative methods run on these
         for temperature in args.temperatures:
             for batch_size in args.batch_sizes:
                 key = f"{target_name} T={temperature:g} B={batch_size}"
                 if len(draft.exits) > 1:
+                    compute.apply_kernels(target, kernels)
                     calibrated[key], calibration_runs[key] = _calibrate(
                         args, draft, target_name, target, calib_encoded, pad_id, temperature, batch_size
                     )
@@ -381,8 +430,11 @@ def run(args) -> dict:
                     eos_id=tokenizer.eos_token_id,
                     ignore_eos=args.ignore_eos,
                     prompt_lookup=getattr(args, "prompt_lookup_tokens", 10),
+                    kernels=kernels,
                 )
-                method_names = methods_for(draft, batch_size, baselines)
+                method_names = methods_for(draft, batch_size, baselines, setup)
+                if "truncation" in method_names and "truncation" not in fixed_exit_drafts:
+                    method_names.remove("truncation")
                 if args.methods:
                     method_names = [m for m in method_names if m in args.methods or m == "generate"]
                 batches = [
@@ -390,7 +442,10 @@ def run(args) -> dict:
                     for i in range(0, len(encoded), batch_size)
                 ]
                 label = f"{target_name} T={temperature} B={batch_size}"
-                _warm_up(target, draft, encoded[0], pad_id, settings)
+                models = RunModels(
+                    target, draft, fixed_exit_drafts, assistant, fp32_targets, setup, target_name
+                )
+                _warm_up(models, encoded[0], pad_id, settings, method_names)
                 # NOTE: every method runs on a prompt before the next prompt starts, in an order that
                 # alternates between rounds: on a shared machine the load drifts within minutes, and
                 # running the methods one after another would hand each method its own load.
@@ -400,42 +455,106 @@ def run(args) -> dict:
                     input_ids, mask = left_pad([encoded[r] for r in rows], pad_id)
                     for method in order:
                         reset_peak_memory(device)
-                        result = _run_method(
-                            method,
-                            target,
-                            draft,
-                            fixed_exit_drafts,
-                            input_ids,
-                            mask,
-                            settings,
-                            calibrated.get(key),
-                        )
+                        result = _run_method(method, models, input_ids, mask, settings, calibrated.get(key))
                         records.append(
                             dict(
                                 target=target_name,
                                 temperature=temperature,
                                 batch_size=batch_size,
                                 method=method,
+                                kernels=method_kernels(method, kernels),
                                 round=round_index,
+                                rows=list(rows),
                                 categories=[questions[r]["category"] for r in rows],
                                 **{k: v for k, v in asdict(result).items() if k != "sequences"},
-                                sequences=result.sequences if temperature == 0 else [],
+                                sequences=result.sequences if temperature == 0 or humaneval else [],
                                 peak_memory_mib=peak_memory_mib(device),
                                 load_1min=os.getloadavg()[0],
                                 draft_exits=_draft_exits(method, draft),
                             )
                         )
-    return dict(
+                compute.apply_kernels(target, kernels)
+    result = dict(
         machine=machine_description(targets),
         load_average={"start": load_start, "end": os.getloadavg(), "cores": os.cpu_count()},
         draft={"layers": draft.num_layers, "exits": list(draft.exits), "thresholds": list(draft.thresholds)},
         cost_model=cost_model(next(iter(targets.values())), draft),
+        cost_models={name: cost_model(target, draft) for name, target in targets.items()},
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        run_settings={"kernels": kernels, "dtype": str(setup["dtype"]), "line": setup["dtype_line"]},
+        workload="humaneval" if humaneval else "spec-bench",
         calibrated=calibrated,
         calibration=calibration_runs,
         draft_vocab=None if draft.draft_vocab is None else int(draft.draft_vocab.numel()),
         records=records,
     )
+    if humaneval:
+        result["problems"] = [p["task_id"] for p in problems]
+        result["pass_at_1"] = humaneval_pass_at_1(records, problems, tokenizer)
+    return result
+
+
+@dataclass
+class RunModels:
+    """The models one target's methods run: the target, the draft and its fixed-exit cuts, the assistant of
+    ``assisted``, float32 copies of the targets (made on first use) and the run's setup."""
+
+    target: Any
+    draft: Any
+    fixed_exit_drafts: dict
+    assistant: Any
+    fp32_targets: dict
+    setup: dict
+    target_name: str
+
+
+def method_kernels(method: str, kernels: str) -> str:
+    """The kernels ``method`` runs on: torch's for ``generate`` (the baseline as a user runs it) and
+    ``generate-fp32``, s2d's for ``generate-invariant``, the run's for the rest."""
+    if method in ("generate", "generate-fp32"):
+        return "torch"
+    if method == "generate-invariant":
+        return "invariant"
+    return kernels
+
+
+def raw_prompt(tokenizer, text: str, max_prompt_tokens: int) -> list[int]:
+    """``text`` as plain tokens (code completion: no chat template), its end kept."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])[-max_prompt_tokens:]
+
+
+def load_assistant(args, targets: dict, setup: dict, draft):
+    """The model ``assisted`` drafts with: ``--assistant`` (one of the targets when it names one), else the
+    draft at full depth; on the run's kernels."""
+    from s2d_ext import checkpoints, compute
+
+    name = getattr(args, "assistant", None)
+    if name is None:
+        return draft.hf_model
+    ref = checkpoints.resolve_target(name, flag="--assistant")
+    model = targets.get(ref.name)
+    if model is None:
+        model = checkpoints.load_target(ref, dtype=setup["dtype"] or torch.float32, device=args.device)
+    return compute.apply_kernels(model, setup["kernels"])
+
+
+def humaneval_pass_at_1(records: list[dict], problems: list[dict], tokenizer) -> dict:
+    """{"target|T=t|method": pass@1} over the problems, from each record's generated tokens (round 0)."""
+    from s2d_ext.bench import humaneval as he
+
+    completions: dict = defaultdict(dict)
+    for rec in records:
+        if rec["round"] != 0 or rec["batch_size"] != 1:
+            continue
+        key = f"{rec['target']}|T={rec['temperature']:g}|{rec['method']}"
+        for row, tokens in zip(rec["rows"], rec["sequences"]):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            completions[key][row] = he.completion(text)
+    out = {}
+    for key, by_row in completions.items():
+        chosen = [problems[r] for r in sorted(by_row)]
+        out[key] = he.pass_at_1(chosen, [by_row[r] for r in sorted(by_row)])
+    return out
 
 
 def _calibrate(args, draft, target_name, target, prompts, pad_id, temperature, batch_size):
@@ -499,26 +618,45 @@ def cost_model(target, draft) -> dict:
     }
 
 
-def _warm_up(target, draft, prompt, pad_id, settings) -> None:
-    """One short run of each path, so one-time costs (allocations, kernel loads) stay out of timings."""
+def _warm_up(models: RunModels, prompt, pad_id, settings, methods) -> None:
+    """One short run of each kind of path, so one-time costs (allocations, kernel loads, the float32 copy)
+    stay out of timings."""
     input_ids, mask = left_pad([prompt], pad_id)
     short = dict(settings, max_new_tokens=4)
-    run_generate(target, input_ids, mask, short)
-    run_speculate(target, draft, input_ids, mask, short)
+    for method in dict.fromkeys(("generate", "generate-fp32", "generate-invariant", "s2d-paper")):
+        if method in methods or method == "s2d-paper":
+            _run_method(method, models, input_ids, mask, short, None)
 
 
-def _run_method(method, target, draft, fixed_exit_drafts, input_ids, mask, settings, calibrated) -> RunResult:
-    if method == "generate":
+def _run_method(method, models: RunModels, input_ids, mask, settings, calibrated) -> RunResult:
+    from s2d_ext import compute
+
+    kernels = method_kernels(method, settings["kernels"])
+    target, draft = models.target, models.draft
+    if method == "generate-fp32":
+        fp32 = models.fp32_targets.get(models.target_name)
+        if fp32 is None:
+            from s2d_ext import checkpoints
+
+            ref = models.setup["refs"][models.target_name]
+            device = target.get_input_embeddings().weight.device
+            fp32 = models.fp32_targets[models.target_name] = checkpoints.load_target(
+                ref, dtype=torch.float32, device=device
+            )
+        return run_generate(compute.apply_kernels(fp32, "torch"), input_ids, mask, settings)
+    if models.setup["refs"]:
+        compute.apply_kernels(target, kernels)
+    if method in ("generate", "generate-invariant"):
         return run_generate(target, input_ids, mask, settings)
     if method == "assisted":
-        return run_generate(target, input_ids, mask, settings, assistant=draft.hf_model)
+        return run_generate(target, input_ids, mask, settings, assistant=models.assistant)
     if method == "pld":
         return run_generate(target, input_ids, mask, settings, prompt_lookup=settings["prompt_lookup"])
     if method == "truncation":
-        return run_speculate(target, fixed_exit_drafts["truncation"], input_ids, mask, settings)
+        return run_speculate(target, models.fixed_exit_drafts["truncation"], input_ids, mask, settings)
     if method.startswith("sd-exit"):
         return run_speculate(
-            target, fixed_exit_drafts[int(method[len("sd-exit") :])], input_ids, mask, settings
+            target, models.fixed_exit_drafts[int(method[len("sd-exit") :])], input_ids, mask, settings
         )
     if method == "s2d-paper":
         return run_speculate(target, draft, input_ids, mask, settings, thresholds=paper_thresholds(draft))

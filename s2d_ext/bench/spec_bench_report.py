@@ -108,16 +108,21 @@ def aggregate(records: list[dict], cost_model: dict | None = None) -> dict:
 
 
 def greedy_matches(records: list[dict]) -> dict:
-    """Fraction of greedy rows whose tokens equal plain generate's (a lossless sanity check)."""
+    """Fraction of greedy rows whose tokens equal generate's on the same kernels (a lossless check): methods
+    on s2d's row-invariant kernels against ``generate-invariant`` when the run has it, the others against
+    ``generate``."""
     counts: dict = defaultdict(lambda: [0, 0])
     by_setting = defaultdict(list)
     for rec in records:
         if rec["temperature"] == 0:
             by_setting[(rec["target"], rec["batch_size"], rec["method"])].append(rec)
     for (target, batch, method), recs in by_setting.items():
-        if method == "generate":
-            continue
-        base = by_setting.get((target, batch, "generate"), [])
+        if method.startswith("generate"):
+            continue  # NOTE: the baselines themselves (generate-fp32 is another dtype, not a lossless method)
+        reference = "generate"
+        if recs[0].get("kernels") == "invariant" and (target, batch, "generate-invariant") in by_setting:
+            reference = "generate-invariant"
+        base = by_setting.get((target, batch, reference), [])
         for rec, ref in zip(recs, base):
             for mine, theirs in zip(rec["sequences"], ref["sequences"]):
                 counts[(target, batch, method)][0] += int(mine == theirs)
@@ -133,6 +138,27 @@ def _fmt(value, digits=2, suffix="") -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}f}{suffix}"
+
+
+def _run_lines(result: dict) -> list[str]:
+    """The run's dtype / kernels line and, for HumanEval, the problems evaluated."""
+    lines = []
+    line = (result.get("run_settings") or {}).get("line")
+    if line:
+        lines += [f"Run: {line}.", ""]
+    if result.get("workload") == "humaneval":
+        lines += [
+            f"Workload: HumanEval problems {', '.join(result['problems'])} as raw code completion; pass@1 "
+            "from each problem's tests (round 0).",
+            "",
+        ]
+    return lines
+
+
+def _pass_cell(passes: dict, target: str, temperature: float, method: str) -> str:
+    if not passes:
+        return ""
+    return f" {_fmt(passes.get(f'{target}|T={temperature:g}|{method}'), 3)} |"
 
 
 def markdown(result: dict, table: dict, matches: dict) -> str:
@@ -171,7 +197,11 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
             else "none (the full vocabulary)."
         ),
         "",
-        "Speedup = tokens/s over plain `generate` of the same target and setting, same run. "
+        *_run_lines(result),
+        "Speedup = tokens/s over plain `generate` of the same target and setting (torch's kernels), same "
+        "run. "
+        "`generate-invariant` is generate on s2d's row-invariant kernels, which the speculative methods, "
+        "`assisted` and `pld` run on when the run's kernels are s2d's. "
         "MAT = emitted tokens per target forward. "
         "Split = draft/target/verify/other share of speculate's time.",
         "",
@@ -204,10 +234,12 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
     settings = sorted({(t, temp, b) for (t, temp, b, _) in table})
     for target, temperature, batch in settings:
         lines += [f"## {target}, temperature {temperature:g}, batch {batch}", ""]
+        passes = result.get("pass_at_1") or {}
+        header, rule = (" pass@1 |", "---|") if passes else ("", "")
         lines += [
             "| method | tokens/s | speedup | MAT | acceptance | exits | draft cost | MAT / cost "
-            "| split d/t/v/o | peak MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| split d/t/v/o | peak MiB |" + header,
+            "|---|---|---|---|---|---|---|---|---|---|" + rule,
         ]
         methods = [m for (t, temp, b, m) in table if (t, temp, b) == (target, temperature, batch)]
         for method in methods:
@@ -222,7 +254,9 @@ def markdown(result: dict, table: dict, matches: dict) -> str:
             lines.append(
                 f"| {method} | {_fmt(m['tokens_per_s'], 1)} | {_fmt(m['speedup'], 2, 'x')} | "
                 f"{_fmt(m['mat'])} | {_fmt(m['acceptance'])} | {exits} | {_fmt(m.get('draft_cost'))} | "
-                f"{_fmt(m.get('mat_per_cost'))} | {split_text} | " + f"{_fmt(m['peak_memory_mib'], 0)} |"
+                f"{_fmt(m.get('mat_per_cost'))} | {split_text} | "
+                + f"{_fmt(m['peak_memory_mib'], 0)} |"
+                + _pass_cell(passes, target, temperature, method)
             )
         lines.append("")
         with_positions = [

