@@ -47,6 +47,7 @@ from s2d_ext.packaged_models import (
     PACKAGED_MODELS,
     SMOLLM2,
     SMOLLM2_DISTRIBUTION,
+    SMOLLM2_FILE,
     drop_gguf_quantizer,
     needs_conversion,
     prepared_checkpoint,
@@ -61,6 +62,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 __all__ = [
     "SMOLLM2",
+    "SMOLLM2_DISTRIBUTION",
+    "SMOLLM2_FILE",
     "TargetRef",
     "checkpoint_fingerprint",
     "gguf_install_hint",
