@@ -39,10 +39,10 @@ from s2d_ext.draft.lean_llama import (
     rope_inv_freq,
     sliding_window_of,
 )
-from s2d_ext.draft.protocol import Proposal
+from s2d_ext.draft.protocol import DraftMask, Proposal
 from s2d_ext.draft.static_cache import SortedDraftState
 from s2d_ext.ops.exit_head import exit_head
-from s2d_ext.ops.exit_sample import exit_sample
+from s2d_ext.ops.exit_sample import exit_sample, sample_logits
 
 DEFAULT_MAX_DEFERRED = 16
 FINAL_EXIT_VOCABS = ("draft", "full")
@@ -153,6 +153,8 @@ class SortedDraft:
         "draft" (default): the last exit uses ``draft_vocab`` too; "full": the last exit scores every id
         (only the early exits' heads, and so their exit decisions, are reduced).
     """
+
+    supports_logits_mask = True  # propose(..., logits_mask=): see DraftMask
 
     def __init__(
         self,
@@ -550,6 +552,7 @@ class SortedDraft:
         offsets: torch.Tensor | int | None = None,
         thresholds: torch.Tensor | Sequence[float] | None = None,
         stop_threshold: torch.Tensor | float | None = None,
+        logits_mask: DraftMask | None = None,
     ) -> Proposal:
         """Propose up to ``num_tokens`` tokens per row (see :class:`~s2d_ext.draft.protocol.DraftModel`).
 
@@ -570,6 +573,10 @@ class SortedDraft:
             Per-row exit thresholds (None = the draft's own); an early exit's 1 turns it off.
         stop_threshold : [B] float32, scalar or None
             A row stops after a token whose chosen-exit confidence is below it.
+        logits_mask : DraftMask, optional
+            Allowed tokens of some rows at each position (a grammar): their exits score, decide and sample
+            from the head's logits restricted to them (``sample_logits``; q and the confidence are those of
+            the restricted distribution); the other rows take the fused path as without a mask.
 
         Returns
         -------
@@ -683,6 +690,14 @@ class SortedDraft:
                 step_conf = torch.zeros((batch,), dtype=torch.float32, device=device)
                 step_exit = torch.full((batch,), -1, dtype=torch.int64, device=device)
                 need = active.clone()
+                allowed = None  # [B, V] bool where masked rows are restricted, with masked [B] bool
+                if logits_mask is not None:
+                    allowed_rows = logits_mask.allowed(j, tokens[:, :j])
+                    if allowed_rows is not None:
+                        masked = torch.zeros((batch,), dtype=torch.bool, device=device)
+                        masked[logits_mask.rows] = True
+                        allowed = torch.ones((batch, vocab), dtype=torch.bool, device=device)
+                        allowed[logits_mask.rows] = allowed_rows.to(device)
                 for group in range(reachable):
                     stop = end if group == 0 else state.filled[group - 1]
                     if group > 0:
@@ -696,6 +711,18 @@ class SortedDraft:
                     rows = rows_all[need]  # NOTE: the one read of this exit's decision (rows still drafting)
                     if rows.shape[0] == 0:
                         continue
+                    if allowed is not None:
+                        # NOTE: masked rows decide apart (one more read); the others take the path below.
+                        restricted = rows[masked[rows]]
+                        if restricted.shape[0]:
+                            self._masked_exit(
+                                out[restricted, n[restricted] - 1], group, group == reachable - 1, restricted,
+                                allowed[restricted], j, k, temperature, top_k, top_p, seeds, offsets,
+                                tau_fire, filters, probs_flat, need, step_token, step_conf, step_exit,
+                            )  # fmt: skip
+                        rows = rows[~masked[rows]]
+                        if rows.shape[0] == 0:
+                            continue
                     # NOTE: when every row needs this exit (batch 1, early exits), skip the gathers.
                     every = rows.shape[0] == batch
                     hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
@@ -745,6 +772,45 @@ class SortedDraft:
         return Proposal(
             tokens=tokens, probs=probs, num_draft=proposed, exits=exits_out, confidence=confidence
         )
+
+    def _masked_exit(
+        self, hidden, group, last, rows, allowed, j, k, temperature, top_k, top_p, seeds, offsets, tau_fire,
+        filters, probs_flat, need, step_token, step_conf, step_exit,
+    ) -> None:  # fmt: skip
+        """Exit ``group`` for masked ``rows`` ([R]): logits restricted to ``allowed`` [R, V], then the same
+        decision and sampling as the fused path, from those logits (``sample_logits``)."""
+        head, ids = self._exit_head_rows(group)
+        norm = self.hf_model.model.norm
+        h32 = hidden.float()
+        normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(
+            hidden.dtype
+        )
+        logits = F.linear(normed * norm.weight, head).float()  # [R, Vh]
+        keep = allowed if ids is None else allowed[:, ids]
+        logits = logits.masked_fill(~keep, float("-inf"))
+        if probs_flat is None:  # NOTE: every row is greedy: the one-hots go to a scratch buffer
+            buffer, slots = torch.zeros((rows.shape[0], self.vocab_size), device=rows.device), None
+        else:
+            buffer, slots = probs_flat, rows * k + j
+        r_tokens, r_conf, fire = sample_logits(
+            logits,
+            temperature[rows],
+            top_k[rows],
+            top_p[rows],
+            seeds[rows] if probs_flat is not None else 0,
+            offsets[rows] if probs_flat is not None else 0,
+            j,
+            0.0 if last else tau_fire[rows, group],
+            buffer,
+            torch.arange(rows.shape[0], device=rows.device) if slots is None else slots,
+            vocab_ids=ids,
+            filters=filters,
+            validate=False,
+        )
+        step_token[rows] = torch.where(fire, r_tokens, step_token[rows])
+        step_conf[rows] = torch.where(fire, r_conf, step_conf[rows])
+        step_exit[rows] = torch.where(fire, self.exits[group], step_exit[rows])
+        need[rows] = need[rows] & ~fire
 
     def advance(
         self,

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from s2d_ext.engine import host_reads
+from s2d_ext.engine.draft_masks import draft_mask_for
 from s2d_ext.engine.draft_rows import concat_states, select_rows, supports_row_ops, with_capacity
 from s2d_ext.engine.filters import filtered_scores, min_p_logits
 from s2d_ext.engine.models import TargetConfig, as_draft, check_length, draft_limit, target_window
@@ -354,12 +355,15 @@ class Engine:
         self.clock.lap("other")
 
         # 1. Draft.
+        # NOTE: rows under a grammar draft inside it (engine/draft_masks.py); no mask: the call as before.
+        mask = draft_mask_for(draft, rows, self.vocab_size)
         prop = draft.propose(
             self._state,
             k,
             host_reads.to_device(n_ask, torch.int64, dd),
             offsets=host_reads.to_device([r.steps for r in rows], torch.int64, dd),
             **self._draft_args,
+            **({} if mask is None else {"logits_mask": mask}),
         )
         self.clock.lap("draft")
 
