@@ -197,20 +197,24 @@ class Grammars:
             raise GrammarError(f"{what}: {matcher.get_error()}")
         return GrammarProcessor(matcher, self.vocab_size, grammar=grammar)
 
-    def json_schema(self, schema: Any) -> GrammarProcessor:
-        """Output: one JSON value valid under ``schema`` (a dict, a bool or its JSON text)."""
+    def json_schema(self, schema: Any, any_whitespace: bool = True) -> GrammarProcessor:
+        """Output: one JSON value valid under ``schema`` (a dict, a bool or its JSON text).
+        ``any_whitespace=False``: no whitespace between tokens beyond one space after ``:`` and ``,``
+        (vLLM's ``disable_any_whitespace``)."""
         import llguidance
 
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                text, defaults={"whitespace_flexible": bool(any_whitespace)}
+            )
         except (ValueError, TypeError, RuntimeError) as exc:
             raise GrammarError(f"invalid JSON schema: {exc}") from None
         return self._processor(grammar, "invalid JSON schema")
 
-    def json_object(self) -> GrammarProcessor:
+    def json_object(self, any_whitespace: bool = True) -> GrammarProcessor:
         """Output: any JSON object (OpenAI's ``response_format: json_object``)."""
-        return self.json_schema({"type": "object"})
+        return self.json_schema({"type": "object"}, any_whitespace)
 
     def regex(self, pattern: str) -> GrammarProcessor:
         import llguidance

@@ -37,11 +37,12 @@ class StructuredOutput:
     value: Any
     tool_mode: str | None = None
     tool_names: list[str] = field(default_factory=list)
+    any_whitespace: bool = True  # JSON: whitespace anywhere JSON allows it (vLLM's default)
 
     def processor(self, grammars: Any) -> Any:
         """A fresh :class:`~s2d_ext.engine.grammar.GrammarProcessor` (raises GrammarError)."""
         if self.kind == "json_schema":
-            return grammars.json_schema(self.value)
+            return grammars.json_schema(self.value, self.any_whitespace)
         if self.kind == "regex":
             return grammars.regex(self.value)
         if self.kind == "choice":
@@ -104,7 +105,7 @@ def _structured_outputs(value: Any) -> StructuredOutput:
         raise BadRequest("structured_outputs must be an object", "structured_outputs")
     kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "lark"}
     set_keys = [k for k in (*kinds, "json_object") if value.get(k) not in (None, False)]
-    unknown = sorted(set(value) - {*kinds, "json_object", "disable_any_whitespace", "whitespace_pattern"})
+    unknown = sorted(set(value) - {*kinds, "json_object", "disable_any_whitespace"})
     if unknown:
         raise BadRequest(f"unsupported field {unknown[0]!r} in structured_outputs", "structured_outputs")
     if len(set_keys) != 1:
@@ -113,9 +114,15 @@ def _structured_outputs(value: Any) -> StructuredOutput:
             "structured_outputs",
         )
     key = set_keys[0]
+    compact = value.get("disable_any_whitespace", False)
+    if not isinstance(compact, bool):
+        raise BadRequest("structured_outputs.disable_any_whitespace must be a boolean", "structured_outputs")
     if key == "json_object":
-        return StructuredOutput("structured_outputs", "json_schema", {"type": "object"})
-    return _checked(StructuredOutput("structured_outputs", kinds[key], value[key]))
+        spec = StructuredOutput("structured_outputs", "json_schema", {"type": "object"})
+    else:
+        spec = _checked(StructuredOutput("structured_outputs", kinds[key], value[key]))
+    spec.any_whitespace = not compact
+    return spec
 
 
 def _checked(spec: StructuredOutput) -> StructuredOutput:
