@@ -195,7 +195,11 @@ class Grammars:
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{what}: {matcher.get_error()}")
-        return GrammarProcessor(matcher, self.vocab_size, grammar=grammar)
+        processor = GrammarProcessor(matcher, self.vocab_size, grammar=grammar)
+        first = processor.allowed_after([], 0)
+        if first is None or not bool(first.any()):
+            raise GrammarError(f"{what}: no token of this vocabulary can start it")
+        return processor
 
     def json_schema(self, schema: Any, any_whitespace: bool = True) -> GrammarProcessor:
         """Output: one JSON value valid under ``schema`` (a dict, a bool or its JSON text).

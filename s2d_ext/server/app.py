@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from s2d_ext.engine import Engine
 from s2d_ext.engine.models import draft_limit, target_window
+from s2d_ext.server import openapi
 from s2d_ext.server.async_engine import AsyncEngine
 from s2d_ext.server.choices import Choice, collect, stream_events
 from s2d_ext.server.protocol import MAX_N, MAX_PROMPTS, BadRequest, engine_error, parse, served_model
@@ -161,14 +162,14 @@ def build_app(
             )
         whole = await collect(choices, req, meta, tokenizer, spec, metrics)
         if "error" in whole:
-            return error(500, whole["error"])
+            return error(whole["status"], whole["error"])
         return JSONResponse(whole)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.body(openapi.COMPLETION_REQUEST))
     async def completions(request: Request):
         return await serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.body(openapi.CHAT_REQUEST))
     async def chat_completions(request: Request):
         return await serve(request, chat=True)
 

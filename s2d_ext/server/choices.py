@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from s2d_ext.engine import RequestOutput
+from s2d_ext.engine import RequestError, RequestOutput
 from s2d_ext.server.detokenize import TextStream
 from s2d_ext.server.protocol import EngineRequest
 
@@ -35,7 +35,12 @@ class Choice:
 
 
 class _Failed(Exception):
-    """A choice's engine request failed (``out.error``)."""
+    """A choice's engine request failed (``out.error``): status 400 when the request's own settings left
+    no token to generate (a RequestError), else 500."""
+
+    def __init__(self, out: RequestOutput) -> None:
+        super().__init__(out.error)
+        self.status = 400 if isinstance(out.exception, RequestError) else 500
 
 
 def _reason(out: RequestOutput, text: TextStream | None) -> str | None:
@@ -72,7 +77,7 @@ async def _outputs(c: Choice, req: EngineRequest, tokenizer) -> AsyncIterator[tu
     out = c.first
     while True:
         if out.error is not None:
-            raise _Failed(out.error)
+            raise _Failed(out)
         delta = text.add(out.new_token_ids, final=out.finished) if text is not None else ""
         if text is not None and text.stopped:
             # NOTE: a speculative step can emit tokens past the one that completes a stop string. Ids,
@@ -191,7 +196,7 @@ async def collect(choices: list[Choice], req: EngineRequest, meta: dict, tokeniz
         await _close(choices)
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if isinstance(failed, _Failed):
-        return {"error": str(failed)}
+        return {"error": str(failed), "status": failed.status}
     if failed is not None:
         raise failed
     _count(metrics, req, choices)
@@ -244,7 +249,8 @@ async def stream_events(choices: list[Choice], req: EngineRequest, meta: dict, t
                 running -= 1
                 continue
             if isinstance(item, _Failed):
-                yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                error_type = "invalid_request_error" if item.status < 500 else "server_error"
+                yield f"data: {json.dumps({'error': {'message': str(item), 'type': error_type}})}\n\n"
                 break
             delta, out, reason = item
             choice: dict[str, Any] = {"index": c.index}
