@@ -9,7 +9,8 @@ PIP := $(PY) -m pip
 RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<3.10" tokenizers matplotlib
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
 # NOTE: the linters are pinned: a new ruff release once started formatting the README's code blocks.
-TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 fastapi uvicorn httpx gguf accelerate
+TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 fastapi uvicorn httpx gguf accelerate \
+	"llguidance>=1.9,<2" "prometheus-client>=0.20" "openai>=1.50" "schemathesis>=4.30,<5" jsonschema
 # NOTE: resolved when a recipe runs (after install): the venv's own copy, else the one already on PATH.
 CLANG_FORMAT = $(shell test -x $(VENV)/bin/clang-format && echo $(VENV)/bin/clang-format || command -v clang-format)
 
