@@ -161,3 +161,18 @@ def test_a_logit_bias_id_outside_the_vocabulary_fails_that_request_only(tiny):
         engine.add_request([1, 2], SamplingParams(max_new_tokens=4, logit_bias={96: 1.0}))
     engine.add_request([1, 2], SamplingParams(max_new_tokens=4))
     assert sum(len(o.new_token_ids) for _ in range(10) for o in engine.step()) == 4
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(top_p=5e-324), "top_p must be a float in"),  # positive, but 0 in float32
+        (dict(repetition_penalty=1e-50), "repetition_penalty must be > 0 and finite in float32"),
+        (dict(repetition_penalty=1e39), "repetition_penalty must be > 0 and finite in float32"),
+    ],
+)
+def test_values_that_vanish_or_overflow_in_float32_are_refused(settings, message):
+    # NOTE: found by schemathesis: top_p=5e-324 passed the float64 check, became 0 on the device and the
+    # draft's check failed the whole step, every running request with it.
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**settings)

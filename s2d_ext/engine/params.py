@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,7 +100,14 @@ class SamplingParams:
         _set(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         _set(self, "top_k", check_int("top_k", self.top_k, low=0))
         top_p = self.top_p
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        # NOTE: the kernels take top_p as float32, where a positive double below ~7e-46 is 0 (a value the
+        # draft refuses mid-step, failing every request of the step): such values are refused here.
+        if (
+            isinstance(top_p, bool)
+            or not isinstance(top_p, (int, float))
+            or not 0.0 < top_p <= 1.0
+            or _float32(top_p) == 0.0
+        ):
             raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
         _set(self, "top_p", float(top_p))
         min_p = _check_float("min_p", self.min_p, low=0.0)
@@ -113,8 +121,8 @@ class SamplingParams:
         if self.logprobs is not None:
             _set(self, "logprobs", check_int("logprobs", self.logprobs, low=0))
         penalty = _check_float("repetition_penalty", self.repetition_penalty, low=0.0)
-        if penalty == 0.0:
-            raise ValueError("repetition_penalty must be > 0 (1 = off)")
+        if _float32(penalty) == 0.0 or _float32(penalty) == math.inf:  # NOTE: float32 logits divide by it
+            raise ValueError(f"repetition_penalty must be > 0 and finite in float32 (1 = off), got {penalty}")
         _set(self, "repetition_penalty", penalty)
         _set(self, "stop_token_ids", tuple(_token_list("stop_token_ids", self.stop_token_ids)))
         if self.eos_token_id is not None:
@@ -242,6 +250,14 @@ def _token_list(name: str, value: Any) -> list[int]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be token ids (ints >= 0), got {value!r}")
     return values
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (inf beyond its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def _bias_map(value: Any) -> dict[int, float]:
