@@ -192,7 +192,10 @@ class Grammars:
         ok, is_error, messages = _validate(llguidance, grammar, tokenizer)
         if not ok:
             raise GrammarError(f"{what}: {messages}")
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise GrammarError(f"{what}: {exc}") from None
         if matcher.is_error():
             raise GrammarError(f"{what}: {matcher.get_error()}")
         processor = GrammarProcessor(matcher, self.vocab_size, grammar=grammar)
@@ -221,20 +224,24 @@ class Grammars:
         return self.json_schema({"type": "object"}, any_whitespace)
 
     def regex(self, pattern: str) -> GrammarProcessor:
-        import llguidance
-
-        return self._processor(llguidance.grammar_from("regex", pattern), "invalid regex")
+        return self._processor(_grammar_from("regex", pattern, "invalid regex"), "invalid regex")
 
     def choice(self, choices: Sequence[str]) -> GrammarProcessor:
         """Output: exactly one of ``choices`` (vLLM's ``guided_choice``)."""
-        import llguidance
-
-        return self._processor(llguidance.grammar_from("choice", list(choices)), "invalid choice list")
+        what = "invalid choice list"
+        return self._processor(_grammar_from("choice", list(choices), what), what)
 
     def lark(self, grammar: str) -> GrammarProcessor:
-        import llguidance
+        return self._processor(_grammar_from("lark", grammar, "invalid grammar"), "invalid grammar")
 
-        return self._processor(llguidance.grammar_from("lark", grammar), "invalid grammar")
+
+def _grammar_from(kind: str, value: Any, what: str) -> str:
+    import llguidance
+
+    try:
+        return llguidance.grammar_from(kind, value)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise GrammarError(f"{what}: {exc}") from None
 
 
 def _validate(llguidance: Any, grammar: str, tokenizer: Any) -> tuple[bool, bool, str]:
