@@ -163,6 +163,39 @@ class OutlinesCore:
 
 
 LIBRARIES = {"xgrammar": Xgrammar, "llguidance": Llguidance, "outlines-core": OutlinesCore}
+
+#: Schemas a server must refuse (invalid, or matching nothing): does a library say so when compiling?
+BAD_SCHEMAS = {
+    "unknown type": {"type": "banana"},
+    "dangling $ref": {"$ref": "#/$defs/missing"},
+    "minimum > maximum": {"type": "integer", "minimum": 5, "maximum": 1},
+    "allOf string and integer": {"allOf": [{"type": "string"}, {"type": "integer"}]},
+    "string enum of numbers": {"type": "string", "enum": [1, 2]},
+    "false": False,
+}
+
+
+def compile_errors(tokenizer_dir: str, names: list[str]) -> dict:
+    """{library: {case: error message or "compiled"}} for :data:`BAD_SCHEMAS`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    vocab = max(len(tokenizer), int(config["vocab_size"]))
+    out = {}
+    for name in names:
+        lib = LIBRARIES[name](tokenizer, vocab)
+        out[name] = {}
+        for case, schema in BAD_SCHEMAS.items():
+            try:
+                matcher = lib.compile(schema)
+                error = matcher.get_error() if hasattr(matcher, "get_error") else ""
+                out[name][case] = f"error: {error}" if error else "compiled"
+            except Exception as exc:  # noqa: BLE001 (each library raises its own)
+                out[name][case] = f"error: {str(exc).splitlines()[0][:120]}"
+    return out
+
+
 PACKAGES = {"xgrammar": "xgrammar", "llguidance": "llguidance", "outlines-core": "outlines_core"}
 
 
@@ -253,8 +286,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--errors", action="store_true", help="only which bad schemas each library refuses")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.errors:
+        found = compile_errors(args.tokenizers[0], args.libraries)
+        lines = ["# Bad JSON schemas: refused when compiled?", "", f"Tokenizer `{args.tokenizers[0]}`.", ""]
+        lines += ["| schema | " + " | ".join(found) + " |", "|---|" + "---|" * len(found)]
+        for case in BAD_SCHEMAS:
+            lines.append(f"| {case} | " + " | ".join(found[n][case].replace("|", "/") for n in found) + " |")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "grammar_library_errors_cpu.json").write_text(json.dumps(found, indent=2))
+        (args.out / "grammar_library_errors_cpu.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     meta = {"machine": machine(args.threads), "load_start": load(), "rounds": args.rounds}
     results = [measure(t, args.libraries, args.rounds) for t in args.tokenizers]
     meta["load_end"] = load()
