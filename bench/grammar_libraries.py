@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import statistics
 import sys
 import time
@@ -253,6 +254,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Schema: {len(SCHEMA['properties'])} properties (nested object, integer range, email format, enum,",
         "array, pattern); document: a valid instance as `json.dumps` writes it, tokenized by the tokenizer,",
         f"then EOS. {meta['rounds']} rounds, libraries interleaved; medians (p90 of the per-token times).",
+        "One thread each: xgrammar's compiler with max_threads=1, llguidance under RAYON_NUM_THREADS="
+        f"{os.environ.get('RAYON_NUM_THREADS', 'unset')}.",
         "",
     ]
     for r in results:
