@@ -157,8 +157,8 @@ def test_an_abort_mid_stream_leaves_the_others_unaffected(served):
         ("/v1/completions", dict(prompt=[1, 200]), 400, "prompt must hold token ids"),
         ("/v1/completions", dict(prompt=list(range(1, 90)) * 3, max_tokens=4), 400, "longer than"),
         ("/v1/completions", dict(prompt=[1, 2], max_tokens=300), 400, "max_tokens=300"),
-        ("/v1/completions", dict(prompt=[1, 2], n=2), 400, "n must be 1"),
-        ("/v1/completions", dict(prompt=[1, 2], presence_penalty=0.5), 400, "presence_penalty"),
+        ("/v1/completions", dict(prompt=[1, 2], n=17), 400, "n must be in [1, 16]"),
+        ("/v1/completions", dict(prompt=[1, 2], presence_penalty=2.5), 400, "presence_penalty"),
         ("/v1/completions", dict(prompt=[1, 2], best_of=True), 400, "best_of"),  # True == 1 in Python
         ("/v1/completions", dict(prompt=[1, 2], frobnicate=1), 400, "frobnicate"),
         ("/v1/completions", dict(max_tokens=3), 400, "prompt"),
@@ -337,7 +337,9 @@ HI = [{"role": "user", "content": "hi"}]
         ("/v1/completions", dict(prompt=[1, 2, 3], top_k=-5), "top_k"),
         ("/v1/completions", dict(prompt=[1, 2, 3], min_tokens=10), "min_tokens"),
         ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias=[]), "logit_bias"),
-        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias={"5": 10}), "logit_bias"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias={"96": 10}), "logit_bias"),  # V = 96
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias={"x": 10}), "logit_bias"),
+        ("/v1/completions", dict(prompt=[1, 2, 3], logit_bias={"5": 101}), "logit_bias"),
     ],
 )
 def test_fields_that_would_be_ignored_get_a_400(served, path, body, param):

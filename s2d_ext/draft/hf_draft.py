@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from s2d_ext._transfer import to_device
-from s2d_ext.draft.protocol import Proposal
+from s2d_ext.draft.protocol import DraftMask, Proposal
 from s2d_ext.ops.exit_sample import sample_logits
 from s2d_ext.target import CachedLM, context_length, input_device, output_vocab_size
 
@@ -66,6 +66,8 @@ class HFDraft:
     model : transformers.PreTrainedModel
         Any causal LM with the target's vocabulary.
     """
+
+    supports_logits_mask = True  # propose(..., logits_mask=): see DraftMask
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -116,6 +118,7 @@ class HFDraft:
         offsets: torch.Tensor,  # [B] int64
         thresholds: torch.Tensor | None = None,  # [B, 1]; ignored: one exit
         stop_threshold: torch.Tensor | None = None,  # [B] float32
+        logits_mask: DraftMask | None = None,
     ) -> Proposal:
         runner, batch = state.runner, state.pending.shape[0]
         n_draft = num_draft.to(self.device, torch.int64).clone()
@@ -146,8 +149,15 @@ class HFDraft:
         for j in range(steps):
             drafting = j < n_draft
             slot = rows * num_tokens + j if sampled else rows
+            scores = logits[:, -1]
+            allowed = None if logits_mask is None else logits_mask.allowed(j, tokens[:, :j])
+            if allowed is not None:
+                # NOTE: only the masked rows' logits change; every row samples from what it is given.
+                keep = torch.ones_like(scores, dtype=torch.bool)
+                keep[logits_mask.rows] = allowed.to(keep.device)
+                scores = scores.masked_fill(~keep, float("-inf"))
             token, conf, _ = sample_logits(
-                logits[:, -1],
+                scores,
                 temperature,
                 top_k,
                 top_p,

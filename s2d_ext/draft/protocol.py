@@ -64,6 +64,23 @@ class Proposal:
 
 
 @runtime_checkable
+class DraftMask(Protocol):
+    """Which tokens some rows may draft at each position (a grammar): ``propose(..., logits_mask=)``.
+
+    The masked rows draft from their exit's distribution restricted to the allowed tokens (q is that
+    restricted distribution, so verification stays exact); the other rows draft as without a mask.
+    """
+
+    rows: torch.Tensor  # [R] int64 (draft device): the masked rows of the batch, distinct
+
+    def allowed(self, position: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        """[R, V] bool (True = allowed) for draft position ``position``, given ``tokens`` [B, position] int64:
+        every row's drafts before it (entries of rows that stopped drafting are meaningless). None: no
+        constraint at this position."""
+        ...
+
+
+@runtime_checkable
 class DraftModel(Protocol):
     """What the driver needs from a draft model (``SortedDraft``, ``HFDraft``)."""
 
@@ -96,9 +113,11 @@ class DraftModel(Protocol):
         offsets: torch.Tensor,  # [B] int64
         thresholds: torch.Tensor | None = None,  # [B, n_exits] float32
         stop_threshold: torch.Tensor | None = None,  # [B] float32
+        logits_mask: DraftMask | None = None,
     ) -> Proposal:
         """Propose up to ``num_tokens`` tokens continuing each row's context.
 
+        A draft that supports ``logits_mask`` says so with ``supports_logits_mask = True``.
         Raises ValueError if a row would exceed ``max_length``.
         """
         ...

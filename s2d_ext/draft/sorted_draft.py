@@ -37,7 +37,7 @@ from s2d_ext.draft.lean_llama import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from s2d_ext.draft.protocol import Proposal
+from s2d_ext.draft.protocol import DraftMask, Proposal
 from s2d_ext.draft.sorted_args import (
     ProposeArgs,
     check_dtype_argument,
@@ -57,7 +57,7 @@ from s2d_ext.draft.surgery import (
 )
 from s2d_ext.ops._backend import resolve_backend, to_per_row
 from s2d_ext.ops.exit_head import run_exit_head
-from s2d_ext.ops.exit_sample import run_exit_sample
+from s2d_ext.ops.exit_sample import run_exit_sample, sample_logits
 
 # NOTE: the surgery on HF models lives in s2d_ext.draft.surgery; its names stay importable from here.
 __all__ = [
@@ -102,6 +102,8 @@ class SortedDraft:
         "draft" (default): the last exit uses ``draft_vocab`` too; "full": the last exit scores every id
         (only the early exits' heads, and so their exit decisions, are reduced).
     """
+
+    supports_logits_mask = True  # propose(..., logits_mask=): see DraftMask
 
     def __init__(
         self,
@@ -438,6 +440,7 @@ class SortedDraft:
         offsets: torch.Tensor | int | None = None,
         thresholds: torch.Tensor | Sequence[float] | None = None,
         stop_threshold: torch.Tensor | float | None = None,
+        logits_mask: DraftMask | None = None,
     ) -> Proposal:
         """Propose up to ``num_tokens`` tokens per row (see :class:`~s2d_ext.draft.protocol.DraftModel`).
 
@@ -458,6 +461,10 @@ class SortedDraft:
             Per-row exit thresholds (None = the draft's own); an early exit's 1 turns it off.
         stop_threshold : [B] float32, scalar or None
             A row stops after a token whose chosen-exit confidence is below it.
+        logits_mask : DraftMask, optional
+            Allowed tokens of some rows at each position (a grammar): their exits score, decide and sample
+            from the head's logits restricted to them (``sample_logits``; q and the confidence are those of
+            the restricted distribution); the other rows take the fused path as without a mask.
 
         Returns
         -------
@@ -487,7 +494,8 @@ class SortedDraft:
                 if not bool(active.any()):
                     break
                 end = torch.where(active, state.length + j, end)
-                token, conf, layer = self._draft_token(state, j, active, end, args, plan, probs)
+                mask = None if logits_mask is None else _step_mask(logits_mask, j, tokens, self.vocab_size)
+                token, conf, layer = self._draft_token(state, j, active, end, args, plan, probs, mask)
                 tokens[:, j] = torch.where(active, token, tokens[:, j])
                 confidence[:, j] = torch.where(active, conf, confidence[:, j])
                 exits[:, j] = torch.where(active, layer, exits[:, j])
@@ -510,6 +518,7 @@ class SortedDraft:
         args: ProposeArgs,
         plan: _ExitPlan,
         probs: torch.Tensor | None,  # [B, k, V] float32: q, written where a sampled row exits
+        mask: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B] bool masked rows, [B, V] bool allowed)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draft token ``j`` of every active row: run the exit groups in turn; a row's token exits at the
         first exit that fires for it. Returns its token, confidence and exit layer ([B] each)."""
@@ -531,17 +540,78 @@ class SortedDraft:
             rows = plan.row_ids[undecided]  # NOTE: the one read of this exit's decision (rows still drafting)
             if rows.shape[0] == 0:
                 continue
-            hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
-            row_token, row_conf, fired = self._exit(
-                group, group == plan.reachable - 1, hidden, rows, j, args, plan, probs
-            )
-            # NOTE: written through the integer rows with where(), not boolean-mask indexing (a
-            # device-to-host read each).
-            token[rows] = torch.where(fired, row_token, token[rows])
-            conf[rows] = torch.where(fired, row_conf, conf[rows])
-            layer[rows] = torch.where(fired, self.exits[group], layer[rows])
-            undecided[rows] = undecided[rows] & ~fired
+            last = group == plan.reachable - 1
+            decisions = []  # (rows, their token, confidence, fired)
+            if mask is not None:
+                # NOTE: masked rows decide from restricted logits (one more read); the others: the fused path.
+                masked, allowed = mask
+                restricted = rows[masked[rows]]
+                if restricted.shape[0]:
+                    hidden = out[restricted, n[restricted] - 1]
+                    decisions.append(
+                        (
+                            restricted,
+                            *self._masked_exit(
+                                group, last, hidden, restricted, allowed[restricted], j, args, plan, probs
+                            ),
+                        )
+                    )
+                rows = rows[~masked[rows]]
+            if rows.shape[0]:
+                hidden = out[rows, n[rows] - 1]  # [R, d]: the exit's hidden state at slot end - 1
+                decisions.append((rows, *self._exit(group, last, hidden, rows, j, args, plan, probs)))
+            for rows, row_token, row_conf, fired in decisions:
+                # NOTE: written through the integer rows with where(), not boolean-mask indexing (a
+                # device-to-host read each).
+                token[rows] = torch.where(fired, row_token, token[rows])
+                conf[rows] = torch.where(fired, row_conf, conf[rows])
+                layer[rows] = torch.where(fired, self.exits[group], layer[rows])
+                undecided[rows] = undecided[rows] & ~fired
         return token, conf, layer
+
+    def _masked_exit(
+        self,
+        group: int,
+        last: bool,
+        hidden: torch.Tensor,  # [R, d]: the exit's hidden states of the masked undecided rows
+        rows: torch.Tensor,  # [R] int64: those rows
+        allowed: torch.Tensor,  # [R, V] bool: their allowed tokens at this position
+        j: int,
+        args: ProposeArgs,
+        plan: _ExitPlan,
+        probs: torch.Tensor | None,  # [B, k, V] float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exit ``group`` for masked ``rows``: the head's logits restricted to ``allowed``, then the same
+        decision and sampling as the fused path from those logits (``sample_logits``). Token, confidence and
+        whether the exit fires ([R] each)."""
+        head, ids = self._exit_head_rows(group)
+        norm = self.hf_model.model.norm
+        h32 = hidden.float()
+        normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(
+            hidden.dtype
+        )
+        logits = F.linear(normed * norm.weight, head).float()  # [R, Vh]
+        keep = allowed if ids is None else allowed[:, ids]
+        logits = logits.masked_fill(~keep, float("-inf"))
+        if probs is None:  # NOTE: every row is greedy: the one-hots go to a scratch buffer
+            buffer, slots = torch.zeros((rows.shape[0], self.vocab_size), device=rows.device), None
+        else:
+            buffer, slots = probs.view(-1, probs.shape[2]), rows * probs.shape[1] + j
+        return sample_logits(
+            logits,
+            args.temperature[rows],
+            args.top_k[rows],
+            args.top_p[rows],
+            args.seeds[rows] if probs is not None else 0,
+            args.offsets[rows] if probs is not None else 0,
+            j,
+            0.0 if last else plan.fire_at[group][rows],
+            buffer,
+            torch.arange(rows.shape[0], device=rows.device) if slots is None else slots,
+            vocab_ids=ids,
+            filters=args.filters,
+            validate=False,
+        )
 
     def _exit(
         self,
@@ -649,6 +719,22 @@ class SortedDraft:
 
 
 @dataclass
+def _step_mask(
+    logits_mask: DraftMask, j: int, tokens: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """([B] bool masked rows, [B, V] bool allowed tokens) at draft position ``j``, or None where no row is
+    restricted there; ``tokens`` [B, k] holds each row's drafts so far."""
+    allowed_rows = logits_mask.allowed(j, tokens[:, :j])
+    if allowed_rows is None:
+        return None
+    batch, device = tokens.shape[0], tokens.device
+    masked = torch.zeros((batch,), dtype=torch.bool, device=device)
+    masked[logits_mask.rows] = True
+    allowed = torch.ones((batch, vocab), dtype=torch.bool, device=device)
+    allowed[logits_mask.rows] = allowed_rows.to(device)
+    return masked, allowed
+
+
 class _ExitPlan:
     """What a proposal knows about its exits before it runs (host values, one call)."""
 

@@ -8,6 +8,7 @@ setting; ``RequestOutput`` is what a step returns per request. ``speculate()``, 
 from s2d_ext.engine.engine import Engine, EngineStats, RequestOutput
 from s2d_ext.engine.models import TargetConfig
 from s2d_ext.engine.params import RequestError, SamplingParams
+from s2d_ext.engine.penalties import FrequencyPresencePenalty, LogitBias
 from s2d_ext.engine.processors import (
     AllowedTokens,
     BadWords,
@@ -22,7 +23,9 @@ __all__ = [
     "BadWords",
     "Engine",
     "EngineStats",
+    "FrequencyPresencePenalty",
     "HFLogitsProcessor",
+    "LogitBias",
     "LogitsProcessor",
     "RepetitionPenalty",
     "RequestError",

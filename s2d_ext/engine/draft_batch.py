@@ -53,8 +53,9 @@ class DraftBatch:
         self.arguments: dict[str, Any] = {}  # propose()'s per-row arguments
 
     # ------------------------------------------------------------------------------------------- step
-    def propose(self, n_draft: list[int]) -> Proposal:
-        """Drafts of every row, ``n_draft[i]`` for row i (0: none)."""
+    def propose(self, n_draft: list[int], logits_mask: Any = None) -> Proposal:
+        """Drafts of every row, ``n_draft[i]`` for row i (0: none); ``logits_mask`` (a
+        :class:`~s2d_ext.draft.protocol.DraftMask`, or None) keeps some rows' drafts inside their grammar."""
         device = self.draft.device
         return self.draft.propose(
             self.state,
@@ -62,6 +63,7 @@ class DraftBatch:
             host_reads.to_device(n_draft, torch.int64, device),
             offsets=host_reads.to_device([r.steps for r in self.rows], torch.int64, device),
             **self.arguments,
+            **({} if logits_mask is None else {"logits_mask": logits_mask}),
         )
 
     def advance(self, readout: StepReadout, advancing: list[bool]) -> None:

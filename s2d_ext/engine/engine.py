@@ -47,6 +47,7 @@ import torch
 
 from s2d_ext.engine import host_reads
 from s2d_ext.engine.draft_batch import PADDING, DraftBatch
+from s2d_ext.engine.draft_masks import draft_mask_for
 from s2d_ext.engine.models import TargetConfig, as_draft, check_length, draft_limit
 from s2d_ext.engine.params import RequestError, SamplingParams, seeds_for
 from s2d_ext.engine.processors import processors_for
@@ -285,7 +286,8 @@ class Engine:
         if not any(running):
             return outputs
         n_draft = self._plan(rows)
-        proposal = self._draft.propose(n_draft)
+        # NOTE: rows under a grammar draft inside it (engine/draft_masks.py); no mask: the call as before.
+        proposal = self._draft.propose(n_draft, draft_mask_for(self.draft, rows, self.vocab_size))
         self.clock.lap("draft")
         readout = StepReadout(len(rows), max(n_draft), self._top_logprobs(rows), self.draft.device)
         verifying = [batch for batch in self._batches.values() if batch.running]

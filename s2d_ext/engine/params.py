@@ -7,8 +7,9 @@ the default EOS from the target's ``generation_config``) run in :meth:`SamplingP
 engine calls in ``add_request``.
 
 Target processing order (transformers' order; :mod:`s2d_ext.engine.filters`): logits processors
-(:mod:`s2d_ext.engine.processors`, including ``repetition_penalty``, ``bad_words_ids``,
-``allowed_token_ids`` and ``min_new_tokens``), then ``temperature``, ``top_k``, ``top_p``, ``min_p``.
+(:mod:`s2d_ext.engine.processors`, including ``logit_bias``, ``repetition_penalty``,
+``presence_penalty`` / ``frequency_penalty``, ``bad_words_ids``, ``allowed_token_ids`` and
+``min_new_tokens``), then ``temperature``, ``top_k``, ``top_p``, ``min_p``.
 ``temperature == 0`` is greedy (the filters are then ignored, as ``generate(do_sample=False)`` ignores them),
 and so is a temperature below :data:`GREEDY_BELOW` (vLLM's rule).
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -62,6 +64,11 @@ class SamplingParams:
         Token sequences that must not be generated (``NoBadWordsLogitsProcessor``).
     allowed_token_ids : sequence of int, optional
         Only these tokens may be generated.
+    presence_penalty, frequency_penalty : float
+        In [-2, 2], 0 = off; OpenAI's penalties over the *generated* tokens (vLLM's rule; the prompt does not
+        count): ``logits -= frequency_penalty * count + presence_penalty * (count > 0)``.
+    logit_bias : mapping of int to float, optional
+        Token id -> a number in [-100, 100] added to its logit (OpenAI's ``logit_bias``).
     logits_processors : sequence
         More :class:`~s2d_ext.engine.processors.LogitsProcessor` objects, applied in order after the
         built-in ones.
@@ -81,6 +88,9 @@ class SamplingParams:
     bad_words_ids: Sequence[Sequence[int]] = ()
     allowed_token_ids: Sequence[int] | None = None
     logits_processors: Sequence[Any] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
 
     def __post_init__(self) -> None:
         # NOTE: generate() (and so custom_generate) rejects max_new_tokens=0; the engine does the same.
@@ -90,7 +100,14 @@ class SamplingParams:
         _set(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         _set(self, "top_k", check_int("top_k", self.top_k, low=0))
         top_p = self.top_p
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        # NOTE: the kernels take top_p as float32, where a positive double below ~7e-46 is 0 (a value the
+        # draft refuses mid-step, failing every request of the step): such values are refused here.
+        if (
+            isinstance(top_p, bool)
+            or not isinstance(top_p, (int, float))
+            or not 0.0 < top_p <= 1.0
+            or _float32(top_p) == 0.0
+        ):
             raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
         _set(self, "top_p", float(top_p))
         min_p = _check_float("min_p", self.min_p, low=0.0)
@@ -104,8 +121,8 @@ class SamplingParams:
         if self.logprobs is not None:
             _set(self, "logprobs", check_int("logprobs", self.logprobs, low=0))
         penalty = _check_float("repetition_penalty", self.repetition_penalty, low=0.0)
-        if penalty == 0.0:
-            raise ValueError("repetition_penalty must be > 0 (1 = off)")
+        if _float32(penalty) == 0.0 or _float32(penalty) == math.inf:  # NOTE: float32 logits divide by it
+            raise ValueError(f"repetition_penalty must be > 0 and finite in float32 (1 = off), got {penalty}")
         _set(self, "repetition_penalty", penalty)
         _set(self, "stop_token_ids", tuple(_token_list("stop_token_ids", self.stop_token_ids)))
         if self.eos_token_id is not None:
@@ -122,6 +139,13 @@ class SamplingParams:
             if not allowed:
                 raise ValueError("allowed_token_ids must name at least one token (None = all)")
             _set(self, "allowed_token_ids", allowed)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_float(name, getattr(self, name), low=-2.0)
+            if value > 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            _set(self, name, value)
+        if self.logit_bias is not None:
+            _set(self, "logit_bias", _bias_map(self.logit_bias) or None)
         procs = self.logits_processors
         if procs is None:
             procs = ()
@@ -155,6 +179,7 @@ class SamplingParams:
             _check_range(name, ids, vocab_size)
         for word in params.bad_words_ids:
             _check_range("bad_words_ids", word, vocab_size)
+        _check_range("logit_bias", sorted(params.logit_bias or {}), vocab_size)
         if params.logprobs is not None and params.logprobs > vocab_size:
             raise RequestError(
                 f"logprobs must be at most the vocabulary size {vocab_size}, got {params.logprobs}"
@@ -225,6 +250,29 @@ def _token_list(name: str, value: Any) -> list[int]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be token ids (ints >= 0), got {value!r}")
     return values
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (inf beyond its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _bias_map(value: Any) -> dict[int, float]:
+    """``logit_bias`` as {token id: bias}, every bias a finite number in [-100, 100] (OpenAI's range)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"logit_bias must be a mapping of token id -> bias, got {type(value).__name__}")
+    biases = {}
+    for token, bias in value.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+        bias = _check_float("logit_bias", bias, low=-100.0)
+        if bias > 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        biases[int(token)] = bias
+    return biases
 
 
 def _check_range(name: str, ids: Sequence[int], vocab: int) -> None:

@@ -27,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from s2d_ext.engine.penalties import FrequencyPresencePenalty, LogitBias
+
 
 @runtime_checkable
 class LogitsProcessor(Protocol):
@@ -197,8 +199,13 @@ class HFLogitsProcessor:
 def processors_for(params: Any) -> list[Any]:
     """The processors a (resolved) :class:`~s2d_ext.engine.params.SamplingParams` asks for, in order."""
     chain: list[Any] = []
+    # NOTE: logit_bias before the penalties, as vLLM's sampler applies them.
+    if params.logit_bias:
+        chain.append(LogitBias(params.logit_bias))
     if params.repetition_penalty != 1.0:
         chain.append(RepetitionPenalty(params.repetition_penalty))
+    if params.presence_penalty or params.frequency_penalty:
+        chain.append(FrequencyPresencePenalty(params.presence_penalty, params.frequency_penalty))
     if params.bad_words_ids:
         chain.append(BadWords(params.bad_words_ids))
     if params.min_new_tokens:

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import queue
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
 
@@ -29,6 +30,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self.aborted = 0  # requests aborted (client gone) so far
         self.steps = 0
+        self.step_seconds = 0.0  # wall time of the engine's steps so far
         self._thread = threading.Thread(target=self._run, name="s2d-engine", daemon=True)
         self._thread.start()
 
@@ -58,10 +60,23 @@ class AsyncEngine:
             if not finished and added.done() and added.exception() is None:
                 self._commands.put(("abort", request_id))
 
+    async def call(self, fn):
+        """``fn()`` run by the engine thread between two steps (it may use the models); returns its result
+        or raises its exception."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._commands.put(("call", fn, loop, done))
+        return await done
+
     def close(self) -> None:
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(timeout=10)
+
+    @property
+    def pending(self) -> int:
+        """Commands (mostly new requests) posted to the engine thread and not yet taken in."""
+        return self._commands.qsize()
 
     @property
     def num_unfinished(self) -> int:
@@ -74,12 +89,14 @@ class AsyncEngine:
             self._drain(block)
             if not self.engine.has_unfinished():
                 continue
+            start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 (a bug must not kill the server: fail what is running)
                 traceback.print_exc()
                 outputs = self._fail_all(exc)
             self.steps += 1
+            self.step_seconds += time.perf_counter() - start
             for out in outputs:
                 self._deliver(out.request_id, out)
 
@@ -99,6 +116,13 @@ class AsyncEngine:
                     self._resolve(request_id, added, None)
                 except Exception as exc:  # noqa: BLE001 (reported to that request only)
                     self._resolve(request_id, added, exc)
+            elif kind == "call":
+                _, fn, loop, done = command
+                try:
+                    result, error = fn(), None
+                except Exception as exc:  # noqa: BLE001 (handed to the caller)
+                    result, error = None, exc
+                loop.call_soon_threadsafe(_settle, done, result, error)
             elif kind == "abort":
                 with contextlib.suppress(ValueError):  # NOTE: it may have finished meanwhile
                     self.engine.abort(command[1])
@@ -136,3 +160,8 @@ class AsyncEngine:
                 )
             )
         return failed
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)

@@ -13,10 +13,12 @@ def check_installed() -> None:
     """Raise a clear error when the ``serve`` extra is missing."""
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(
-            f"the server needs FastAPI and uvicorn ({exc.name} is missing): pip install 's2d_ext[serve]'"
+            f"the server needs FastAPI, uvicorn and prometheus-client ({exc.name} is missing): "
+            "pip install 's2d_ext[serve]'"
         ) from None
 
 

@@ -1,16 +1,24 @@
 """OpenAI request bodies -> engine requests (prompt ids + :class:`~s2d_ext.engine.SamplingParams`).
 
-Accepted fields of ``/v1/completions``: ``model``, ``prompt`` (a string or a list of token ids),
-``max_tokens`` (16), ``temperature`` (1.0, as OpenAI), ``top_p``, ``n`` (1 only), ``stream``, ``stop``
-(strings), ``seed``, ``logprobs`` (top-n), ``echo`` (false only), and the vLLM-style extensions
-``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-``bad_words`` (strings), ``allowed_token_ids`` and ``return_token_ids`` (the ids of the new tokens in
-every choice / chunk). ``/v1/chat/completions`` takes ``messages`` instead of ``prompt`` (rendered with
-the tokenizer's chat template), ``max_completion_tokens`` as well as ``max_tokens``, and ``logprobs``
-(bool) with ``top_logprobs``, and ``tool_choice`` "none" / "auto" only (no tools). ``stream_options``
-(``include_usage``) needs ``stream``. Anything else that would change the output (``presence_penalty``,
-``frequency_penalty``, a non-empty ``logit_bias``, ``best_of`` > 1, ``suffix``, ...) is refused with a
-400, as is a field of the wrong type; the error's ``param`` names the request's field.
+Accepted fields of ``/v1/completions``: ``model``, ``prompt`` (a string, a list of token ids, or a list of
+either: one prompt each, at most ``max_prompts``), ``max_tokens`` (16), ``temperature`` (1.0, as OpenAI),
+``top_p``, ``n`` (choices per prompt, at most ``max_n``), ``stream``, ``stop`` (strings), ``seed``,
+``logprobs`` (top-n), ``echo`` (the prompt before the completion, with its logprobs when ``logprobs`` is
+set), ``presence_penalty`` / ``frequency_penalty`` (generated tokens only), ``logit_bias`` (token id ->
+bias in [-100, 100]), ``response_format`` and the vLLM-style extensions ``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``bad_words`` (strings),
+``allowed_token_ids``, ``return_token_ids`` (the ids of the new tokens in every choice / chunk) and the
+structured-output fields ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
+``structured_outputs`` (:mod:`.structured_output`). ``/v1/chat/completions`` takes ``messages`` instead
+of ``prompt`` (rendered with the tokenizer's chat template; text content or text parts), no ``echo``,
+``max_completion_tokens`` as well as ``max_tokens``, ``logprobs`` (bool) with ``top_logprobs``, and
+``tools`` with ``tool_choice`` "none", "required" or a named function. ``stream_options``
+(``include_usage``) needs ``stream``. ``best_of`` > 1 and ``suffix`` are refused with a 400, as is a field
+of the wrong type or an unknown field; the error's ``param`` names the request's field.
+
+A request with several prompts and ``n`` choices each runs ``len(prompts) * n`` engine requests; choice
+``i`` of prompt ``p`` has index ``p * n + i``, and with a ``seed`` it uses seed ``seed + i`` (vLLM's rule;
+wrapped into int64), so choice 0 equals the same request with ``n = 1``.
 """
 
 from __future__ import annotations
@@ -33,31 +41,50 @@ class BadRequest(ValueError):
 
 @dataclass
 class EngineRequest:
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # one engine prompt each (a chat request has one)
     params: SamplingParams
     stream: bool
     stop: list[str]
     return_token_ids: bool
     chat: bool
     include_usage: bool = False
+    n: int = 1
+    echo: bool = False
+    prompt_texts: list[str | None] | None = None  # the prompts sent as text (echo), None for token ids
 
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """The params of choice ``index`` (of each prompt): seed + index when a seed is set."""
+        seed = self.params.seed
+        if seed is None or index == 0:
+            return self.params
+        wrapped = (seed + index + 2**63) % 2**64 - 2**63  # NOTE: int64, as Philox keys are
+        return self.params.replace(seed=wrapped)
+
+
+#: Defaults of the caps on a request's size (``build_app`` takes others).
+MAX_N = 16
+MAX_PROMPTS = 64
 
 _REFUSED = {
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "logit_bias": None,
     "suffix": None,
     "best_of": 1,
-    "tools": None,
-    "response_format": None,
 }
+_STRUCTURED = {
+    "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+}  # fmt: skip
 _KNOWN_COMPLETION = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "logprobs",
     "echo", "user", "stream_options", "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids",
-    "ignore_eos", "bad_words", "allowed_token_ids", "return_token_ids", *_REFUSED,
+    "ignore_eos", "bad_words", "allowed_token_ids", "return_token_ids", "presence_penalty",
+    "frequency_penalty", "logit_bias", *_REFUSED, *_STRUCTURED,
 }  # fmt: skip
 _KNOWN_CHAT = (_KNOWN_COMPLETION - {"prompt", "echo", "logprobs"}) | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tool_choice", "parallel_tool_calls",
+    "tools",
 }  # fmt: skip
 
 
@@ -81,12 +108,21 @@ DEFAULT_CHAT_TOKENS = 256
 
 
 def parse(
-    body: Any, tokenizer: Any, chat: bool, max_logprobs: int = 20, context: int | None = None
+    body: Any,
+    tokenizer: Any,
+    chat: bool,
+    max_logprobs: int = 20,
+    context: int | None = None,
+    *,
+    vocab_size: int | None = None,
+    max_n: int = MAX_N,
+    max_prompts: int = MAX_PROMPTS,
 ) -> EngineRequest:
     """Check an OpenAI request body and translate it (raises :class:`BadRequest`).
 
     ``context``: the most tokens (prompt + new) the model takes, None when unknown; a chat request without
-    ``max_tokens`` asks for what its prompt leaves of it.
+    ``max_tokens`` asks for what its prompt leaves of it. ``vocab_size``: checks ``logit_bias`` ids.
+    ``max_n`` / ``max_prompts``: caps on ``n`` and on the prompts of one completions request.
     """
     if not isinstance(body, Mapping):
         raise BadRequest("the request body must be a JSON object")
@@ -94,32 +130,26 @@ def parse(
     unknown = sorted(set(body) - (_KNOWN_CHAT if chat else _KNOWN_COMPLETION))
     if unknown:
         raise BadRequest(f"unsupported field {unknown[0]!r}", unknown[0])
-    bias = body.get("logit_bias")
-    if bias is not None and not isinstance(bias, Mapping):
-        raise BadRequest("logit_bias must be an object (token id -> bias)", "logit_bias")
+    logit_bias = _logit_bias(body.get("logit_bias"), vocab_size)
     for name, default in _REFUSED.items():
         value = body.get(name, default)
-        if name == "logit_bias" and value == {}:
-            continue  # NOTE: an empty logit_bias biases nothing: accepted as a no-op
         # NOTE: True == 1 in Python: best_of=true must not pass as best_of=1
         if isinstance(value, bool) or (value not in (default, None) and value != default):
             raise BadRequest(f"{name}={value!r} is not supported by this server", name)
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        # NOTE: "none" / "auto" without tools generate plain text; anything else asks for a tool call,
-        # and tools are refused above (vLLM refuses tool_choice without tools too).
-        raise BadRequest(
-            f"tool_choice={tool_choice!r} needs tools, which this server does not support", "tool_choice"
-        )
     _get(body, "parallel_tool_calls", bool, None)
-    if _get(body, "n", int, 1) != 1:
-        raise BadRequest("n must be 1 (one choice per request)", "n")
+    n = _get(body, "n", int, 1)
+    if not 1 <= n <= max_n:
+        raise BadRequest(f"n must be in [1, {max_n}], got {n}", "n")
+    echo, texts = False, None
     if chat:
-        prompt_ids = _chat_prompt(body.get("messages"), tokenizer)
+        prompts = [_chat_prompt(body.get("messages"), tokenizer, body.get("tools"))]
     else:
-        if body.get("echo"):
-            raise BadRequest("echo is not supported", "echo")
-        prompt_ids = _completion_prompt(body.get("prompt"), tokenizer)
+        echo = _get(body, "echo", bool, False)
+        prompts = _completion_prompts(body.get("prompt"), tokenizer, max_prompts)
+        sent = body.get("prompt")
+        sent = sent if isinstance(sent, list) and all(isinstance(p, (str, list)) for p in sent) else [sent]
+        texts = [p if isinstance(p, str) else None for p in sent]
+    prompt_ids = max(prompts, key=len)  # NOTE: the longest prompt bounds the default and the checks
     max_tokens = _get(body, "max_completion_tokens", int, None) if chat else None
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", int, None if chat else 16)
@@ -173,6 +203,9 @@ def parse(
             max_new_tokens=max_tokens,
             min_new_tokens=min_tokens,
             temperature=_get(body, "temperature", float, 1.0),
+            presence_penalty=_get(body, "presence_penalty", float, 0.0),
+            frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
+            logit_bias=logit_bias,
             top_k=max(top_k, 0),  # NOTE: -1 is vLLM's old "off", 0 its new one
             top_p=_get(body, "top_p", float, 1.0),
             min_p=_get(body, "min_p", float, 0.0),
@@ -187,14 +220,39 @@ def parse(
     except (TypeError, ValueError) as exc:
         raise engine_error(str(exc), body, chat) from None
     return EngineRequest(
-        prompt_ids=prompt_ids,
+        prompts=prompts,
         params=params,
         stream=stream,
         stop=stop,
         return_token_ids=_get(body, "return_token_ids", bool, False),
         chat=chat,
         include_usage=include_usage,
+        n=n,
+        echo=echo,
+        prompt_texts=texts,
     )
+
+
+def _logit_bias(bias: Any, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (JSON keys are strings) as {id: bias}; keys must be ids in the vocabulary."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise BadRequest("logit_bias must be an object (token id -> bias)", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise BadRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise BadRequest(
+                f"logit_bias key {key!r} is outside the vocabulary [0, {vocab_size})", "logit_bias"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias values must be numbers in [-100, 100], got {value!r}", "logit_bias")
+        out[token] = float(value)
+    return out or None
 
 
 _ENGINE_WORD = re.compile(r"\b(max_new_tokens|min_new_tokens|bad_words_ids|prompt_ids)\b")
@@ -241,9 +299,18 @@ def _encode(text: str, tokenizer: Any) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _completion_prompts(prompt: Any, tokenizer: Any, max_prompts: int) -> list[list[int]]:
+    """The prompts of a completions request: a string or token ids, or a list of either."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > max_prompts:
+            raise BadRequest(
+                f"prompt: at most {max_prompts} prompts per request, got {len(prompt)}", "prompt"
+            )
+        return [_completion_prompt(p, tokenizer) for p in prompt]
+    return [_completion_prompt(prompt, tokenizer)]
+
+
 def _completion_prompt(prompt: Any, tokenizer: Any) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # NOTE: a batch of one prompt
     if isinstance(prompt, str):
         if not prompt:
             raise BadRequest("prompt is empty", "prompt")
@@ -254,8 +321,6 @@ def _completion_prompt(prompt: Any, tokenizer: Any) -> list[int]:
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         ids = list(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise BadRequest("prompt: send one prompt per request", "prompt")
     else:
         raise BadRequest("prompt must be a non-empty string or a list of token ids", "prompt")
     if not ids:
@@ -263,22 +328,48 @@ def _completion_prompt(prompt: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _chat_prompt(messages: Any, tokenizer: Any) -> list[int]:
+def _content(m: Mapping) -> str | None:
+    """A message's text: a string, text parts joined, or None (an assistant turn of tool calls only)."""
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [
+            p.get("text") if isinstance(p, Mapping) and p.get("type") == "text" else None for p in content
+        ]
+        if all(isinstance(p, str) for p in parts):
+            return "".join(parts)
+        raise BadRequest("messages: only text content parts are supported", "messages")
+    if content is None and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+        return None
+    raise BadRequest("every message needs a string role and a string content (or text parts)", "messages")
+
+
+def _chat_prompt(messages: Any, tokenizer: Any, tools: Any = None) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
+    plain = []
     for m in messages:
-        if (
-            not isinstance(m, Mapping)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise BadRequest("every message needs a string role and a string content", "messages")
+        message = {"role": m["role"], "content": _content(m)}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if m.get(key) is not None:
+                message[key] = m[key]
+        plain.append(message)
     if tokenizer is None:
         raise BadRequest("this server has no tokenizer: chat needs one", "messages")
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(
+                plain,
+                tools=tools if isinstance(tools, list) else None,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as exc:  # noqa: BLE001 (a template may raise anything on odd messages)
+            raise BadRequest(f"messages: the chat template failed: {exc}", "messages") from None
     else:
         # NOTE: a tokenizer without a chat template gets a plain one: "role: content" lines.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
+        text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in plain) + "assistant:"
     return _encode(text, tokenizer)
