@@ -718,7 +718,6 @@ class SortedDraft:
         state.last_num_draft = torch.zeros_like(state.last_num_draft)
 
 
-@dataclass
 def _step_mask(
     logits_mask: DraftMask, j: int, tokens: torch.Tensor, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -735,6 +734,7 @@ def _step_mask(
     return masked, allowed
 
 
+@dataclass
 class _ExitPlan:
     """What a proposal knows about its exits before it runs (host values, one call)."""
 
