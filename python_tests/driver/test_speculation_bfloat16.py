@@ -51,5 +51,6 @@ def test_divergences_start_only_at_near_ties(arch):
         assert margin <= TIE_ULPS * float(bf16_ulp(top2[0])), (first, margin, top2.tolist())
         checked += 1
     # NOTE: some of the 12 rows part from generate (measured with torch 2.13 on an AMD EPYC: 6 on llama, 2 on
-    # qwen2, at margins of 0-1 units); the assertion above must have had something to check.
-    assert checked > 0
+    # qwen2, at margins of 0-1 units); another CPU's bf16 kernels may round alike at every width.
+    if not checked:
+        pytest.skip("no row parted from generate on this CPU: nothing to check")
