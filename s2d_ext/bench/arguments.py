@@ -8,6 +8,7 @@ from pathlib import Path
 
 from s2d_ext._argtypes import (
     DTYPES,
+    float_list,
     int_list,
     non_negative_float,
     non_negative_int,
@@ -142,6 +143,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--calibration-rounds", type=positive_int, default=3, help="timed rounds per candidate (3)"
+    )
+    parser.add_argument(
+        "--calibration-lengths",
+        type=int_list,
+        default=None,
+        help="draft lengths calibrate() tries, e.g. 3,5,7 (default: 1,3,5)",
+    )
+    parser.add_argument(
+        "--calibration-thresholds",
+        type=float_list,
+        default=None,
+        help="shared early-exit thresholds calibrate() tries besides every fixed exit (default: 0.05,0.2)",
+    )
+    parser.add_argument(
+        "--calibration-policies",
+        nargs="+",
+        choices=("fixed", "heuristic", "confidence"),
+        default=None,
+        help="draft-length policies calibrate() tries (default: fixed heuristic)",
     )
     parser.add_argument(
         "--rounds",
