@@ -17,7 +17,7 @@ from s2d_ext.ops import invariant_linear
 CASES = [(device, backend) for device in DEVICES for backend in backends_for("invariant_linear", device)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rows, K, N): K below, at and past one 8-lane group and the Triton K block, N not a multiple of any block
-SHAPES = [(1, 1, 1), (3, 7, 5), (7, 8, 37), (13, 13, 3), (4, 70, 45), (2, 1037, 33)]
+SHAPES = [(1, 1, 1), (3, 7, 5), (7, 8, 37), (13, 13, 3), (4, 70, 45), (2, 1037, 33), (5, 19, 7), (6, 70, 45)]
 
 
 def make_case(rows, k, n, x_dtype, w_dtype, device, bias=True, seed=0):
@@ -54,7 +54,7 @@ def test_row_invariance(device, backend, w_dtype):
     full = invariant_linear(x, weight, bias, backend=backend)
     for t in range(11):
         assert torch.equal(invariant_linear(x[t : t + 1], weight, bias, backend=backend), full[t : t + 1])
-    for lo, hi in [(0, 2), (3, 7), (2, 11), (5, 9)]:
+    for lo, hi in [(0, 2), (3, 7), (2, 11), (5, 9), (1, 6), (4, 10), (0, 8)]:  # 2-9 rows: every block plan
         assert torch.equal(invariant_linear(x[lo:hi], weight, bias, backend=backend), full[lo:hi])
     order = torch.randperm(11, generator=torch.Generator().manual_seed(1))
     assert torch.equal(invariant_linear(x[order], weight, bias, backend=backend), full[order])
@@ -104,7 +104,8 @@ _BUILD_BITS = textwrap.dedent(
     outs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         w = (torch.randn(37, 1037) / 32).to(dtype)
-        outs.append(torch.ops.s2d.invariant_linear(torch.randn(5, 1037), w, torch.randn(37)))
+        for rows in (1, 5, 6, 9):  # every block plan
+            outs.append(torch.ops.s2d.invariant_linear(torch.randn(rows, 1037), w, torch.randn(37)))
     torch.save((torch.ops.s2d.invariant_linear_uses_avx2(), outs), sys.argv[1])
     """
 )

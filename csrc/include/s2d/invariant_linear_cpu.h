@@ -148,13 +148,32 @@ inline void block(const Params& p, const float* x_tail, int64_t n0, int64_t t0) 
   }
 }
 
-// Every row of columns [n0, n0 + kCols), in row blocks of kRowBlock.
+// Every row of columns [n0, n0 + kCols) with 3 or 4 columns: rows in blocks of up to 12 / kCols,
+// the last ones split evenly. NOTE: a lone trailing row (5 = 4 + 1) would run latency-bound (kCols
+// accumulators only) and cost half a 4-row block again; 5 = 3 + 2, 6 = 3 + 3, 7 = 4 + 3 instead.
 template <WeightType kType, int kCols>
 inline void columns(const Params& p, const float* x_tail, int64_t n0) {
-  constexpr int kRowBlock = kCols >= 4 ? 3 : 4;
-  int64_t t = 0;
-  for (; t + kRowBlock <= p.rows; t += kRowBlock) block<kType, kCols, kRowBlock>(p, x_tail, n0, t);
-  switch (p.rows - t) {
+  static_assert(kCols == 3 || kCols == 4, "3 or 4 columns");
+  int64_t t = 0, left = p.rows;
+  if (kCols == 3) {
+    for (; left > 7; left -= 4, t += 4) block<kType, kCols, 4>(p, x_tail, n0, t);
+  }
+  switch (left) {
+    case 7:
+      block<kType, kCols, 4>(p, x_tail, n0, t);
+      block<kType, kCols, 3>(p, x_tail, n0, t + 4);
+      break;
+    case 6:
+      block<kType, kCols, 3>(p, x_tail, n0, t);
+      block<kType, kCols, 3>(p, x_tail, n0, t + 3);
+      break;
+    case 5:
+      block<kType, kCols, 3>(p, x_tail, n0, t);
+      block<kType, kCols, 2>(p, x_tail, n0, t + 3);
+      break;
+    case 4:
+      block<kType, kCols, 4>(p, x_tail, n0, t);
+      break;
     case 3:
       block<kType, kCols, 3>(p, x_tail, n0, t);
       break;
@@ -169,19 +188,42 @@ inline void columns(const Params& p, const float* x_tail, int64_t n0) {
   }
 }
 
+// Every row of columns [n0, n0 + 2): for 5 or 6 rows, one block of them all (10 or 12
+// accumulators).
+template <WeightType kType>
+inline void two_columns(const Params& p, const float* x_tail, int64_t n0) {
+  if (p.rows == 6) {
+    block<kType, 2, 6>(p, x_tail, n0, 0);
+  } else {
+    block<kType, 2, 5>(p, x_tail, n0, 0);
+  }
+}
+
+// Every row of one column n (the columns left over at the end of a range).
+template <WeightType kType>
+inline void one_column(const Params& p, const float* x_tail, int64_t n) {
+  int64_t t = 0;
+  for (; t + 8 <= p.rows; t += 8) block<kType, 1, 8>(p, x_tail, n, t);
+  for (; t + 4 <= p.rows; t += 4) block<kType, 1, 4>(p, x_tail, n, t);
+  for (; t < p.rows; ++t) block<kType, 1, 1>(p, x_tail, n, t);
+}
+
 // Output columns [n_begin, n_end) of every row. x_tail: [T, 8] float32, each row's last
 // K % 8 inputs zero-padded (unused when K % 8 == 0).
 template <WeightType kType>
 void columns_range(const Params& p, const float* x_tail, int64_t n_begin, int64_t n_end) {
-  // NOTE: 4 columns at a time for a single row (more loads in flight for the memory-bound GEMV),
-  // 4 x 3 or 3 x 4 accumulators (12 of the 16 AVX2 registers) for more rows.
+  // NOTE: up to 12 accumulators (of the 16 AVX2 registers), each weight row read from memory once:
+  // 4 columns x 1-3 rows (more loads in flight for the memory-bound GEMV), 2 columns x 5-6 rows
+  // (one block: a verify of 4-5 drafts), else 3 columns x blocks of up to 4 rows.
   int64_t n = n_begin;
-  if (p.rows >= 4) {
-    for (; n + 3 <= n_end; n += 3) columns<kType, 3>(p, x_tail, n);
-  } else {
+  if (p.rows <= 3) {
     for (; n + 4 <= n_end; n += 4) columns<kType, 4>(p, x_tail, n);
+  } else if (p.rows <= 6 && p.rows >= 5) {
+    for (; n + 2 <= n_end; n += 2) two_columns<kType>(p, x_tail, n);
+  } else {
+    for (; n + 3 <= n_end; n += 3) columns<kType, 3>(p, x_tail, n);
   }
-  for (; n < n_end; ++n) columns<kType, 1>(p, x_tail, n);
+  for (; n < n_end; ++n) one_column<kType>(p, x_tail, n);
 }
 
 inline void run_columns(const Params& p, const float* x_tail, int64_t n_begin, int64_t n_end) {
