@@ -412,3 +412,40 @@ def test_errors_name_the_request_field_not_the_engine_parameter(served, path, bo
     assert error["param"] == param and param in error["message"]
     for internal in ("max_new_tokens", "min_new_tokens", "bad_words_ids", "prompt_ids"):
         assert internal not in error["message"]
+
+
+def test_one_server_two_targets_one_draft():
+    """s2d serve with two targets and one draft: the request's model picks the target, every answer is what
+    that target gives alone, and an unknown model is a 404 naming the served ones."""
+    import torch
+
+    from s2d_ext.draft.sorted_draft import SortedDraft
+    from s2d_ext.engine import Engine
+    from s2d_ext.server.app import build_app
+    from s2d_ext.server.async_engine import AsyncEngine
+    from s2d_ext.server.launch import serving_in_thread
+
+    from ..driver.tiny_models import make_target
+    from .conftest import CharTokenizer
+
+    torch.set_num_threads(1)
+    targets = {
+        "small": make_target("llama", layers=3, seed=5),
+        "large": make_target("llama", layers=4, seed=6),
+    }
+    draft = SortedDraft.truncate(targets["small"], 2, exits=(1, 2), thresholds=(0.5, 0.0))
+    make = lambda: Engine(draft, targets)  # noqa: E731
+    engine, tokenizer = AsyncEngine(make()), CharTokenizer()
+    body = {"prompt": "def f(x):", "max_tokens": 12, "temperature": 0.8, "seed": 4, "return_token_ids": True}
+    try:
+        with serving_in_thread(build_app(engine, tokenizer)) as url, httpx.Client(timeout=120) as client:
+            assert {m["id"] for m in client.get(f"{url}/v1/models").json()["data"]} == {"small", "large"}
+            for name in targets:
+                reply = client.post(f"{url}/v1/completions", json={**body, "model": name}).json()
+                params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=4)
+                alone = run_alone(make, tokenizer.encode(body["prompt"]), params, target=name)
+                assert reply["model"] == name and reply["choices"][0]["token_ids"] == alone["tokens"]
+            missing = client.post(f"{url}/v1/completions", json={**body, "model": "medium"})
+            assert missing.status_code == 404 and "small" in missing.text and "large" in missing.text
+    finally:
+        engine.close()
