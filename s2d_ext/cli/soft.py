@@ -186,6 +186,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--distill-temperature", type=positive_float, default=1.0)
     parser.add_argument(
+        "--exit-weights",
+        type=float_list,
+        default=None,
+        help="weight of each exit's loss, one per exit, e.g. 0.2,0.3,0.5 (default: equal)",
+    )
+    parser.add_argument(
         "--ce-weight", type=non_negative_float, default=1.0, help="weight of the CE term (1.0)"
     )
     parser.add_argument(
@@ -259,6 +265,9 @@ def _layers_and_exits(args, config) -> tuple[int, tuple[int, ...]]:
         raise UsageError(str(exc)) from None
     if args.thresholds is not None and len(args.thresholds) != len(exits):
         raise UsageError(f"--thresholds has {len(args.thresholds)} values for {len(exits)} exits")
+    weights = args.exit_weights
+    if weights is not None and (len(weights) != len(exits) or min(weights) < 0 or not sum(weights)):
+        raise UsageError(f"--exit-weights needs {len(exits)} weights >= 0, not all 0, got {weights}")
     return layers, exits
 
 
@@ -282,6 +291,7 @@ def _soft_config(args, exits, distill_weights, extra):
         save_every=args.save_every,
         draft_vocab=args.draft_vocab,
         norm_lr_scale=getattr(args, "norm_lr_scale", 1.0),
+        exit_weights=args.exit_weights,
         extra=extra,
     )
 
@@ -372,6 +382,8 @@ def _run_teacher_data(args, ref, dtype) -> int:
     from s2d_ext import checkpoints
     from s2d_ext.train import teacher_data
 
+    # NOTE: --teacher-minutes counts from here: a budget already spent loads no teacher at all.
+    deadline = None if args.teacher_minutes is None else time.perf_counter() + args.teacher_minutes * 60
     tokenizer = checkpoints.load_tokenizer(ref)
     target = checkpoints.load_target(ref, dtype=dtype, device=args.device)
     layers, exits = _layers_and_exits(args, target.config)
@@ -388,7 +400,8 @@ def _run_teacher_data(args, ref, dtype) -> int:
     teachers = {}
     from s2d_ext.train.self_data import check_self_data
 
-    if check_self_data(root.name, root.parent, fingerprint=spec.fingerprint(fingerprints)) is not None:
+    incomplete = check_self_data(root.name, root.parent, fingerprint=spec.fingerprint(fingerprints))
+    if incomplete is not None and (deadline is None or time.perf_counter() < deadline):
         for t in teacher_refs:
             # NOTE: the base in the teachers' dtype is one of them already: no second copy in memory.
             same = t.describe() == ref.describe() and teacher_dtype == dtype and args.device == "cpu"
@@ -410,7 +423,7 @@ def _run_teacher_data(args, ref, dtype) -> int:
         fingerprints,
         args.teacher_data_dir,
         progress=not args.no_progress,
-        max_seconds=None if args.teacher_minutes is None else args.teacher_minutes * 60,
+        max_seconds=None if deadline is None else deadline - time.perf_counter(),
     )
     if not shards:
         raise ValueError("--teacher-minutes ran out before the first shard of teacher data was built")
