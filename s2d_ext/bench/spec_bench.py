@@ -21,8 +21,11 @@ vocabulary: the N most frequent tokens of the family's training data.
 With ``--target`` (one target: an HF folder, a GGUF file, or ``smollm2``) two baselines join them:
 
 ``pld``                 prompt-lookup decoding (``generate(prompt_lookup_num_tokens=...)``, Spec-Bench's PLD);
-``truncation``          vanilla speculative decoding with the *untrained* first N layers of the target (N =
-                        the draft's depth; the target's own final norm and head), what SoFT starts from.
+``truncation``          vanilla speculative decoding with the *untrained* first N layers of the model the
+                        draft was cut from (N = the draft's depth; that model's own final norm and head):
+                        what SoFT starts from. The draft's base when its checkpoint names one among the
+                        targets (Qwen2.5-Coder-0.5B for a draft cut from it that serves the 1.5B too),
+                        else each target's own layers.
 
 MAT counts emitted tokens per target forward; for the transformers methods (``assisted``, ``pld``) the
 target's forwards are counted with a hook.
@@ -406,10 +409,11 @@ def run(args) -> dict:
     for target_name, target in targets.items():
         device = target.get_input_embeddings().weight.device
         fixed_exit_drafts.pop("truncation", None)
-        if baselines and draft.num_layers <= target.config.num_hidden_layers:
-            # NOTE: the untrained truncation keeps the target's own final norm and head (shared, no copy)
+        base = targets.get(draft_base_name(args), target)
+        if baselines and draft.num_layers <= base.config.num_hidden_layers:
+            # NOTE: the untrained truncation keeps its model's own final norm and head (shared, no copy)
             truncation = SortedDraft.truncate(
-                target, draft.num_layers, draft_vocab=draft.draft_vocab, share_embeddings=True
+                base, draft.num_layers, draft_vocab=draft.draft_vocab, share_embeddings=True
             )
             compute.apply_kernels(truncation.hf_model, kernels)
             fixed_exit_drafts["truncation"] = truncation
@@ -506,6 +510,19 @@ class RunModels:
     fp32_targets: dict
     setup: dict
     target_name: str
+
+
+def draft_base_name(args) -> str | None:
+    """The target name of the model ``--draft`` was cut from, when its checkpoint records one (else None)."""
+    from s2d_ext import checkpoints
+
+    if not getattr(args, "draft", None):
+        return None
+    try:
+        record = checkpoints.draft_shares_target(args.draft)
+    except FileNotFoundError:
+        return None
+    return None if record is None else record.get("target_name")
 
 
 def method_kernels(method: str, kernels: str) -> str:
