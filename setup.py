@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
 import native_build  # noqa: E402  (tools/native_build.py: stdlib only)
 
-OPS = ("verify", "exit_head", "kv_compact", "invariant_linear")
+OPS = native_build.OPS
 
 
 def _fail(error: Exception) -> None:

@@ -54,7 +54,7 @@ def sanitizer_build() -> Path:
     torch = native_build.import_torch()
     build_dir = ROOT / "build" / f"sanitize-{native_build.environment_key(torch, False)}"
     native_build.configure(build_dir, with_cuda=False, options={"S2D_SANITIZE": "ON"}, quiet=True)
-    native_build.build(build_dir, [f"_{op}_C" for op in ("verify", "exit_head", "kv_compact")])
+    native_build.build(build_dir, [f"_{op}_C" for op in native_build.OPS])
     libs = build_dir / "lib"
     libs.mkdir(exist_ok=True)
     for library in build_dir.glob("_*_C.so"):
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("ops", nargs="*", help="ops to build (verify, exit_head, kv_compact)")
+    parser.add_argument("ops", nargs="*", help=f"ops to build ({', '.join(native_build.OPS)})")
     parser.add_argument("--cuda-check", action="store_true", help="compile every .cu file with nvcc")
     parser.add_argument("--archs", default="80;90a")
     parser.add_argument(

@@ -23,6 +23,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+# The op libraries, one _<op>_C per op (s2d_ext/_native.py keeps the same tuple: it cannot import tools/).
+OPS = ("verify", "exit_head", "kv_compact", "invariant_linear")
 ROOT = Path(__file__).resolve().parent.parent
 MIN_CMAKE = (3, 26)
 #: torch releases the native code is built and tested against: [low, high).

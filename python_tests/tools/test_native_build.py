@@ -137,3 +137,18 @@ def test_an_nvcc_wrapper_without_headers_does_not_hide_the_toolkit(tmp_path, mon
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setattr(native_build, "DEFAULT_CUDA_HOMES", (real,))
     assert native_build.cuda_toolkit()[0] == (real / "bin" / "nvcc").resolve()
+
+
+def test_the_build_and_the_loader_name_the_same_ops():
+    """Every op the package loads is one the build (setup.py, the dev and sanitizer builds) compiles.
+
+    Regression: the sanitizer build listed three ops after a fourth (invariant_linear) was added, and CI failed.
+    """
+    import re
+
+    from s2d_ext import _native
+
+    assert _native.OPS == native_build.OPS
+    cmake = (Path(native_build.ROOT) / "CMakeLists.txt").read_text()
+    listed = re.search(r"set\(S2D_OPS ([^)]*)\)", cmake).group(1).split()
+    assert tuple(listed) == native_build.OPS
