@@ -40,7 +40,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"driver": ("driver",), "server": ("server",), "checkpoints": ("checkpoints",)},
     {"train": ("train",)},
     {"bench": ("bench",), "demo": ("demo",)},
-    {"cli": ("cli", "__main__")},
+    {"cli": ("cli", "__main__"), "integrations": ("integrations",)},
 ]
 
 
