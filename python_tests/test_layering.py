@@ -40,7 +40,8 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"driver": ("driver",), "server": ("server",), "checkpoints": ("checkpoints",)},
     {"train": ("train",)},
     {"bench": ("bench",), "demo": ("demo",)},
-    {"cli": ("cli", "__main__"), "integrations": ("integrations",)},
+    {"cli": ("cli", "__main__")},
+    {"integrations": ("integrations",)},  # NOTE: other servers' plug-ins build on the CLI's loaders
 ]
 
 

@@ -66,6 +66,27 @@ def validate_exits(exits: Sequence[int], num_layers: int) -> tuple[int, ...]:
     return exits
 
 
+def saved_exits_and_thresholds(
+    config: Any, exits: Sequence[int] | None, thresholds: Sequence[float] | None
+) -> tuple[Sequence[int], Sequence[float]]:
+    """``exits`` / ``thresholds`` with the defaults of :meth:`SortedDraft.from_pretrained`: the config's
+    ``s2d_exits`` / ``s2d_thresholds`` (its thresholds only when they belong to the same exits), else
+    ``(num_hidden_layers,)`` and 0.5 for every early exit, 0 for the last."""
+    saved_exits = getattr(config, "s2d_exits", None)
+    saved_thresholds = getattr(config, "s2d_thresholds", None)
+    if exits is None:
+        exits = saved_exits or (config.num_hidden_layers,)
+        if thresholds is None:
+            thresholds = saved_thresholds
+    if thresholds is None:
+        same_exits = saved_exits is not None and tuple(saved_exits) == tuple(exits)
+        if saved_thresholds is not None and same_exits:
+            thresholds = saved_thresholds
+        else:
+            thresholds = (0.5,) * (len(exits) - 1) + (0.0,)
+    return exits, thresholds
+
+
 def validate_thresholds(thresholds: Sequence[float], exits: tuple[int, ...]) -> tuple[float, ...]:
     try:
         thresholds = tuple(float(t) for t in thresholds)
@@ -240,3 +261,33 @@ def _thresholds_per_row(draft: Any, thresholds: Any, batch: int, device: torch.d
             f"thresholds must be [B={batch}, n_exits={n_exits}] (or [n_exits]), got {tuple(tau.shape)}"
         )
     return tau
+
+
+def checked_advance_args(
+    state: SortedDraftState,
+    num_accepted: Any,  # [B] int
+    emitted: Any,  # [B] int64
+    active: Any,  # [B] bool, or None (every row)
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``SortedDraft.advance``'s arguments as [B] tensors on the state's device, or a ValueError / TypeError
+    naming the argument."""
+    if not isinstance(state, SortedDraftState):
+        raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
+    batch, device = state.batch_size, state.length.device
+    num_accepted = to_per_row("num_accepted", num_accepted, batch, device, torch.int64)
+    emitted = to_per_row("emitted", emitted, batch, device, torch.int64)
+    if active is None:
+        active = torch.ones((batch,), dtype=torch.bool, device=device)
+    else:
+        active = to_per_row("active", active, batch, device, torch.bool)
+    bad = active & ((num_accepted < 0) | (num_accepted > state.last_num_draft))
+    if bool(bad.any()):
+        raise ValueError(
+            "num_accepted must be in 0..num_draft of the last proposal "
+            f"({state.last_num_draft.tolist()}), "
+            f"got {num_accepted.tolist()}"
+        )
+    if bool((active & ((emitted < 0) | (emitted >= vocab_size))).any()):
+        raise ValueError(f"emitted must be token ids in [0, {vocab_size}), got {emitted.tolist()}")
+    return num_accepted, emitted, active

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2d_ext.draft.draft_mask_step import step_mask
 from s2d_ext.draft.draft_vocab import check_draft_vocab, load_draft_vocab, save_draft_vocab
 from s2d_ext.draft.lean_llama import (
     LeanLayers,
@@ -42,8 +43,10 @@ from s2d_ext.draft.sorted_args import (
     ProposeArgs,
     check_dtype_argument,
     check_model_dtype,
+    checked_advance_args,
     checked_prompt,
     checked_propose_args,
+    saved_exits_and_thresholds,
     validate_exits,
     validate_thresholds,
 )
@@ -51,11 +54,12 @@ from s2d_ext.draft.static_cache import SortedDraftState
 from s2d_ext.draft.surgery import (
     SHARED_MODULES_ATTR,
     convert_model,
+    load_hf_model,
     mark_shared_modules,
     shared_module_names,
     truncated_hf_model,
 )
-from s2d_ext.ops._backend import resolve_backend, to_per_row
+from s2d_ext.ops._backend import resolve_backend
 from s2d_ext.ops.exit_head import run_exit_head
 from s2d_ext.ops.exit_sample import run_exit_sample, sample_logits
 
@@ -186,37 +190,9 @@ class SortedDraft:
             draft_vocab = saved_vocab
         elif draft_vocab is True:
             raise ValueError("draft_vocab must be token ids, None (the checkpoint's, if any) or False (none)")
-        if isinstance(model_or_path, (str, os.PathLike)):
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            check_architecture(AutoConfig.from_pretrained(model_or_path))
-            if dtype is not None:
-                hf_kwargs["dtype"] = dtype
-            hf_model = AutoModelForCausalLM.from_pretrained(model_or_path, **hf_kwargs)
-        elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
-            hf_model = model_or_path
-            if dtype is not None:
-                hf_model = convert_model(hf_model, dtype)
-        else:
-            raise TypeError(
-                "model_or_path must be an HF causal LM or a checkpoint path, got "
-                f"{type(model_or_path).__name__}"
-            )
-        if device is not None:
-            hf_model = convert_model(hf_model, device)
-        config = hf_model.config
-        check_architecture(config)
-        if exits is None:
-            exits = getattr(config, "s2d_exits", None) or (config.num_hidden_layers,)
-            if thresholds is None:
-                thresholds = getattr(config, "s2d_thresholds", None)
-        if thresholds is None:
-            saved = getattr(config, "s2d_thresholds", None)
-            saved_exits = getattr(config, "s2d_exits", None)
-            if saved is not None and saved_exits is not None and tuple(saved_exits) == tuple(exits):
-                thresholds = saved
-            else:
-                thresholds = (0.5,) * (len(exits) - 1) + (0.0,)
+        hf_model = load_hf_model(model_or_path, dtype, device, hf_kwargs)
+        check_architecture(hf_model.config)
+        exits, thresholds = saved_exits_and_thresholds(hf_model.config, exits, thresholds)
         return cls(
             hf_model,
             exits,
@@ -494,7 +470,7 @@ class SortedDraft:
                 if not bool(active.any()):
                     break
                 end = torch.where(active, state.length + j, end)
-                mask = None if logits_mask is None else _step_mask(logits_mask, j, tokens, self.vocab_size)
+                mask = None if logits_mask is None else step_mask(logits_mask, j, tokens, self.vocab_size)
                 token, conf, layer = self._draft_token(state, j, active, end, args, plan, probs, mask)
                 tokens[:, j] = torch.where(active, token, tokens[:, j])
                 confidence[:, j] = torch.where(active, conf, confidence[:, j])
@@ -689,24 +665,9 @@ class SortedDraft:
         active: torch.Tensor | None = None,  # [B] bool
     ) -> None:
         """Row b's context += its first ``num_accepted[b]`` drafts + ``emitted[b]``; caches roll back."""
-        if not isinstance(state, SortedDraftState):
-            raise TypeError(f"state must be a SortedDraftState from begin(), got {type(state).__name__}")
-        batch, device = state.batch_size, state.length.device
-        num_accepted = to_per_row("num_accepted", num_accepted, batch, device, torch.int64)
-        emitted = to_per_row("emitted", emitted, batch, device, torch.int64)
-        if active is None:
-            active = torch.ones((batch,), dtype=torch.bool, device=device)
-        else:
-            active = to_per_row("active", active, batch, device, torch.bool)
-        bad = active & ((num_accepted < 0) | (num_accepted > state.last_num_draft))
-        if bool(bad.any()):
-            raise ValueError(
-                "num_accepted must be in 0..num_draft of the last proposal "
-                f"({state.last_num_draft.tolist()}), "
-                f"got {num_accepted.tolist()}"
-            )
-        if bool((active & ((emitted < 0) | (emitted >= self.vocab_size))).any()):
-            raise ValueError(f"emitted must be token ids in [0, {self.vocab_size}), got {emitted.tolist()}")
+        num_accepted, emitted, active = checked_advance_args(
+            state, num_accepted, emitted, active, self.vocab_size
+        )
         new_length = torch.where(active, state.length + num_accepted + 1, state.length)
         if bool((new_length - state.pad > state.max_length).any()):
             raise ValueError(f"a row would exceed max_length={state.max_length} tokens")
@@ -716,22 +677,6 @@ class SortedDraft:
         state.filled.copy_(torch.minimum(state.filled, (new_length - 1)[None, :]))
         state.length.copy_(new_length)
         state.last_num_draft = torch.zeros_like(state.last_num_draft)
-
-
-def _step_mask(
-    logits_mask: DraftMask, j: int, tokens: torch.Tensor, vocab: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """([B] bool masked rows, [B, V] bool allowed tokens) at draft position ``j``, or None where no row is
-    restricted there; ``tokens`` [B, k] holds each row's drafts so far."""
-    allowed_rows = logits_mask.allowed(j, tokens[:, :j])
-    if allowed_rows is None:
-        return None
-    batch, device = tokens.shape[0], tokens.device
-    masked = torch.zeros((batch,), dtype=torch.bool, device=device)
-    masked[logits_mask.rows] = True
-    allowed = torch.ones((batch, vocab), dtype=torch.bool, device=device)
-    allowed[logits_mask.rows] = allowed_rows.to(device)
-    return masked, allowed
 
 
 @dataclass

@@ -5,12 +5,14 @@ leaves the target as it was)."""
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from s2d_ext.draft.lean_llama import check_architecture
 from s2d_ext.packaged_models import drop_gguf_quantizer
 
 #: The attribute :func:`mark_shared_modules` records the shared submodule names in.
@@ -138,3 +140,32 @@ def _conversion_changes(modules: list[nn.Module], args: tuple, kwargs: dict) -> 
             ):
                 return True
     return False
+
+
+def load_hf_model(
+    model_or_path: nn.Module | str | os.PathLike,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    hf_kwargs: dict[str, Any],
+) -> nn.Module:
+    """The HF causal LM a draft is built on: loaded from a checkpoint path (``hf_kwargs`` go to
+    ``AutoModelForCausalLM.from_pretrained``), or a model object used in place; cast to ``dtype`` and moved
+    to ``device`` with :func:`convert_model` (shared modules as converted copies)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        check_architecture(AutoConfig.from_pretrained(model_or_path))
+        if dtype is not None:
+            hf_kwargs = {**hf_kwargs, "dtype": dtype}
+        hf_model = AutoModelForCausalLM.from_pretrained(model_or_path, **hf_kwargs)
+    elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
+        hf_model = model_or_path
+        if dtype is not None:
+            hf_model = convert_model(hf_model, dtype)
+    else:
+        raise TypeError(
+            f"model_or_path must be an HF causal LM or a checkpoint path, got {type(model_or_path).__name__}"
+        )
+    if device is not None:
+        hf_model = convert_model(hf_model, device)
+    return hf_model
