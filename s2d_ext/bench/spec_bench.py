@@ -494,7 +494,7 @@ def run(args) -> dict:
     )
     if humaneval:
         result["problems"] = [p["task_id"] for p in problems]
-        result["pass_at_1"] = humaneval_pass_at_1(records, problems, tokenizer)
+        result["pass_at_1"] = he.pass_at_1_by_method(records, problems, tokenizer)
     return result
 
 
@@ -553,25 +553,6 @@ def load_assistant(args, targets: dict, setup: dict, draft):
     if model is None:
         model = checkpoints.load_target(ref, dtype=setup["dtype"] or torch.float32, device=args.device)
     return compute.apply_kernels(model, setup["kernels"])
-
-
-def humaneval_pass_at_1(records: list[dict], problems: list[dict], tokenizer) -> dict:
-    """{"target|T=t|method": pass@1} over the problems, from each record's generated tokens (round 0)."""
-    from s2d_ext.bench import humaneval as he
-
-    completions: dict = defaultdict(dict)
-    for rec in records:
-        if rec["round"] != 0 or rec["batch_size"] != 1:
-            continue
-        key = f"{rec['target']}|T={rec['temperature']:g}|{rec['method']}"
-        for row, tokens in zip(rec["rows"], rec["sequences"]):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            completions[key][row] = he.completion(text)
-    out = {}
-    for key, by_row in completions.items():
-        chosen = [problems[r] for r in sorted(by_row)]
-        out[key] = he.pass_at_1(chosen, [by_row[r] for r in sorted(by_row)])
-    return out
 
 
 def _calibrate(args, draft, target_name, target, prompts, pad_id, temperature, batch_size):
