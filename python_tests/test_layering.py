@@ -12,6 +12,7 @@ The layers, lowest first (a layer with several groups: the groups do not import 
     train       train
     bench       bench | demo
     cli         cli, __main__
+    integrations  integrations (vLLM, Ray Serve: other servers' plug-ins)
 
 NOTE: the issue's order is ops/triton < target < draft < engine < driver/server < bench/train < cli; within
 bench/train the bench measures the models training makes (the local family), never the other way round.

@@ -75,6 +75,17 @@ def port_number(text: str) -> int:
 
 
 def run(args) -> int:
+    from s2d_ext.server.launch import serve
+
+    app, line = build(args)
+    print(line)
+    serve(app, args.host, args.port)
+    return 0
+
+
+def build(args):
+    """The checked arguments' app (its engine running) and the line that says what it serves: what
+    :func:`run` serves, and what each replica of :mod:`s2d_ext.integrations.ray_serve` builds."""
     if (args.family is None) == (args.target is None):
         raise UsageError("give either --family or --target (with --draft)")
     if args.target is not None and args.draft is None:
@@ -92,7 +103,6 @@ def run(args) -> int:
     from s2d_ext.engine import Engine, TargetConfig
     from s2d_ext.server.app import build_app
     from s2d_ext.server.async_engine import AsyncEngine
-    from s2d_ext.server.launch import serve
 
     if args.family is not None:
         from s2d_ext.train.family import load_family
@@ -114,8 +124,5 @@ def run(args) -> int:
         for name, model in targets.items()
     }
     engine = AsyncEngine(Engine(draft, configs, max_running=args.max_running))
-    print(
-        f"serving {', '.join(map(repr, configs))} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1"
-    )
-    serve(build_app(engine, tokenizer), args.host, args.port)
-    return 0
+    line = f"serving {', '.join(map(repr, configs))} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1"
+    return build_app(engine, tokenizer), line
