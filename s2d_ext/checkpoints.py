@@ -211,8 +211,10 @@ def load_target(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     device_map: Any = None,
+    tp_plan: str | None = None,
 ):
-    """The target as an eval-mode HF causal LM (GGUF files dequantised to ``dtype``)."""
+    """The target as an eval-mode HF causal LM (GGUF files dequantised to ``dtype``); ``tp_plan="auto"``
+    shards it over the initialised process group (transformers' tensor parallelism, every rank loads)."""
     from transformers import AutoModelForCausalLM
 
     ref = resolve_target(ref, gguf_file)
@@ -220,8 +222,15 @@ def load_target(
     kwargs: dict[str, Any] = {"dtype": dtype, **ref.hf_kwargs()}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if tp_plan is not None:
+        try:
+            from transformers import DistributedConfig
+        except ImportError:  # NOTE: transformers before DistributedConfig took tp_plan itself
+            kwargs["tp_plan"] = tp_plan
+        else:
+            kwargs["distributed_config"] = DistributedConfig(tp_plan=tp_plan)
     model = AutoModelForCausalLM.from_pretrained(str(ref.folder), **kwargs)
-    if device_map is None:
+    if device_map is None and tp_plan is None:
         model = model.to(device)
     # NOTE: a GGUF config records how it was quantised; the model in memory is plain dequantised weights,
     # and saving or truncating it must not claim otherwise.

@@ -176,7 +176,9 @@ def load_targets_and_draft(args, refs, dtype, kernels: str = "torch"):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         tokenizer = checkpoints.load_tokenizer(refs[0])
-    targets = {ref.name: checkpoints.load_target(ref, dtype=dtype, device=args.device) for ref in refs}
+    # NOTE: --tp (s2d serve): every rank loads its shard of each target (transformers' tp_plan).
+    tp = {"tp_plan": "auto"} if getattr(args, "tp", None) is not None else {}
+    targets = {ref.name: checkpoints.load_target(ref, dtype=dtype, device=args.device, **tp) for ref in refs}
     draft = checkpoints.load_draft(
         args.draft,
         list(targets.values()),

@@ -57,6 +57,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-running", type=positive_int, default=None, help="most requests in the batch (default: no cap)"
     )
+    parser.add_argument(
+        "--tp",
+        type=positive_int,
+        default=None,
+        help="tensor parallelism over N processes, one shard of each target per process: "
+        "torchrun --nproc-per-node N -m s2d_ext serve --tp N ... (rank 0 serves HTTP)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8000, help="listen port, 0-65535 (8000)")
     add_runtime_args(parser, inference=True)
@@ -75,6 +82,10 @@ def port_number(text: str) -> int:
 
 
 def run(args) -> int:
+    if args.tp is not None:
+        from s2d_ext.cli.serve_tp import run_tp
+
+        return run_tp(args, build_engine)
     from s2d_ext.server.launch import serve
 
     app, line = build(args)
@@ -86,6 +97,16 @@ def run(args) -> int:
 def build(args):
     """The checked arguments' app (its engine running) and the line that says what it serves: what
     :func:`run` serves, and what each replica of :mod:`s2d_ext.integrations.ray_serve` builds."""
+    from s2d_ext.server.app import build_app
+    from s2d_ext.server.async_engine import AsyncEngine
+
+    engine, tokenizer, line = build_engine(args)
+    return build_app(AsyncEngine(engine), tokenizer), line
+
+
+def build_engine(args):
+    """(engine, tokenizer, line) of the checked arguments: the models loaded, nothing served yet (what each
+    rank of ``--tp`` builds: :mod:`s2d_ext.cli.serve_tp`)."""
     if (args.family is None) == (args.target is None):
         raise UsageError("give either --family or --target (with --draft)")
     if args.target is not None and args.draft is None:
@@ -101,8 +122,6 @@ def build(args):
     refs = checked_target_refs(args) if args.target is not None else None
     apply_runtime(args)
     from s2d_ext.engine import Engine, TargetConfig
-    from s2d_ext.server.app import build_app
-    from s2d_ext.server.async_engine import AsyncEngine
 
     if args.family is not None:
         from s2d_ext.train.family import load_family
@@ -123,6 +142,6 @@ def build(args):
         name: TargetConfig(model, args.num_draft_tokens, args.draft_length, args.thresholds)
         for name, model in targets.items()
     }
-    engine = AsyncEngine(Engine(draft, configs, max_running=args.max_running))
+    engine = Engine(draft, configs, max_running=args.max_running)
     line = f"serving {', '.join(map(repr, configs))} (draft exits {draft.exits}) on http://{args.host}:{args.port}/v1"
-    return build_app(engine, tokenizer), line
+    return engine, tokenizer, line

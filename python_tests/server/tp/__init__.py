@@ -1,0 +1,1 @@
+"""s2d serve --tp: tensor parallelism across processes."""
