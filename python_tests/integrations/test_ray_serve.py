@@ -6,6 +6,7 @@ with only its in-flight requests failing. Ray is an optional extra: without it o
 from __future__ import annotations
 
 import importlib
+import os
 import socket
 import sys
 import threading
@@ -83,12 +84,26 @@ def cluster(pair):
     openai = pytest.importorskip("openai")
     from s2d_ext.integrations import ray_serve
 
+    # NOTE: Ray Serve kills a proxy that is not ready within 5 s; on a loaded 2-core CI host its start-up
+    # (imports) took longer and serve.start() failed, so the proxy's checks wait longer here.
+    slow_host = {
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "30",
+    }
+    saved = {k: os.environ.get(k) for k in slow_host}
+    os.environ.update(slow_host)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         logging_level="WARNING",
         runtime_env={
-            "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
+            "env_vars": {
+                "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "0",
+                **slow_host,
+            }
         },
     )
     try:
@@ -102,6 +117,11 @@ def cluster(pair):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
