@@ -111,6 +111,30 @@ def test_per_row_thresholds_match_reference_cascade():
         assert prop.exits[b].tolist() == exits
 
 
+def test_thresholds_made_under_inference_mode_match_reference_cascade():
+    """Regression (make demo on a fresh machine): thresholds made inside torch.inference_mode, as a driver
+    under inference_mode makes them, have no version counter; propose failed with "Inference tensors do not
+    track version counter" when it cached their host copy."""
+    model = tiny_model("llama")
+    draft = SortedDraft.from_pretrained(model, exits=EXITS, thresholds=(1.0, 1.0, 0.0))
+    per_row = [(0.16, 0.16, 0.0), (0.0, 1.0, 0.0), (1.0, 0.2, 0.0)]
+    refs = [ReferenceCascade(model, EXITS, t) for t in per_row]
+    ids, mask = left_pad(PROMPTS)
+    with torch.inference_mode():
+        state = draft.begin(ids, mask, max_length=32)
+        tau = torch.tensor(per_row)
+        for _ in range(2):  # the second call reads the same tensor again
+            prop = draft.propose(state, 2, torch.full((3,), 2), thresholds=tau)
+            draft.advance(state, prop.num_draft, prop.tokens[:, 0])
+    state = draft.begin(ids, mask, max_length=32)
+    with torch.inference_mode():
+        prop = draft.propose(state, 4, torch.full((3,), 4), thresholds=torch.tensor(per_row))
+    for b, ref in enumerate(refs):
+        tokens, exits, _ = ref.draft(PROMPTS[b], 4)
+        assert prop.tokens[b].tolist() == tokens
+        assert prop.exits[b].tolist() == exits
+
+
 def _check_kv_against_full_forward(draft, state, model):
     """Every filled slot of every layer holds the KV of a full forward over the row's context."""
     for b in range(state.batch_size):

@@ -393,7 +393,8 @@ class SortedDraft:
         tensor every step), so a step does not wait on the device for it."""
         if given is None:
             return [list(self.thresholds)] * tau.shape[0]
-        if isinstance(given, torch.Tensor):
+        # NOTE: an inference tensor (made under torch.inference_mode) has no version counter to key a cache.
+        if isinstance(given, torch.Tensor) and not given.is_inference():
             cached = self._tau_cache
             if cached is not None and cached[0] is given and cached[1] == given._version:
                 return cached[2]
