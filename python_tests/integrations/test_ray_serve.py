@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 import torch
 
+from python_tests.server.checkpoint_pair import free_port, save_tiny_pair
 from python_tests.train.conftest import tiny_tokenizer  # noqa: F401 (a fixture)
 
 APP = "s2d"
@@ -39,28 +39,7 @@ def test_without_ray_the_import_error_is_one_line(monkeypatch):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_tokenizer):  # noqa: F811
     """(target folder, draft folder): a 4-layer Llama with its tokenizer, its 2-layer sorted draft."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from s2d_ext.draft.sorted_draft import SortedDraft
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    target = LlamaForCausalLM(config).eval()
-    root = tmp_path_factory.mktemp("ray_pair")
-    target.save_pretrained(root / "target")
-    tiny_tokenizer.save_pretrained(root / "target")
-    SortedDraft.truncate(target, 2, exits=(1, 2), thresholds=(0.5, 0.0)).save_pretrained(root / "draft")
-    return root / "target", root / "draft"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return save_tiny_pair(tmp_path_factory.mktemp("ray_pair"), tiny_tokenizer)
 
 
 def _args(pair) -> dict:
@@ -107,7 +86,7 @@ def cluster(pair):
         },
     )
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = ray_serve.app_builder({**_args(pair), "num_replicas": "2", "num_cpus": "0.5"})
         serve.run(app, name=APP, route_prefix="/")

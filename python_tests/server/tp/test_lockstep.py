@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from python_tests.server.checkpoint_pair import free_port, save_tiny_pair
 from python_tests.train.conftest import tiny_tokenizer  # noqa: F401 (a fixture)
 
 pytest.importorskip("fastapi")
@@ -34,28 +34,7 @@ START_S = 180  # two ranks importing torch and loading on a busy 2-core machine
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_tokenizer):  # noqa: F811
     """(target folder, draft folder): a 4-layer Llama (4 heads, 2 key/value heads), its 2-layer draft."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from s2d_ext.draft.sorted_draft import SortedDraft
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    target = LlamaForCausalLM(config).eval()
-    root = tmp_path_factory.mktemp("tp_pair")
-    target.save_pretrained(root / "target")
-    tiny_tokenizer.save_pretrained(root / "target")
-    SortedDraft.truncate(target, 2, exits=(1, 2), thresholds=(0.5, 0.0)).save_pretrained(root / "draft")
-    return root / "target", root / "draft"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return save_tiny_pair(tmp_path_factory.mktemp("tp_pair"), tiny_tokenizer)
 
 
 def _serve_args(pair, *more: str) -> list[str]:
@@ -90,10 +69,10 @@ def _rank_pid(torchrun_pid: int, rank: int) -> int:
 @pytest.fixture(scope="module")
 def tp_server(pair, tmp_path_factory):
     """(url, torchrun process, log path): ``torchrun --nproc-per-node 2 -m s2d_ext serve --tp 2``."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("tp_log") / "serve.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "s2d_ext",
+               str(free_port()), "-m", "s2d_ext",
                *_serve_args(pair, "--tp", "2", "--port", str(port))]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(S2D_TP_TIMEOUT="30"),
@@ -254,9 +233,9 @@ def test_tp_that_does_not_divide_the_heads_is_one_line(pair, monkeypatch, capsys
 
 
 def test_a_rank_missing_at_start_up_is_one_line(pair):
-    command = [sys.executable, "-m", "s2d_ext", *_serve_args(pair, "--tp", "2", "--port", str(_free_port()))]
+    command = [sys.executable, "-m", "s2d_ext", *_serve_args(pair, "--tp", "2", "--port", str(free_port()))]
     env = _env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()),
+               MASTER_PORT=str(free_port()),
                S2D_TP_TIMEOUT="3")  # fmt: skip
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
