@@ -33,8 +33,10 @@ def test_build_mismatch_reasons(tmp_path):
     assert _native.build_mismatch(tmp_path) is None
     _record(tmp_path, torch="2.11.0+cpu")
     assert "2.11.0+cpu" in _native.build_mismatch(tmp_path)
-    _record(tmp_path, torch_cuda="13.0")
-    assert "CUDA 13.0" in _native.build_mismatch(tmp_path)
+    # NOTE: a CUDA version other than the running torch's (a fresh machine may install a CUDA torch)
+    other = "12.1" if torch.version.cuda == "13.0" else "13.0"
+    _record(tmp_path, torch_cuda=other)
+    assert f"CUDA {other}" in _native.build_mismatch(tmp_path)
     (tmp_path / _native.BUILD_INFO).write_text("{not json")
     assert "unreadable" in _native.build_mismatch(tmp_path)
 
