@@ -12,8 +12,8 @@ seconds (60) ends the start-up with one line too.
 
 When a rank dies or hangs (a step waits ``S2D_TP_TIMEOUT`` seconds at most), rank 0 fails the running
 requests with the error, refuses new ones, stops its server and exits with status 1: the ranks' caches may
-no longer agree, so nothing goes on serving. Not with ``--tp`` yet: echoed prompt log-probabilities (such
-a request fails).
+no longer agree, so nothing goes on serving. An echoed prompt's log-probabilities (``echo`` with
+``logprobs``) need a forward outside the step: rank 0 sends it to the other ranks like a step.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def _refuse(rank: int, line: str) -> int:
 def _serve(args, control, build_engine) -> int:
     import uvicorn
 
-    from s2d_ext.engine import RequestError
     from s2d_ext.server.app import build_app
+    from s2d_ext.server.async_engine import AsyncEngine
 
     engine, tokenizer, line = build_engine(args)
     failure: list[str] = []
@@ -143,7 +143,9 @@ def _serve(args, control, build_engine) -> int:
         threading.Timer(1.0, stop).start()
 
     lockstep = LockstepEngine(engine, control, on_failure=on_failure)
-    async_engine = _TPAsyncEngine(lockstep, RequestError)
+    # NOTE: the app's one function for the engine thread, an echoed prompt's log-probabilities, goes
+    # through the lockstep engine's prompt_logprobs (every rank runs the forward).
+    async_engine = AsyncEngine(lockstep)
     app = build_app(async_engine, tokenizer)
     print(f"{line} (tensor parallel over {args.tp} processes)", flush=True)
     server.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")))
@@ -154,15 +156,3 @@ def _serve(args, control, build_engine) -> int:
         if not async_engine._thread.is_alive():  # NOTE: never a collective beside a running step
             lockstep.stop()
     return 1 if failure else 0
-
-
-def _TPAsyncEngine(lockstep, request_error):
-    from s2d_ext.server.async_engine import AsyncEngine
-
-    class TPAsyncEngine(AsyncEngine):
-        """The AsyncEngine, without ``call``: a function run on rank 0 alone would miss the other ranks."""
-
-        async def call(self, fn):
-            raise request_error("echo with logprobs (prompt log-probabilities) is not served with --tp yet")
-
-    return TPAsyncEngine(lockstep)

@@ -179,11 +179,17 @@ async def _prompt_logprobs(engine: AsyncEngine, target: str, choices: list[Choic
     from s2d_ext.server.prompt_logprobs import prompt_logprobs
 
     model = engine.engine.configs[target].model
+    # NOTE: a tensor-parallel rank 0 (server/tp/lockstep.py) runs the forward on every rank: its
+    # collectives need them all. A plain engine has no such method.
+    everywhere = getattr(engine.engine, "prompt_logprobs", None)
     done: dict[tuple, Any] = {}
     for c in choices:
         key = tuple(c.prompt)
         if key not in done:
-            done[key] = await engine.call(lambda prompt=c.prompt: prompt_logprobs(model, prompt, top_n))
+            if everywhere is not None:
+                done[key] = await engine.call(lambda prompt=c.prompt: everywhere(target, prompt, top_n))
+            else:
+                done[key] = await engine.call(lambda prompt=c.prompt: prompt_logprobs(model, prompt, top_n))
         c.prompt_logprobs = done[key]
 
 

@@ -3,8 +3,10 @@
 Rank 0 owns the requests: its :class:`LockstepEngine` wraps its :class:`~s2d_ext.engine.Engine` behind the
 methods :class:`~s2d_ext.server.async_engine.AsyncEngine` calls, records each ``add_request`` / ``abort``
 (applied to its own engine at once, so errors reach the caller as before), and on ``step()`` broadcasts the
-recorded operations and a step command to the other ranks before stepping itself. The other ranks run
-:func:`follower_loop`: receive, apply the same operations in the same order, step, until a stop command.
+recorded operations and a step command to the other ranks before stepping itself (an echoed prompt's
+log-probabilities, a forward of their own, go the same way: :meth:`LockstepEngine.prompt_logprobs`). The
+other ranks run :func:`follower_loop`: receive, apply the same operations in the same order, step, until a
+stop command.
 
 Every rank's engine holds the same requests with the same ids and seeds (rank 0 draws the seed of a request
 that has none before it is broadcast), and the draft runs on every rank: it borrows the sharded target's
@@ -113,6 +115,24 @@ class LockstepEngine:
                 f"tensor-parallel step failed, a rank is gone or out of step: {self.failed}"
             ) from exc
 
+    def prompt_logprobs(self, target: str, prompt_ids: Sequence[int], top_n: int) -> tuple[list, list]:
+        """:func:`~s2d_ext.server.prompt_logprobs.prompt_logprobs` of ``target``'s model on every rank (its
+        forward's collectives need them all); rank 0's result. Between two steps, like every operation."""
+        from s2d_ext.server.prompt_logprobs import prompt_logprobs
+
+        if self.failed is not None:
+            raise RequestError(f"the tensor-parallel group failed ({self.failed}): restart the server")
+        prompt = [int(t) for t in prompt_ids]
+        ops, self._ops = [*self._ops, ("prompt_logprobs", target, prompt, int(top_n))], []
+        try:
+            self._broadcast(ops)
+            return prompt_logprobs(self.engine.configs[target].model, prompt, top_n)
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {_first_line(exc)}")
+            raise RuntimeError(
+                f"tensor-parallel prompt forward failed, a rank is gone or out of step: {self.failed}"
+            ) from exc
+
     def stop(self) -> None:
         """Tell the other ranks to leave :func:`follower_loop` (after the last step; never concurrently)."""
         if self.failed is None:
@@ -154,6 +174,15 @@ def follower_loop(engine: Engine, group: Any = None, *, receive: Callable[[], li
                     engine.step()
                 except Exception as exc:  # noqa: BLE001 (a rank gone mid-step: nothing left to step with)
                     print(f"s2d: tensor-parallel step failed: {_first_line(exc)}", file=sys.stderr)
+                    return 1
+            elif kind == "prompt_logprobs":
+                from s2d_ext.server.prompt_logprobs import prompt_logprobs
+
+                _, target, prompt, top_n = op
+                try:
+                    prompt_logprobs(engine.configs[target].model, prompt, top_n)
+                except Exception as exc:  # noqa: BLE001 (a rank gone mid-forward)
+                    print(f"s2d: tensor-parallel prompt forward failed: {_first_line(exc)}", file=sys.stderr)
                     return 1
             elif kind == "stop":
                 return 0
