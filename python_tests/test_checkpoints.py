@@ -170,3 +170,25 @@ def test_fingerprint_follows_the_weights(tmp_path):
     fa = checkpoints.checkpoint_fingerprint(tmp_path / "a")
     assert fa == checkpoints.checkpoint_fingerprint(tmp_path / "a")
     assert fa != checkpoints.checkpoint_fingerprint(tmp_path / "b")
+
+
+def test_the_digest_of_a_tensor_parallel_shard_is_the_whole_tensors(tmp_path):
+    """A target loaded with tensor parallelism holds DTensor shards: a draft checking whether that target
+    lends it its embedding and head digests the whole tensor (gathered), as it was recorded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from s2d_ext.checkpoints import tensor_digest
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is unavailable")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        weight = torch.randn(10, 6)
+        shard = distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert tensor_digest(shard) == tensor_digest(weight)
+        assert tensor_digest(shard) != tensor_digest(weight + 1)
+    finally:
+        dist.destroy_process_group()

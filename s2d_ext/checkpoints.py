@@ -263,7 +263,12 @@ def _sha256_file(path: Path) -> str:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's float32 bytes (first 16 hex digits): identifies a shared weight."""
+    """SHA-256 of a tensor's float32 bytes (first 16 hex digits): identifies a shared weight.
+
+    A tensor-parallel shard (a DTensor) is gathered first: a collective, so every rank must digest the same
+    tensors in the same order (every rank loads the same draft against the same targets)."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
     data = tensor.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
 
@@ -370,7 +375,12 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     own = load_file(str(folder / WEIGHTS_FILE))
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-    if dtype != target_param.dtype:
+    gathered = _sharded(embed.weight) or _sharded(head.weight)
+    if gathered:
+        # NOTE: a tensor-parallel target holds them as DTensor shards; the draft runs whole on every rank
+        # (s2d_ext/server/tp/lockstep.py), so it takes plain gathered copies, once, here.
+        embed, head = _gathered_copies(embed, head)
+    elif dtype != target_param.dtype:
         # NOTE: model.to(dtype) below converts parameters in place, so modules shared with the target
         # would turn the target's own embedding and head to ``dtype`` too. Another dtype gets copies,
         # tied ones staying tied.
@@ -387,19 +397,46 @@ def load_draft_model(folder: str | os.PathLike, target=None, *, dtype: torch.dty
             f"draft {str(folder)!r} does not match its config (missing={missing[:3]}, "
             f"unexpected={unexpected[:3]})"
         )
-    device = target_param.device
+    device = target_param.device if not gathered else embed.weight.device
     # NOTE: the rotary tables are non-persistent buffers (not in the file): rebuild them off the meta device.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.to(device=device, dtype=dtype)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"draft {str(folder)!r}: no weights for {left[:3]} (not in the file nor shared)")
-    if dtype == target_param.dtype:
+    if dtype == target_param.dtype and not gathered:
         from s2d_ext.draft.sorted_draft import mark_shared_modules
 
         # NOTE: still the target's own modules: a later SortedDraft.to() casts / moves copies of them.
         mark_shared_modules(model, ("model.embed_tokens", "lm_head"))
     return model.eval()
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a tensor-parallel shard (a DTensor)."""
+    return hasattr(tensor, "full_tensor")
+
+
+def _gathered_copies(embed, head):
+    """Plain (embedding, head) modules with the whole weights of possibly sharded ones (tied stay tied)."""
+    from torch import nn
+
+    def whole(t):
+        return None if t is None else (t.full_tensor() if _sharded(t) else t).detach().clone()
+
+    weight = whole(embed.weight)
+    new_embed = nn.Embedding(*weight.shape, padding_idx=embed.padding_idx, device="meta")
+    new_embed.weight = nn.Parameter(weight, requires_grad=False)
+    bias = getattr(head, "bias", None)
+    new_head = nn.Linear(head.in_features, head.out_features, bias=bias is not None, device="meta")
+    new_head.weight = (
+        new_embed.weight
+        if head.weight is embed.weight
+        else nn.Parameter(whole(head.weight), requires_grad=False)
+    )
+    if bias is not None:
+        new_head.bias = nn.Parameter(whole(bias), requires_grad=False)
+    return new_embed, new_head
 
 
 def _lends(model, record: dict) -> str | None:

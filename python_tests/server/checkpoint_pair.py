@@ -9,11 +9,15 @@ from pathlib import Path
 import torch
 
 
-def save_tiny_pair(root: Path, tokenizer) -> tuple[Path, Path]:
+def save_tiny_pair(root: Path, tokenizer, *, shared: bool = True) -> tuple[Path, Path]:
     """(target folder, draft folder) under ``root``: a 4-layer Llama (4 heads, 2 key/value heads, so that
-    tensor parallelism over 2 ranks divides them) with ``tokenizer``, and its 2-layer draft, exits (1, 2)."""
+    tensor parallelism over 2 ranks divides them) with ``tokenizer``, and its 2-layer draft, exits (1, 2).
+
+    ``shared``: the draft references the target's embedding and head (as ``s2d cut`` saves a draft) instead
+    of holding its own copies; loaded, it borrows them from the target, sharded under tensor parallelism."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from s2d_ext import checkpoints
     from s2d_ext.draft.sorted_draft import SortedDraft
 
     torch.manual_seed(0)
@@ -25,7 +29,13 @@ def save_tiny_pair(root: Path, tokenizer) -> tuple[Path, Path]:
     target = LlamaForCausalLM(config).eval()
     target.save_pretrained(root / "target")
     tokenizer.save_pretrained(root / "target")
-    SortedDraft.truncate(target, 2, exits=(1, 2), thresholds=(0.5, 0.0)).save_pretrained(root / "draft")
+    draft = SortedDraft.truncate(target, 2, exits=(1, 2), thresholds=(0.5, 0.0))
+    if shared:
+        draft.config.s2d_exits, draft.config.s2d_thresholds = list(draft.exits), list(draft.thresholds)
+        ref = checkpoints.resolve_target(root / "target")
+        checkpoints.save_draft(draft.hf_model, root / "draft", target_ref=ref)
+    else:
+        draft.save_pretrained(root / "draft")
     return root / "target", root / "draft"
 
 

@@ -9,9 +9,11 @@ other ranks run :func:`follower_loop`: receive, apply the same operations in the
 stop command.
 
 Every rank's engine holds the same requests with the same ids and seeds (rank 0 draws the seed of a request
-that has none before it is broadcast), and the draft runs on every rank: it borrows the sharded target's
-embedding and head (their collectives run on every rank), and being deterministic it proposes the same
-tokens everywhere, so no draft tokens are sent. The commands go over their own gloo group (``control``),
+that has none before it is broadcast), and the whole draft runs on every rank (with gathered copies of a
+sharded target's embedding and head, made once at load: :func:`s2d_ext.checkpoints.load_draft_model`): being
+deterministic it proposes the same tokens everywhere, so no draft tokens are sent, and it has no
+collectives. Running it on rank 0 alone would not be faster (the other ranks would wait for its proposals)
+and would add a broadcast per step. The commands go over their own gloo group (``control``),
 whose timeout is long: a follower waits there while the server is idle. The models' collectives use the
 default group, whose timeout (``S2D_TP_TIMEOUT``) bounds how long a step waits for a rank that hangs; a rank
 that dies closes its sockets and the others' collectives fail at once.
