@@ -146,6 +146,10 @@ def ray_server(serve_args: list[str], replicas: int, threads: int):
         "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "30",
     }
     os.environ.update(slow_host)
+    # NOTE: Ray starts its workers at nice 15 (RAY_worker_niceness): beside the plain server (nice 0) and
+    # any other job on a busy host the replicas then starve (4% CPU each in a first run here, every request
+    # timed out). Equal priority makes the comparison fair; read before ray.init starts the raylet.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     env = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0", **slow_host}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": env})  # fmt: skip
