@@ -12,6 +12,7 @@ gloo / c10d collectives on rank 0), so it does not slow the timed one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -37,6 +38,7 @@ def _free_port() -> int:
 
 def worker(args) -> None:
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from s2d_ext import checkpoints, compute
     from s2d_ext.cli._common import torch_dtype
@@ -102,19 +104,14 @@ def worker(args) -> None:
         # collective events only, so nested events are not counted twice).
         for name, fn in methods.items():
             forwards["target"] = 0
-            if not tp:
-                for ids in prompts:
-                    fn(ids)
-                result[f"{name}_target_forwards_per_token"] = forwards["target"] / (n * len(prompts))
-                continue
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU]) if tp else contextlib.nullcontext() as prof:
                 start = time.perf_counter()
                 for ids in prompts:
                     fn(ids)
                 total = time.perf_counter() - start
             result[f"{name}_target_forwards_per_token"] = forwards["target"] / (n * len(prompts))
+            if not tp:
+                continue
             coll, count = 0.0, 0
             for event in prof.events():
                 lower = event.name.lower()

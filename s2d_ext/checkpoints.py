@@ -267,9 +267,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
     A tensor-parallel shard (a DTensor) is gathered first: a collective, so every rank must digest the same
     tensors in the same order (every rank loads the same draft against the same targets)."""
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-    data = tensor.detach().to("cpu", torch.float32).contiguous()
+    data = _whole(tensor).detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
 
 
@@ -417,12 +415,17 @@ def _sharded(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "full_tensor")
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or the whole tensor of a tensor-parallel shard (gathered: a collective)."""
+    return tensor.full_tensor() if _sharded(tensor) else tensor
+
+
 def _gathered_copies(embed, head):
     """Plain (embedding, head) modules with the whole weights of possibly sharded ones (tied stay tied)."""
     from torch import nn
 
     def whole(t):
-        return None if t is None else (t.full_tensor() if _sharded(t) else t).detach().clone()
+        return None if t is None else _whole(t).detach().clone()
 
     weight = whole(embed.weight)
     new_embed = nn.Embedding(*weight.shape, padding_idx=embed.padding_idx, device="meta")

@@ -179,17 +179,16 @@ async def _prompt_logprobs(engine: AsyncEngine, target: str, choices: list[Choic
     from s2d_ext.server.prompt_logprobs import prompt_logprobs
 
     model = engine.engine.configs[target].model
-    # NOTE: a tensor-parallel rank 0 (server/tp/lockstep.py) runs the forward on every rank: its
-    # collectives need them all. A plain engine has no such method.
-    everywhere = getattr(engine.engine, "prompt_logprobs", None)
+    # NOTE: a tensor-parallel rank 0 (server/tp/lockstep.py) has its own, which runs the forward on every
+    # rank (its collectives need them all); a plain engine has none.
+    forward = getattr(engine.engine, "prompt_logprobs", None) or (
+        lambda _target, prompt, n: prompt_logprobs(model, prompt, n)
+    )
     done: dict[tuple, Any] = {}
     for c in choices:
         key = tuple(c.prompt)
         if key not in done:
-            if everywhere is not None:
-                done[key] = await engine.call(lambda prompt=c.prompt: everywhere(target, prompt, top_n))
-            else:
-                done[key] = await engine.call(lambda prompt=c.prompt: prompt_logprobs(model, prompt, top_n))
+            done[key] = await engine.call(lambda prompt=c.prompt: forward(target, prompt, top_n))
         c.prompt_logprobs = done[key]
 
 
