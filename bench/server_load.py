@@ -16,8 +16,9 @@ This process sends every request at once (httpx, asyncio), each with its own see
 tokens (EOS ignored) and ``return_token_ids``, and times them: latency = request sent -> ``[DONE]``, TTFT =
 request sent -> first chunk with a token. With several servers, the load tests alternate server by server,
 ``--rounds`` times, so a change in the host's load reaches them alike. Lost / duplicated / changed tokens
-are counted against an offline engine run of the same requests in this process (a request's tokens do not
-depend on its batch). Writes ``bench/results/<name>.{json,md}`` (``server_load_cpu`` for one plain server,
+are counted against an offline engine run of the same requests in this process, all joining at once (in
+bf16 a sampled token has differed when requests joined a running batch at other times: README, "Scaling
+out"). Writes ``bench/results/<name>.{json,md}`` (``server_load_cpu`` for one plain server,
 ``server_load_plain_ray_cpu`` for ``--servers plain,ray``).
 """
 
@@ -139,12 +140,7 @@ def ray_server(serve_args: list[str], replicas: int, threads: int):
 
     from s2d_ext.integrations import ray_serve
 
-    # NOTE: Ray Serve kills a proxy that is not ready within 5 s; on a busy 2-core host it took longer.
-    slow_host = {
-        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "30",
-    }
+    slow_host = ray_serve.SLOW_HOST_ENV
     os.environ.update(slow_host)
     # NOTE: Ray starts its workers at nice 15 (RAY_worker_niceness): beside the plain server (nice 0) and
     # any other job on a busy host the replicas then starve (4% CPU each in a first run here, every request

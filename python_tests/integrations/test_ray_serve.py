@@ -63,13 +63,9 @@ def cluster(pair):
     openai = pytest.importorskip("openai")
     from s2d_ext.integrations import ray_serve
 
-    # NOTE: Ray Serve kills a proxy that is not ready within 5 s; on a loaded 2-core CI host its start-up
-    # (imports) took longer and serve.start() failed, so the proxy's checks wait longer here.
-    slow_host = {
-        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "30",
-    }
+    # NOTE: on a loaded 2-core CI host the proxy's start-up took longer than Ray's 5 s and serve.start()
+    # failed, so the proxy's checks wait longer here.
+    slow_host = ray_serve.SLOW_HOST_ENV
     saved = {k: os.environ.get(k) for k in slow_host}
     os.environ.update(slow_host)
     ray.init(

@@ -48,6 +48,14 @@ except ImportError as _missing:
 REPLICA_HEADER = "x-s2d-replica"
 RAY_KEYS = ("num_replicas", "num_cpus", "num_gpus", "max_ongoing_requests")
 DEFAULT_MAX_ONGOING_REQUESTS = 256
+#: Ray Serve's proxy checks, relaxed for a busy small host: Ray kills a proxy that is not ready within 5 s,
+#: and on a loaded 2-core machine its start-up (imports) took longer. Set in the environment before
+#: ``serve.start()`` (and in the workers' ``runtime_env``).
+SLOW_HOST_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "30",
+}
 
 
 def serve_argv(args: Mapping[str, Any]) -> list[str]:
